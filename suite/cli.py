@@ -1,0 +1,88 @@
+"""Command line: ``python -m suite {run,validate,plan,report,compare}``.
+
+User errors (``UserError``) print one line and exit 2; bugs keep their traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from suite.errors import UserError
+
+
+def _add_scenario_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a key in every variant, e.g. --set parallel.tp=2 (repeatable)")
+    p.add_argument("--variant", dest="variants", action="append", default=None, metavar="NAME",
+                   help="run only this variant (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="suite", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a scenario's variants and append result records",
+                         description="Under torchrun: one SPMD program runs every variant that fits the "
+                         "launched world size. Without torchrun: starts torchrun once per variant with "
+                         "the process count that variant needs.")
+    run.add_argument("scenario")
+    _add_scenario_args(run)
+    run.add_argument("--out", default=None, help="results folder (default: results/<scenario name>)")
+    run.add_argument("--resume", action="store_true", help="skip variants already recorded as ok")
+    run.add_argument("--nproc", type=int, default=None,
+                     help="launcher only: processes per variant when dp is not set (default tp*pp)")
+
+    val = sub.add_parser("validate", help="check scenario files without running them")
+    val.add_argument("scenarios", nargs="+")
+    _add_scenario_args(val)
+
+    plan = sub.add_parser("plan", help="per variant: parameters, FLOPs/step, memory/GPU, GPUs")
+    plan.add_argument("scenario")
+    _add_scenario_args(plan)
+
+    rep = sub.add_parser("report", help="markdown/csv/json comparison tables from result records")
+    rep.add_argument("results", nargs="+", help="results folders or records.jsonl files")
+    rep.add_argument("-o", "--output", default=None, help="write here instead of stdout")
+    rep.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
+
+    cmp_ = sub.add_parser("compare", help="regression gate: exit 1 when CURRENT is slower than BASELINE")
+    cmp_.add_argument("current")
+    cmp_.add_argument("baseline")
+    cmp_.add_argument("--max-slowdown", default="5%", help="allowed step-time increase, e.g. 5%%")
+    cmp_.add_argument("--max-loss-increase", type=float, default=0.02,
+                      help="allowed absolute increase of the validation (else final) loss")
+    cmp_.add_argument("-o", "--output", default=None, help="also write the table here")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "validate":
+            from suite.scenario import load_scenario
+
+            for path in args.scenarios:
+                variants = load_scenario(path, args.overrides, args.variants)
+                print(f"{path}: ok ({len(variants)} variant{'s' * (len(variants) != 1)}: "
+                      f"{', '.join(v.name for v in variants)})")
+            return 0
+        if args.command == "plan":
+            from suite.plan import print_plan
+
+            return print_plan(args.scenario, args.overrides, args.variants)
+        if args.command == "run":
+            from suite.launch import entry
+
+            return entry.run(args)
+        if args.command == "report":
+            from suite.report.render import report_command
+
+            return report_command(args)
+        if args.command == "compare":
+            from suite.report.compare import compare_command
+
+            return compare_command(args)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

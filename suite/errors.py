@@ -1,0 +1,32 @@
+"""User-facing errors: one sentence naming the file, the variant, the key and the fix.
+
+Anything raised as ``UserError`` is printed without a traceback and exits with code 2; any other
+exception is a bug in `suite` and keeps its traceback.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+
+@dataclass
+class UserError(Exception):
+    message: str
+    file: str | None = None
+    variant: str | None = None
+    key: str | None = None
+    fix: str | None = None
+
+    def __str__(self) -> str:
+        where = [w for w in (self.file, f"variant '{self.variant}'" if self.variant else None,
+                             f"key '{self.key}'" if self.key else None) if w]
+        text = (": ".join(where) + ": " if where else "") + self.message
+        if self.fix:
+            text += f" Fix: {self.fix}"
+        return text
+
+
+def did_you_mean(word: str, choices) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""

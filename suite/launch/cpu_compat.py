@@ -1,0 +1,67 @@
+"""Run megatron-core on CPU: the few places where it hard-codes CUDA are redirected to the CPU.
+
+megatron-core assumes a GPU in a handful of spots (``device="cuda"`` in the pipeline schedules,
+``torch.cuda.current_device()``, ``Tensor.cuda()``, the CUDA RNG tracker).  ``enable()`` patches
+exactly those, once per process, and only when no GPU is present, so the same runner code trains
+over gloo on CPU in tests and CI.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_enabled = False
+
+
+def _to_cpu(device):
+    if device is None:
+        return None
+    if isinstance(device, int) or str(device).startswith("cuda"):
+        return torch.device("cpu")
+    return device
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites any ``device=`` keyword naming CUDA to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu(kwargs["device"])
+        return func(*args, **kwargs)
+
+
+def _clip_grads_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+def enable() -> None:
+    """Patch torch and megatron-core for CPU execution (idempotent; no-op with a GPU)."""
+    global _enabled
+    if _enabled or torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random as mrandom
+
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.set_device = lambda *a, **k: None
+    # The CUDA RNG tracker forks a CUDA generator; on CPU the global generator serves instead.
+    mrandom.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+    mrandom.CudaRNGStatesTracker.add = lambda self, name, seed: None
+    # Gradient clipping asserts CUDA tensors and uses a CUDA multi-tensor kernel.
+    from megatron.core.optimizer import optimizer as moptimizer
+
+    moptimizer.clip_grad_by_total_norm_fp32 = _clip_grads_cpu
+    _CudaToCpu().__enter__()
+    _enabled = True
+
+
+def is_enabled() -> bool:
+    return _enabled

@@ -1,0 +1,109 @@
+"""Analytic parameter, FLOP and memory counts for the LLaMA-style GPT (no torch needed).
+
+Model FLOPs of one forward pass over ``b`` sequences of ``s`` tokens (a multiply-add = 2 FLOPs),
+per layer, with h = hidden, d = h / heads, g = query groups, f = SwiGLU width:
+
+    QKV projection         2·b·s·h·(h + 2·g·d)
+    scores  Q·Kᵀ           2·b·s²·h          (full s×s, the usual "model FLOPs" convention:
+    values  P·V            2·b·s²·h           causal masking is not subtracted)
+    output projection      2·b·s·h²
+    SwiGLU MLP             3 · 2·b·s·h·f      (gate, up, down)
+
+plus the LM head 2·b·s·h·V. Norms, RoPE, softmax and the loss are O(b·s·h) and ignored.
+Training = forward + backward = 3 × forward (recomputation is not counted: these are *model*
+FLOPs, so MFU does not reward recompute). ``tests/test_flops.py`` checks this against
+``torch.utils.flop_counter.FlopCounterMode``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def padded_vocab(vocab: int, multiple: int = 128) -> int:
+    """Vocabulary padded so every TP size up to 128 splits it evenly (and identically)."""
+    return -(-vocab // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    heads: int
+    groups: int
+    ffn: int
+    vocab: int  # padded
+
+    @classmethod
+    def of(cls, model) -> "Shape":
+        return cls(model.num_layers, model.hidden_size, model.num_attention_heads,
+                   model.num_query_groups, model.ffn_hidden_size, padded_vocab(model.vocab_size))
+
+    @property
+    def kv_dim(self) -> int:
+        return 2 * self.groups * (self.hidden // self.heads)
+
+
+def layer_params(s: Shape) -> int:
+    h = s.hidden
+    attn = h * (h + s.kv_dim) + h * h
+    mlp = 3 * h * s.ffn
+    return attn + mlp + 2 * h  # two RMSNorm weights
+
+
+def parameters(s: Shape) -> dict:
+    embed = s.vocab * s.hidden
+    layers = s.layers * layer_params(s)
+    head = s.vocab * s.hidden + s.hidden  # untied output layer + final norm
+    return {"total": embed + layers + head, "non_embedding": layers + s.hidden,
+            "embedding": embed, "output": s.vocab * s.hidden}
+
+
+def layer_forward_flops(s: Shape, batch: int, seq: int, attn_seq: int | None = None) -> int:
+    """One layer's forward FLOPs for ``seq`` tokens per sequence (``attn_seq`` keys per query)."""
+    kv = seq if attn_seq is None else attn_seq
+    h, tokens = s.hidden, batch * seq
+    linear = 2 * tokens * h * (h + s.kv_dim) + 2 * tokens * h * h + 3 * 2 * tokens * h * s.ffn
+    attention = 2 * 2 * batch * seq * kv * h
+    return linear + attention
+
+
+def head_forward_flops(s: Shape, batch: int, seq: int) -> int:
+    return 2 * batch * seq * s.hidden * s.vocab
+
+
+def forward_flops(s: Shape, batch: int, seq: int) -> int:
+    return s.layers * layer_forward_flops(s, batch, seq) + head_forward_flops(s, batch, seq)
+
+
+def train_step_flops(s: Shape, global_batch: int, seq: int) -> int:
+    return 3 * forward_flops(s, global_batch, seq)
+
+
+def memory_estimate_bytes(spec) -> dict:
+    """Rough peak memory per GPU on the first pipeline stage (the fullest one under 1F1B).
+
+    Weights + gradients + Adam state per parameter: bf16 with fp32 master weights, fp32 grads and
+    Adam moments = 2 + 4 + 4 + 8 = 18 bytes; fp32 = 4 + 4 + 8 = 16. Activations per layer and
+    micro-batch follow Korthikanti et al. (2022): s·b·h·(34 + 5·a·s/h) bytes at 16-bit, divided by tp,
+    doubled for fp32, ×(pp in flight) micro-batches on the first stage; full recompute keeps only
+    layer inputs (2·s·b·h). An estimate to plan with, not a measurement.
+    """
+    s, p, w = Shape.of(spec.model), spec.parallel, spec.workload
+    params = parameters(s)
+    per_stage_layers = s.layers // p.pp
+    params_gpu = (per_stage_layers * layer_params(s) + s.vocab * s.hidden) / p.tp
+    state = params_gpu * (18 if w.precision == "bf16" else 16)
+    sbh = w.seq_length * w.micro_batch * s.hidden
+    if p.recompute == "full":
+        act_layer = 2 * sbh
+    else:
+        act_layer = sbh * (34 + 5 * s.heads * w.seq_length / s.hidden) / p.tp
+    if w.precision == "fp32":
+        act_layer *= 2
+    in_flight = min(p.pp, w.global_batch // w.micro_batch)
+    activations = act_layer * per_stage_layers * in_flight
+    logits = w.micro_batch * w.seq_length * s.vocab / p.tp * 4 * (3 if p.pp == 1 else 0)
+    total = state + activations + logits
+    return {"weights_and_optimizer": int(state), "activations": int(activations),
+            "logits": int(logits), "total": int(total), "parameters_per_gpu": int(params_gpu),
+            "parameters": params["total"]}

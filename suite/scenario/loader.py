@@ -1,0 +1,261 @@
+"""TOML file -> resolved variants.
+
+Order of precedence (later wins): ``extends`` chain (deepest first) < the file's own sections <
+``[variants.<name>]`` overrides < ``--set section.key=value`` from the command line. A preset named in
+``[model] preset`` fills the model keys that are still unset after all of that.
+
+Scenario file layout::
+
+    name = "tiny"                # optional, default: the file's stem
+    extends = "base.toml"        # optional, relative to this file
+    [model] ... [parallel] ... [workload] ... [data] ... [eval] ... [report] ...
+    [tricks.random_ltd] ...      # technique sections, see suite.tricks
+    [variants.baseline]          # optional; each variant overrides keys of the sections above
+    [variants.tp2.parallel]
+    tp = 2
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import types
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from suite.errors import UserError, did_you_mean
+from suite.scenario.presets import PRESETS, default_ffn
+from suite.scenario.schema import SECTIONS, VariantSpec
+from suite.scenario.validate import check_variant
+from suite.tricks.registry import TRICKS
+
+TOP_LEVEL = ("name", "description", "extends", "variants", "tricks", *SECTIONS)
+
+
+def read_toml(path: Path) -> dict:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError("file not found.", file=str(path),
+                        fix="check the path; scenario files live under scenarios/.") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read the file ({e}).", file=str(path)) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"not valid TOML: {e}.", file=str(path),
+                        fix="quote strings, use key = value, one [section] header per table.") from None
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def load_with_extends(path: Path, _seen: tuple = ()) -> dict:
+    """The file's table merged over everything it extends (recursively)."""
+    path = path.resolve()
+    if path in _seen:
+        chain = " -> ".join(p.name for p in (*_seen, path))
+        raise UserError(f"'extends' forms a cycle ({chain}).", file=str(_seen[0]), key="extends",
+                        fix="remove one of the 'extends' lines.")
+    table = read_toml(path)
+    parent = table.pop("extends", None)
+    if parent is None:
+        return table
+    if not isinstance(parent, str):
+        raise UserError("'extends' must be a file name string.", file=str(path), key="extends",
+                        fix='write extends = "base.toml".')
+    parent_path = path.parent / parent
+    if not parent_path.exists():
+        raise UserError(f"extended file '{parent}' does not exist (looked in {parent_path.parent}).",
+                        file=str(path), key="extends", fix="give a path relative to this file.")
+    base = load_with_extends(parent_path, (*_seen, path))
+    base.pop("name", None)  # a scenario's name is its own
+    return deep_merge(base, table)
+
+
+def parse_override(text: str) -> tuple[list[str], object]:
+    """'parallel.tp=2' -> (['parallel', 'tp'], 2); the value is read as TOML, else as a string."""
+    if "=" not in text:
+        raise UserError(f"--set '{text}' is not of the form section.key=value.",
+                        fix="write e.g. --set parallel.tp=2.")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(table: dict, overrides: list[str]) -> dict:
+    table = copy.deepcopy(table)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = table
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set '{text}': '{k}' is not a section.")
+        node[keys[-1]] = value
+    return table
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def coerce(value, tp, where: dict, key: str):
+    """Check a TOML value against a dataclass field type; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(tp) if a is not type(None)]
+        for opt in options:
+            try:
+                return coerce(value, opt, where, key)
+            except UserError:
+                pass
+        raise _type_error(value, options[0], where, key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, bool):
+        raise _type_error(value, tp, where, key)
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(value, tp, where, key)
+        (inner,) = typing.get_args(tp) or (object,)
+        return [coerce(v, inner, where, key) for v in value]
+    if tp is object or isinstance(value, tp):
+        return value
+    raise _type_error(value, tp, where, key)
+
+
+def _type_error(value, tp, where, key) -> UserError:
+    shown = f'"{value}"' if isinstance(value, str) else repr(value).lower() if isinstance(value, bool) else value
+    return UserError(f"expected {_article(_type_name(tp))}, got {type(value).__name__} {shown}.",
+                     key=key, fix=f"write {key.split('.')[-1]} = {_example(tp)}.", **where)
+
+
+def _article(name: str) -> str:
+    return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+            "list": "a list"}.get(name, name)
+
+
+def _example(tp) -> str:
+    return {int: "2", float: "0.5", str: '"value"', bool: "true"}.get(tp, "[...]")
+
+
+def build_section(cls: type, table, where: dict, section: str):
+    if not isinstance(table, dict):
+        raise UserError(f"'{section}' must be a table.", key=section,
+                        fix=f"write [{section}] as a section header.", **where)
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in known:
+            raise UserError(f"unknown key '{key}' in [{section}]{did_you_mean(key, known)}.",
+                            key=f"{section}.{key}",
+                            fix=f"valid keys are: {', '.join(known)}.", **where)
+        v = coerce(value, hints[key], where, f"{section}.{key}")
+        choices = known[key].metadata.get("choices")
+        if choices and v not in choices:
+            raise UserError(f"'{v}' is not one of {', '.join(map(str, choices))}"
+                            f"{did_you_mean(str(v), map(str, choices))}.",
+                            key=f"{section}.{key}", fix=f"choose one of {', '.join(map(str, choices))}.",
+                            **where)
+        values[key] = v
+    return cls(**values)
+
+
+def fill_model(model, where: dict):
+    """Apply the preset under explicit keys, then derive defaults; every shape key ends up set."""
+    if model.preset is not None:
+        if model.preset not in PRESETS:
+            raise UserError(f"unknown preset '{model.preset}'{did_you_mean(model.preset, PRESETS)}.",
+                            key="model.preset", fix=f"choose one of {', '.join(PRESETS)}.", **where)
+        for k, v in PRESETS[model.preset].items():
+            if getattr(model, k) is None:
+                setattr(model, k, v)
+    for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
+        if getattr(model, k) is None:
+            raise UserError(f"the model's '{k}' is not set.", key=f"model.{k}",
+                            fix=f"set [model] preset = \"tiny\" (or another preset) or {k} = ....",
+                            **where)
+    if model.num_query_groups is None:
+        model.num_query_groups = model.num_attention_heads
+    if model.ffn_hidden_size is None:
+        model.ffn_hidden_size = default_ffn(model.hidden_size)
+    return model
+
+
+def build_variant(table: dict, *, scenario: str, name: str, file: str, is_baseline: bool) -> VariantSpec:
+    where = {"file": file, "variant": name}
+    for key in table:
+        if key not in TOP_LEVEL:
+            raise UserError(f"unknown section '{key}'{did_you_mean(key, TOP_LEVEL)}.", key=key,
+                            fix=f"sections are: {', '.join(SECTIONS)}, tricks, variants.", **where)
+    sections = {s: build_section(cls, table.get(s, {}), where, s) for s, cls in SECTIONS.items()}
+    tricks_table = table.get("tricks", {})
+    if not isinstance(tricks_table, dict):
+        raise UserError("'tricks' must be a table of [tricks.<name>] sections.", key="tricks", **where)
+    tricks = {}
+    for tname, ttable in tricks_table.items():
+        if tname not in TRICKS:
+            raise UserError(f"unknown trick '{tname}'{did_you_mean(tname, TRICKS)}.",
+                            key=f"tricks.{tname}",
+                            fix=f"available: {', '.join(TRICKS) or 'none installed'}.", **where)
+        tricks[tname] = build_section(TRICKS[tname].config, ttable, where, f"tricks.{tname}")
+    fill_model(sections["model"], where)
+    spec = VariantSpec(scenario=scenario, name=name, file=file, tricks=tricks,
+                       is_baseline=is_baseline, raw=table, **sections)
+    check_variant(spec)
+    for tname, tcfg in tricks.items():
+        if TRICKS[tname].validate:
+            TRICKS[tname].validate(spec, tcfg)
+    return spec
+
+
+def load_scenario(path: str | Path, overrides: list[str] = (), only: list[str] | None = None
+                  ) -> list[VariantSpec]:
+    """All variants of a scenario file, resolved and validated (raises UserError)."""
+    import suite.tricks.builtin  # noqa: F401  (registers the techniques)
+
+    path = Path(path)
+    file = str(path)
+    table = load_with_extends(path)
+    scenario = table.pop("name", path.stem)
+    if not isinstance(scenario, str):
+        raise UserError("'name' must be a string.", file=file, key="name")
+    table.pop("description", None)
+    variants = table.pop("variants", None) or {"default": {}}
+    if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
+        raise UserError("'variants' must hold tables: [variants.<name>].", file=file, key="variants",
+                        fix="write [variants.baseline] with the keys that variant overrides.")
+    baseline = (table.get("report") or {}).get("baseline") or next(iter(variants))
+    if baseline not in variants:
+        raise UserError(f"baseline variant '{baseline}' is not defined{did_you_mean(baseline, variants)}.",
+                        file=file, key="report.baseline", fix=f"choose one of {', '.join(variants)}.")
+    if only:
+        for name in only:
+            if name not in variants:
+                raise UserError(f"no variant '{name}'{did_you_mean(name, variants)}.", file=file,
+                                fix=f"variants are: {', '.join(variants)}.")
+    out = []
+    for name, over in variants.items():
+        if only and name not in only:
+            continue
+        merged = apply_overrides(deep_merge(table, over), list(overrides))
+        out.append(build_variant(merged, scenario=scenario, name=name, file=file,
+                                 is_baseline=name == baseline))
+    return out

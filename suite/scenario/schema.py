@@ -1,0 +1,150 @@
+"""The scenario language: one typed, documented dataclass per TOML section.
+
+Every key has a default and a one-line doc (``doc(...)``); ``suite validate --explain`` prints them.
+Techniques add their own section under ``[tricks.<name>]`` through ``suite.tricks.registry``; the core
+schema does not know them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def doc(text: str, default: Any = None, *, choices: tuple | None = None, factory=None):
+    """A dataclass field with its documentation (and allowed values) attached."""
+    meta = {"doc": text, "choices": choices}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    """[model]: the transformer's shape. A preset fills every key; explicit keys override it."""
+
+    preset: str | None = doc("Named shape: tiny, gpt-base, gpt-1b, llama-7b, llama-13b, llama-33b, llama-65b.")
+    num_layers: int | None = doc("Transformer layers.")
+    hidden_size: int | None = doc("Model width h.")
+    num_attention_heads: int | None = doc("Attention heads.")
+    num_query_groups: int | None = doc("Key/value heads for grouped-query attention (default: = heads).")
+    ffn_hidden_size: int | None = doc("SwiGLU inner width (default: 8h/3 rounded up to 64).")
+    vocab_size: int | None = doc("Vocabulary size before padding to a multiple of 128.")
+    max_sequence_length: int | None = doc("Longest sequence the model accepts.")
+    rope_base: float = doc("RoPE base frequency.", 10000.0)
+    norm_epsilon: float = doc("RMSNorm epsilon.", 1e-5)
+    init_std: float = doc("Std of the normal weight init; output projections use std/sqrt(2L).", 0.02)
+    init: str = doc("'random', or (accuracy issue) 'checkpoint:PATH' / 'hf:PATH'.", "random")
+
+
+@dataclass
+class ParallelConfig:
+    """[parallel]: how the model is spread over GPUs (world = tp * pp * dp)."""
+
+    tp: int = doc("Tensor-parallel size.", 1)
+    pp: int = doc("Pipeline-parallel size (1F1B schedule when > 1).", 1)
+    dp: int | None = doc("Data-parallel size; derived from the world size when omitted.")
+    vpp: int | None = doc("Virtual pipeline stages per pipeline rank (interleaved 1F1B).")
+    sequence_parallel: bool = doc("Megatron sequence parallelism (needs tp > 1).", False)
+    recompute: str = doc("Activation recompute.", "none", choices=("none", "selective", "full"))
+
+
+@dataclass
+class WorkloadConfig:
+    """[workload]: what is run and measured."""
+
+    kind: str = doc("What to measure.", "train", choices=("train",))
+    steps: int = doc("Optimizer steps, warm-up included.", 20)
+    warmup_steps: int = doc("First steps excluded from timing (compilation, allocator warm-up).", 3)
+    global_batch: int = doc("Sequences per optimizer step, over all data-parallel ranks.", 8)
+    micro_batch: int = doc("Sequences per forward/backward on one rank.", 2)
+    seq_length: int = doc("Tokens per sequence.", 128)
+    precision: str = doc("Parameter/compute precision (bf16 keeps fp32 master weights).", "fp32",
+                         choices=("fp32", "bf16"))
+    optimizer: str = doc("Optimizer.", "adam", choices=("adam", "sgd"))
+    lr: float = doc("Peak learning rate.", 3e-4)
+    min_lr: float = doc("Final learning rate of the decay.", 3e-5)
+    lr_schedule: str = doc("Decay after warm-up.", "cosine", choices=("cosine", "linear", "constant"))
+    lr_warmup_steps: int = doc("Linear LR warm-up steps.", 0)
+    weight_decay: float = doc("Decoupled weight decay.", 0.1)
+    clip_grad: float = doc("Global gradient-norm clip (0 disables).", 1.0)
+    seed: int = doc("Seed for weights and data order; same seed, same function at any parallelism.", 1234)
+    log_interval: int = doc("Print a progress line every N steps (rank 0).", 10)
+    eval_interval: int = doc("Validation loss every N steps (0: only at the end).", 0)
+    eval_batches: int = doc("Micro-batches of held-out data per validation.", 4)
+    timeout_s: int = doc("Collective timeout; a hung rank fails the variant after this long.", 600)
+
+
+@dataclass
+class DataConfig:
+    """[data]: where tokens come from."""
+
+    source: str = doc("'synthetic' (uniform random tokens, for speed) or 'text' (a UTF-8 file).",
+                      "synthetic", choices=("synthetic", "text"))
+    path: str | None = doc("Text file for source='text', relative to the scenario file; "
+                           "'builtin:shakespeare' is a small corpus shipped with suite.")
+    tokenizer: str = doc("Tokenizer for text.", "byte", choices=("byte",))
+    valid_fraction: float = doc("Tail fraction of the corpus held out for validation.", 0.05)
+
+
+@dataclass
+class EvalConfig:
+    """[eval]: accuracy measurements next to speed."""
+
+    validation: bool = doc("Measure held-out loss at the end of the variant.", True)
+
+
+@dataclass
+class ReportConfig:
+    """[report]: how results are compared."""
+
+    baseline: str | None = doc("Variant the others are compared against (default: the first).")
+    title: str | None = doc("Heading of the report (default: the scenario name).")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "workload": WorkloadConfig,
+    "data": DataConfig,
+    "eval": EvalConfig,
+    "report": ReportConfig,
+}
+
+
+@dataclass
+class VariantSpec:
+    """One fully resolved variant: what a single run of the runner executes."""
+
+    scenario: str
+    name: str
+    file: str
+    model: ModelConfig
+    parallel: ParallelConfig
+    workload: WorkloadConfig
+    data: DataConfig
+    eval: EvalConfig
+    report: ReportConfig
+    tricks: dict[str, Any] = field(default_factory=dict)
+    is_baseline: bool = False
+    raw: dict = field(default_factory=dict)  # the merged TOML table this variant was built from
+
+    def world_size(self, launched: int | None = None) -> int:
+        """GPUs this variant needs: tp*pp*dp, with dp taken from the launch (or 1) when omitted."""
+        p = self.parallel
+        if p.dp is not None:
+            return p.tp * p.pp * p.dp
+        if launched is not None:
+            return launched
+        return p.tp * p.pp
+
+    def resolved(self) -> dict:
+        """The variant as plain data (for records, hashing and `suite plan`)."""
+        from dataclasses import asdict
+
+        out = {s: asdict(getattr(self, s)) for s in SECTIONS}
+        out["tricks"] = {k: asdict(v) for k, v in self.tricks.items()}
+        return out
+
+
+def section_keys(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]

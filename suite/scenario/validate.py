@@ -1,0 +1,107 @@
+"""Cross-key checks: combinations that cannot run, caught before any process starts."""
+from __future__ import annotations
+
+from suite.errors import UserError
+
+
+def _fail(spec, key: str, message: str, fix: str):
+    raise UserError(message, file=spec.file, variant=spec.name, key=key, fix=fix)
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_variant(spec) -> None:
+    m, p, w, d = spec.model, spec.parallel, spec.workload, spec.data
+    for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
+                       ("model.num_attention_heads", m.num_attention_heads),
+                       ("model.num_query_groups", m.num_query_groups),
+                       ("model.ffn_hidden_size", m.ffn_hidden_size), ("model.vocab_size", m.vocab_size),
+                       ("model.max_sequence_length", m.max_sequence_length), ("parallel.tp", p.tp),
+                       ("parallel.pp", p.pp), ("workload.steps", w.steps),
+                       ("workload.global_batch", w.global_batch), ("workload.micro_batch", w.micro_batch),
+                       ("workload.seq_length", w.seq_length), ("workload.log_interval", w.log_interval),
+                       ("workload.eval_batches", w.eval_batches), ("workload.timeout_s", w.timeout_s)]:
+        if value < 1:
+            _fail(spec, key, f"must be at least 1, got {value}.", f"set {key.split('.')[1]} to a positive integer.")
+    for key, value in [("parallel.dp", p.dp), ("parallel.vpp", p.vpp)]:
+        if value is not None and value < 1:
+            _fail(spec, key, f"must be at least 1, got {value}.", "set a positive integer or remove the key.")
+    if m.hidden_size % m.num_attention_heads:
+        _fail(spec, "model.hidden_size", f"hidden_size {m.hidden_size} is not divisible by "
+              f"num_attention_heads {m.num_attention_heads}.",
+              f"use heads among {_divisors(m.hidden_size)} or change hidden_size.")
+    if m.num_attention_heads % m.num_query_groups:
+        _fail(spec, "model.num_query_groups", f"num_attention_heads {m.num_attention_heads} is not divisible "
+              f"by num_query_groups {m.num_query_groups}.",
+              f"use num_query_groups among {_divisors(m.num_attention_heads)}.")
+    if m.num_attention_heads % p.tp:
+        _fail(spec, "parallel.tp", f"num_attention_heads {m.num_attention_heads} is not divisible by tp {p.tp}.",
+              f"choose tp among {_divisors(m.num_attention_heads)}.")
+    if m.num_query_groups % p.tp:
+        _fail(spec, "parallel.tp", f"num_query_groups {m.num_query_groups} is not divisible by tp {p.tp}.",
+              f"choose tp among {_divisors(m.num_query_groups)} or raise num_query_groups.")
+    if m.ffn_hidden_size % p.tp:
+        _fail(spec, "parallel.tp", f"ffn_hidden_size {m.ffn_hidden_size} is not divisible by tp {p.tp}.",
+              f"choose tp among {_divisors(m.ffn_hidden_size)[:40]}.")
+    stages = p.pp * (p.vpp or 1)
+    if m.num_layers % stages:
+        what = f"pp {p.pp}" + (f" x vpp {p.vpp}" if p.vpp else "")
+        _fail(spec, "parallel.pp", f"num_layers {m.num_layers} is not divisible by {what}.",
+              f"choose pp (x vpp) among {_divisors(m.num_layers)}.")
+    if p.vpp is not None and p.vpp > 1 and p.pp < 2:
+        _fail(spec, "parallel.vpp", "virtual pipeline stages need pp > 1.", "set pp >= 2 or remove vpp.")
+    if p.sequence_parallel and p.tp < 2:
+        _fail(spec, "parallel.sequence_parallel", "sequence parallelism needs tp > 1.",
+              "set tp >= 2 or sequence_parallel = false.")
+    if w.seq_length > m.max_sequence_length:
+        _fail(spec, "workload.seq_length", f"seq_length {w.seq_length} exceeds the model's "
+              f"max_sequence_length {m.max_sequence_length}.",
+              f"set seq_length <= {m.max_sequence_length} or raise model.max_sequence_length.")
+    if p.sequence_parallel and w.seq_length % p.tp:
+        _fail(spec, "workload.seq_length", f"with sequence parallelism seq_length {w.seq_length} must be "
+              f"divisible by tp {p.tp}.", "round seq_length to a multiple of tp.")
+    if w.global_batch % w.micro_batch:
+        _fail(spec, "workload.global_batch", f"global_batch {w.global_batch} is not divisible by micro_batch "
+              f"{w.micro_batch}.", f"use a global_batch that is a multiple of {w.micro_batch}.")
+    if p.dp is not None:
+        check_batch(spec, p.dp)
+    if w.warmup_steps >= w.steps:
+        _fail(spec, "workload.warmup_steps", f"warmup_steps {w.warmup_steps} leaves no timed step of "
+              f"{w.steps}.", f"set warmup_steps below {w.steps} or raise steps.")
+    if w.warmup_steps < 0 or w.lr_warmup_steps < 0 or w.eval_interval < 0:
+        _fail(spec, "workload", "step counts cannot be negative.", "use 0 or more.")
+    if w.lr <= 0 or w.min_lr < 0 or w.min_lr > w.lr:
+        _fail(spec, "workload.lr", f"need 0 <= min_lr <= lr and lr > 0 (lr {w.lr}, min_lr {w.min_lr}).",
+              "set lr > 0 and min_lr between 0 and lr.")
+    if d.source == "text" and not d.path:
+        _fail(spec, "data.path", "source = 'text' needs a path.",
+              "set path = \"builtin:shakespeare\" or a text file relative to the scenario.")
+    if not 0 < d.valid_fraction < 1:
+        _fail(spec, "data.valid_fraction", f"must be between 0 and 1, got {d.valid_fraction}.",
+              "use e.g. 0.05.")
+    if d.source == "text" and d.tokenizer == "byte" and m.vocab_size < 256:
+        _fail(spec, "model.vocab_size", f"the byte tokenizer needs vocab_size >= 256, got {m.vocab_size}.",
+              "set vocab_size = 256 or more.")
+
+
+def check_batch(spec, dp: int) -> None:
+    w = spec.workload
+    if w.global_batch % (w.micro_batch * dp):
+        _fail(spec, "workload.global_batch", f"global_batch {w.global_batch} is not divisible by micro_batch "
+              f"{w.micro_batch} x dp {dp}.",
+              f"use a global_batch that is a multiple of {w.micro_batch * dp}.")
+
+
+def check_world(spec, world: int) -> None:
+    """Checks that need the launched world size (tp * pp * dp must equal it)."""
+    p = spec.parallel
+    if p.dp is not None and p.tp * p.pp * p.dp != world:
+        _fail(spec, "parallel.dp", f"tp {p.tp} x pp {p.pp} x dp {p.dp} = {p.tp * p.pp * p.dp} GPUs, "
+              f"but {world} processes were launched.",
+              f"launch {p.tp * p.pp * p.dp} processes, or remove dp so it is derived.")
+    if world % (p.tp * p.pp):
+        _fail(spec, "parallel", f"world size {world} is not divisible by tp {p.tp} x pp {p.pp}.",
+              f"launch a multiple of {p.tp * p.pp} processes.")
+    check_batch(spec, world // (p.tp * p.pp))

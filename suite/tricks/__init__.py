@@ -1,0 +1,1 @@
+"""Training and inference techniques as plug-ins (see ``registry``)."""

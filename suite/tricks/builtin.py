@@ -1,0 +1,1 @@
+"""Imports every technique shipped with suite, so that each registers itself."""
