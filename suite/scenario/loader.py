@@ -44,7 +44,8 @@ def read_toml(path: Path) -> dict:
         raise UserError("file not found.", file=str(path),
                         fix="check the path; scenario files live under scenarios/.") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the file ({e}).", file=str(path)) from None
+        raise UserError(f"cannot read the file ({e}).", file=str(path),
+                        fix="give a readable UTF-8 text file, not a folder.") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -91,6 +92,7 @@ def parse_override(text: str) -> tuple[list[str], object]:
         raise UserError(f"--set '{text}' is not of the form section.key=value.",
                         fix="write e.g. --set parallel.tp=2.")
     key, raw = text.split("=", 1)
+    raw = raw.strip()
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -106,7 +108,8 @@ def apply_overrides(table: dict, overrides: list[str]) -> dict:
         for k in keys[:-1]:
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
-                raise UserError(f"--set '{text}': '{k}' is not a section.")
+                raise UserError(f"--set '{text}': '{k}' is not a section.", key=".".join(keys),
+                                fix="name a key inside a section, e.g. --set parallel.tp=2.")
         node[keys[-1]] = value
     return table
 
@@ -141,9 +144,24 @@ def coerce(value, tp, where: dict, key: str):
 
 
 def _type_error(value, tp, where, key) -> UserError:
-    shown = f'"{value}"' if isinstance(value, str) else repr(value).lower() if isinstance(value, bool) else value
-    return UserError(f"expected {_article(_type_name(tp))}, got {type(value).__name__} {shown}.",
-                     key=key, fix=f"write {key.split('.')[-1]} = {_example(tp)}.", **where)
+    name = key.split(".")[-1]
+    if isinstance(value, dict):  # [workload.lr] written as a table where lr = ... was meant
+        section = key.rsplit(".", 1)[0]
+        return UserError(f"expected {_article(_type_name(tp))}, got a table.", key=key,
+                         fix=f"write {name} = {_example(tp, None)} under [{section}], not a [{key}] table.",
+                         **where)
+    return UserError(f"expected {_article(_type_name(tp))}, got {_shown(value)}.",
+                     key=key, fix=f"write {name} = {_example(tp, value)}.", **where)
+
+
+def _shown(value) -> str:
+    """A TOML value as the user wrote it, with its TOML type name."""
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, str):
+        return f'string "{value}"'
+    kind = {int: "integer", float: "float", list: "array"}.get(type(value), type(value).__name__)
+    return f"{kind} {value!r}"
 
 
 def _article(name: str) -> str:
@@ -151,7 +169,19 @@ def _article(name: str) -> str:
             "list": "a list"}.get(name, name)
 
 
-def _example(tp) -> str:
+def _example(tp, value) -> str:
+    """A value of type tp to suggest: the user's own value converted when that is unambiguous."""
+    if tp in (int, float) and isinstance(value, (str, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+        if number is not None and (tp is float or number.is_integer()):
+            return str(int(number)) if tp is int else str(value).strip()  # "4" -> 4, "3e-4" -> 3e-4
+    if tp is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower()
+    if tp is str and value is not None and not isinstance(value, (dict, list)):
+        return f'"{str(value).lower() if isinstance(value, bool) else value}"'
     return {int: "2", float: "0.5", str: '"value"', bool: "true"}.get(tp, "[...]")
 
 
@@ -190,7 +220,7 @@ def fill_model(model, where: dict):
     for k in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
         if getattr(model, k) is None:
             raise UserError(f"the model's '{k}' is not set.", key=f"model.{k}",
-                            fix=f"set [model] preset = \"tiny\" (or another preset) or {k} = ....",
+                            fix=f"set [model] preset = \"tiny\" (or another preset) or {k} = <integer>.",
                             **where)
     if model.num_query_groups is None:
         model.num_query_groups = model.num_attention_heads
@@ -202,13 +232,18 @@ def fill_model(model, where: dict):
 def build_variant(table: dict, *, scenario: str, name: str, file: str, is_baseline: bool) -> VariantSpec:
     where = {"file": file, "variant": name}
     for key in table:
+        # name/extends/variants were taken off the file's top level; here they came from a variant.
+        if key in ("name", "description", "extends", "variants"):
+            raise UserError(f"'{key}' belongs at the top of the file, not inside a variant.", key=key,
+                            fix=f"move '{key}' out of [variants.{name}].", **where)
         if key not in TOP_LEVEL:
             raise UserError(f"unknown section '{key}'{did_you_mean(key, TOP_LEVEL)}.", key=key,
                             fix=f"sections are: {', '.join(SECTIONS)}, tricks, variants.", **where)
     sections = {s: build_section(cls, table.get(s, {}), where, s) for s, cls in SECTIONS.items()}
     tricks_table = table.get("tricks", {})
     if not isinstance(tricks_table, dict):
-        raise UserError("'tricks' must be a table of [tricks.<name>] sections.", key="tricks", **where)
+        raise UserError("'tricks' must be a table of [tricks.<name>] sections.", key="tricks",
+                        fix="write [tricks.<name>] section headers.", **where)
     tricks = {}
     for tname, ttable in tricks_table.items():
         if tname not in TRICKS:
@@ -236,13 +271,20 @@ def load_scenario(path: str | Path, overrides: list[str] = (), only: list[str] |
     table = load_with_extends(path)
     scenario = table.pop("name", path.stem)
     if not isinstance(scenario, str):
-        raise UserError("'name' must be a string.", file=file, key="name")
+        raise UserError("'name' must be a string.", file=file, key="name", fix=f'write name = "{scenario}".')
     table.pop("description", None)
-    variants = table.pop("variants", None) or {"default": {}}
+    variants = table.pop("variants", None)
+    if variants is None or variants == {}:
+        variants = {"default": {}}
     if not isinstance(variants, dict) or not all(isinstance(v, dict) for v in variants.values()):
         raise UserError("'variants' must hold tables: [variants.<name>].", file=file, key="variants",
                         fix="write [variants.baseline] with the keys that variant overrides.")
-    baseline = (table.get("report") or {}).get("baseline") or next(iter(variants))
+    # The baseline is read after --set, so that --set report.baseline=NAME moves it too.
+    report = apply_overrides(table, list(overrides)).get("report", {})
+    if not isinstance(report, dict):
+        raise UserError("'report' must be a table.", file=file, key="report",
+                        fix="write [report] as a section header.")
+    baseline = report.get("baseline") or next(iter(variants))
     if baseline not in variants:
         raise UserError(f"baseline variant '{baseline}' is not defined{did_you_mean(baseline, variants)}.",
                         file=file, key="report.baseline", fix=f"choose one of {', '.join(variants)}.")
@@ -250,7 +292,7 @@ def load_scenario(path: str | Path, overrides: list[str] = (), only: list[str] |
         for name in only:
             if name not in variants:
                 raise UserError(f"no variant '{name}'{did_you_mean(name, variants)}.", file=file,
-                                fix=f"variants are: {', '.join(variants)}.")
+                                key="--variant", fix=f"variants are: {', '.join(variants)}.")
     out = []
     for name, over in variants.items():
         if only and name not in only:

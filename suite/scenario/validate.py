@@ -1,6 +1,9 @@
 """Cross-key checks: combinations that cannot run, caught before any process starts."""
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 from suite.errors import UserError
 
 
@@ -8,8 +11,10 @@ def _fail(spec, key: str, message: str, fix: str):
     raise UserError(message, file=spec.file, variant=spec.name, key=key, fix=fix)
 
 
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+def _divisors(n: int, most: int = 12) -> str:
+    """'1, 2, 4, 8' (the first `most` divisors, then '...': large widths have many)."""
+    ds = [str(d) for d in range(1, n + 1) if n % d == 0]
+    return ", ".join(ds[:most]) + (", ..." if len(ds) > most else "")
 
 
 def check_variant(spec) -> None:
@@ -43,15 +48,19 @@ def check_variant(spec) -> None:
         _fail(spec, "parallel.tp", f"num_query_groups {m.num_query_groups} is not divisible by tp {p.tp}.",
               f"choose tp among {_divisors(m.num_query_groups)} or raise num_query_groups.")
     if m.ffn_hidden_size % p.tp:
+        rounded = -(-m.ffn_hidden_size // p.tp) * p.tp
+        fits = math.gcd(m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size)  # tp divides all 3
         _fail(spec, "parallel.tp", f"ffn_hidden_size {m.ffn_hidden_size} is not divisible by tp {p.tp}.",
-              f"choose tp among {_divisors(m.ffn_hidden_size)[:40]}.")
+              f"set ffn_hidden_size to a multiple of {p.tp} (e.g. {rounded}) "
+              f"or choose tp among {_divisors(fits)}.")
+    # Before the layer split: with pp = 1 "layers not divisible by vpp" would hide the real problem.
+    if p.vpp is not None and p.vpp > 1 and p.pp < 2:
+        _fail(spec, "parallel.vpp", "virtual pipeline stages need pp > 1.", "set pp >= 2 or remove vpp.")
     stages = p.pp * (p.vpp or 1)
     if m.num_layers % stages:
         what = f"pp {p.pp}" + (f" x vpp {p.vpp}" if p.vpp else "")
         _fail(spec, "parallel.pp", f"num_layers {m.num_layers} is not divisible by {what}.",
               f"choose pp (x vpp) among {_divisors(m.num_layers)}.")
-    if p.vpp is not None and p.vpp > 1 and p.pp < 2:
-        _fail(spec, "parallel.vpp", "virtual pipeline stages need pp > 1.", "set pp >= 2 or remove vpp.")
     if p.sequence_parallel and p.tp < 2:
         _fail(spec, "parallel.sequence_parallel", "sequence parallelism needs tp > 1.",
               "set tp >= 2 or sequence_parallel = false.")
@@ -67,17 +76,29 @@ def check_variant(spec) -> None:
               f"{w.micro_batch}.", f"use a global_batch that is a multiple of {w.micro_batch}.")
     if p.dp is not None:
         check_batch(spec, p.dp)
+    for key in ("warmup_steps", "lr_warmup_steps", "eval_interval", "weight_decay", "clip_grad"):
+        if getattr(w, key) < 0:
+            _fail(spec, f"workload.{key}", f"{key} cannot be negative, got {getattr(w, key)}.",
+                  f"set {key} = 0 or more.")
     if w.warmup_steps >= w.steps:
         _fail(spec, "workload.warmup_steps", f"warmup_steps {w.warmup_steps} leaves no timed step of "
               f"{w.steps}.", f"set warmup_steps below {w.steps} or raise steps.")
-    if w.warmup_steps < 0 or w.lr_warmup_steps < 0 or w.eval_interval < 0:
-        _fail(spec, "workload", "step counts cannot be negative.", "use 0 or more.")
-    if w.lr <= 0 or w.min_lr < 0 or w.min_lr > w.lr:
-        _fail(spec, "workload.lr", f"need 0 <= min_lr <= lr and lr > 0 (lr {w.lr}, min_lr {w.min_lr}).",
-              "set lr > 0 and min_lr between 0 and lr.")
+    if w.lr <= 0:
+        _fail(spec, "workload.lr", f"lr must be positive, got {w.lr}.", "set e.g. lr = 3e-4.")
+    if not 0 <= w.min_lr <= w.lr:
+        _fail(spec, "workload.min_lr", f"min_lr {w.min_lr} is not between 0 and lr {w.lr}.",
+              f"set min_lr between 0 and {w.lr}, e.g. {w.lr / 10:g}.")
+    if m.init != "random" and not m.init.startswith(("checkpoint:", "hf:")):
+        _fail(spec, "model.init", f"init '{m.init}' is not 'random', 'checkpoint:PATH' or 'hf:PATH'.",
+              'set init = "random" or prefix the path with checkpoint: or hf:.')
     if d.source == "text" and not d.path:
         _fail(spec, "data.path", "source = 'text' needs a path.",
               "set path = \"builtin:shakespeare\" or a text file relative to the scenario.")
+    if d.source == "text" and d.path and not d.path.startswith("builtin:"):
+        text = Path(spec.file).parent / d.path  # relative to the scenario file, as documented
+        if not text.is_file():
+            _fail(spec, "data.path", f"text file '{d.path}' does not exist (looked for {text}).",
+                  "give a path relative to the scenario file, or builtin:shakespeare.")
     if not 0 < d.valid_fraction < 1:
         _fail(spec, "data.valid_fraction", f"must be between 0 and 1, got {d.valid_fraction}.",
               "use e.g. 0.05.")

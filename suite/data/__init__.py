@@ -1,0 +1,1 @@
+"""Token sources: synthetic tokens for speed, real text for accuracy."""

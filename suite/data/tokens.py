@@ -1,0 +1,81 @@
+"""Token streams and batches.
+
+A batch is a function of (seed, step) only: every rank draws the same global batch of
+``global_batch`` windows of ``seq_length + 1`` tokens and keeps its data-parallel slice, so the
+same seed trains on the same tokens at any parallel layout. Validation windows come from the
+held-out tail of the corpus (the last ``valid_fraction`` of tokens) and never overlap training.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from suite.errors import UserError
+
+BUILTIN = {"shakespeare": Path(__file__).parent / "corpus" / "shakespeare.txt"}
+
+
+def resolve_path(spec) -> Path:
+    path = spec.data.path
+    if path.startswith("builtin:"):
+        name = path.split(":", 1)[1]
+        if name not in BUILTIN:
+            raise UserError(f"no builtin corpus '{name}'.", file=spec.file, variant=spec.name,
+                            key="data.path", fix=f"use one of: {', '.join('builtin:' + b for b in BUILTIN)}.")
+        return BUILTIN[name]
+    return (Path(spec.file).parent / path).resolve()
+
+
+def load_tokens(spec) -> torch.Tensor:
+    """The whole corpus as a 1-D int64 tensor (byte-level: each UTF-8 byte is a token)."""
+    path = resolve_path(spec)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read the corpus {path} ({e.strerror}).", file=spec.file, variant=spec.name,
+                        key="data.path", fix="point data.path at a readable UTF-8 text file.") from None
+    if not data:
+        raise UserError(f"the corpus {path} is empty.", file=spec.file, variant=spec.name, key="data.path",
+                        fix="point data.path at a non-empty text file.")
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
+
+
+class TokenSource:
+    """Deterministic batches of [n, seq_length + 1] token windows."""
+
+    def __init__(self, spec):
+        self.seed = spec.workload.seed
+        self.seq = spec.workload.seq_length
+        self.vocab = spec.model.vocab_size
+        self.synthetic = spec.data.source == "synthetic"
+        if not self.synthetic:
+            tokens = load_tokens(spec)
+            n_valid = max(int(len(tokens) * spec.data.valid_fraction), self.seq + 1)
+            self.train, self.valid = tokens[:-n_valid], tokens[-n_valid:]
+            for part, name in ((self.train, "training"), (self.valid, "validation")):
+                if len(part) < self.seq + 1:
+                    raise UserError(f"the {name} split has {len(part)} tokens, fewer than one sequence "
+                                    f"of {self.seq + 1}.", file=spec.file, variant=spec.name,
+                                    key="data.valid_fraction",
+                                    fix="use a larger corpus, a shorter seq_length or another valid_fraction.")
+
+    def _windows(self, tokens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        idx = starts[:, None] + torch.arange(self.seq + 1)[None, :]
+        return tokens[idx]
+
+    def train_batch(self, step: int, n: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 7919 + step)
+        if self.synthetic:
+            return torch.randint(0, self.vocab, (n, self.seq + 1), generator=gen)
+        starts = torch.randint(0, len(self.train) - self.seq, (n,), generator=gen)
+        return self._windows(self.train, starts)
+
+    def valid_batch(self, index: int, n: int) -> torch.Tensor:
+        if self.synthetic:
+            gen = torch.Generator().manual_seed(self.seed * 7919 + 1_000_000_007 + index)
+            return torch.randint(0, self.vocab, (n, self.seq + 1), generator=gen)
+        # evenly spaced, fixed windows over the held-out tail
+        count = (len(self.valid) - self.seq - 1) // max(1, self.seq) + 1
+        starts = (torch.arange(index * n, (index + 1) * n) % count) * self.seq
+        return self._windows(self.valid, starts)

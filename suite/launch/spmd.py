@@ -1,0 +1,235 @@
+"""The SPMD program ``torchrun ... -m suite run FILE`` runs on every rank.
+
+Each rank reads the same scenario, joins the default process group (nccl with GPUs, gloo without),
+and for each variant that fits the launched world size: sets up megatron-core ``parallel_state``,
+runs the workload, and rank 0 appends one record. Ranks, local ranks and devices come only from the
+torchrun environment, so the same command runs on one host or under ``--nnodes N`` rendezvous.
+
+Failures: an exception inside a variant is caught on every rank; the ranks agree on the outcome with
+one all-reduce, rank 0 appends a failure record naming the first failing rank's error, and the run
+goes on with the next variant. If the process group itself is broken (a rank died or a collective
+timed out after ``workload.timeout_s``), rank 0 records the failure and the program exits non-zero;
+``python -m suite run`` (the launcher) then starts the next variant in a fresh torchrun.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import os
+import resource
+import sys
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from suite.errors import UserError
+from suite.launch import cpu_compat
+from suite.metrics import hardware
+from suite.metrics.env import fingerprint
+from suite.records import append_record, completed, config_hash
+from suite.scenario import load_scenario
+from suite.scenario.validate import check_world
+
+FAULT_ENV = "SUITE_INJECT_FAULT"  # "VARIANT:STEP[:RANK]" raises there (used by the failure tests)
+
+
+@dataclass
+class RankContext:
+    rank: int
+    world: int
+    local_rank: int
+    label: str = ""
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[suite {self.label}] {message}", flush=True)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _init_distributed(timeout_s: int) -> RankContext:
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend = "nccl"
+    else:
+        cpu_compat.enable()
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s))
+    return RankContext(rank, world, local_rank)
+
+
+def _layout_ok(v, world: int) -> str | None:
+    """None if the variant can run on this launch, else the reason it is skipped."""
+    try:
+        check_world(v, world)
+    except UserError as e:
+        return str(e)
+    return None
+
+
+def run_all(args) -> int:
+    ctx_world = int(os.environ["WORLD_SIZE"])
+    is_rank0 = int(os.environ["RANK"]) == 0
+    try:
+        variants = load_scenario(args.scenario, args.overrides, args.variants)
+    except UserError as e:
+        if is_rank0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("results", variants[0].scenario)
+    done = completed(out) if args.resume else set()
+    runnable = []
+    for v in variants:
+        reason = _layout_ok(v, ctx_world)
+        if reason:
+            if is_rank0:
+                print(f"[suite] skipping variant '{v.name}': {reason} "
+                      f"(`python -m suite run {args.scenario}` launches each variant with its own size)",
+                      flush=True)
+        elif (v.scenario, v.name, config_hash(v.resolved())) in done:
+            if is_rank0:
+                print(f"[suite] --resume: variant '{v.name}' already recorded in {out}", flush=True)
+        else:
+            runnable.append(v)
+    if not runnable:
+        return 0
+    ctx = _init_distributed(max(v.workload.timeout_s for v in runnable))
+    broken = False
+    try:
+        for v in runnable:
+            if not _run_variant(v, ctx, out, args):
+                broken = True
+                break
+    finally:
+        if not broken:
+            dist.destroy_process_group()
+    return 1 if broken else 0
+
+
+def _maybe_inject_fault(v, step: int, rank: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    parts = spec.split(":")
+    if parts[0] == v.name and int(parts[1]) == step and (len(parts) < 3 or int(parts[2]) == rank):
+        raise RuntimeError(f"injected fault at step {step} on rank {rank} ({FAULT_ENV}={spec})")
+
+
+def _run_variant(v, ctx: RankContext, out: str, args) -> bool:
+    """Runs one variant; False when the process group can no longer be trusted."""
+    from megatron.core import parallel_state as ps
+
+    from suite.workloads import train
+
+    ctx.label = f"{v.scenario}/{v.name}"
+    resolved = v.resolved()
+    base = {"status": None, "scenario": v.scenario, "scenario_file": v.file, "variant": v.name,
+            "is_baseline": v.is_baseline, "config_hash": config_hash(resolved), "config": resolved,
+            "started_at": _now(), "command": " ".join(sys.argv), "world_size": ctx.world,
+            "tp": v.parallel.tp, "pp": v.parallel.pp, "dp": ctx.world // (v.parallel.tp * v.parallel.pp)}
+    ctx.log(f"start: tp={base['tp']} pp={base['pp']} dp={base['dp']} on {ctx.world} "
+            f"{'GPUs' if torch.cuda.is_available() else 'CPU processes'}")
+    error, result = None, None
+    try:
+        ps.initialize_model_parallel(tensor_model_parallel_size=v.parallel.tp,
+                                     pipeline_model_parallel_size=v.parallel.pp,
+                                     virtual_pipeline_model_parallel_size=v.parallel.vpp
+                                     if v.parallel.vpp and v.parallel.vpp > 1 else None)
+        if torch.cuda.is_available():
+            from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+            model_parallel_cuda_manual_seed(v.workload.seed)
+        torch.manual_seed(v.workload.seed)
+        result = train.run(v, ctx, fault=lambda step: _maybe_inject_fault(v, step, ctx.rank))
+    except Exception as e:  # recorded, then the next variant runs
+        error = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()[-4000:],
+                 "rank": ctx.rank}
+        print(f"[suite {ctx.label}] rank {ctx.rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+    # Agree on the outcome; if this collective fails the group is broken.
+    try:
+        errors = [None] * ctx.world
+        dist.all_gather_object(errors, error)
+        first_error = next((e for e in errors if e), None)
+        metrics = None if first_error else _assemble_metrics(result, v, ctx)
+        intact = True
+    except Exception as e:
+        first_error = error or {"type": type(e).__name__, "message": f"process group broken: {e}",
+                                "traceback": traceback.format_exc()[-4000:], "rank": ctx.rank}
+        metrics, intact = None, False
+    finally:
+        try:
+            ps.destroy_model_parallel()
+        except Exception:
+            pass
+        result = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    if ctx.rank == 0:
+        env = fingerprint(ctx.world)
+        record = {**base, "finished_at": _now(), "env": env}
+        if first_error:
+            record.update(status="failed", error=first_error)
+        else:
+            record.update(status="ok", metrics=metrics)
+        path = append_record(out, record)
+        ctx.log(f"{record['status']}: record appended to {path}")
+    return intact
+
+
+def _reduce(value: float | None, op, ctx) -> float | None:
+    """All-reduce a per-rank scalar; None anywhere gives None."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = torch.tensor([0.0 if value is None else float(value), 1.0 if value is None else 0.0],
+                     dtype=torch.float64, device=device)
+    dist.all_reduce(t[:1], op=op)
+    missing = t[1:].clone()
+    dist.all_reduce(missing, op=dist.ReduceOp.MAX)
+    return None if missing.item() else t[0].item()
+
+
+def _assemble_metrics(r: dict, v, ctx) -> dict:
+    """Per-variant metrics (schema in suite.records) from this rank's raw results."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        kind = "cuda_max_allocated"
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        kind = "cpu_max_rss"
+    peak = _reduce(peak, dist.ReduceOp.MAX, ctx)
+    energy = _reduce(r["energy_j"], dist.ReduceOp.SUM, ctx)
+    # Rank 0's clock is the step clock: every step ends with collectives that include it.
+    summary = r["summary"]
+    median = summary["median"]
+    w = v.workload
+    tflops = r["flops_per_step"] / median / ctx.world / 1e12
+    device_name = torch.cuda.get_device_name() if cuda else None
+    peak_tflops = hardware.datasheet_peak_tflops(device_name)
+    ceilings = hardware.measured_ceilings() if cuda else {}
+    gemm = ceilings.get("gemm_tflops")
+    timed_s = sum(r["times"])
+    losses = r["loss_values"]
+    tail = losses[-min(5, len(losses)):]
+    return {
+        "parameters": r["parameters"], "steps": w.steps, "timed_steps": len(r["times"]),
+        "tokens": r["tokens"], "step_time_s": summary,
+        "tokens_per_s": w.global_batch * w.seq_length / median,
+        "flops_per_step": r["flops_per_step"], "flops_total": r["flops_total"],
+        "tflops_per_gpu": tflops,
+        "mfu": tflops / peak_tflops if peak_tflops else None,
+        "gemm_ceiling_tflops": gemm, "fraction_of_gemm_ceiling": tflops / gemm if gemm else None,
+        "copy_bandwidth_tb_s": ceilings.get("copy_tb_s"),
+        "peak_memory_bytes": int(peak), "memory_kind": kind,
+        "loss_curve": [[i + 1, x] for i, x in enumerate(losses)],
+        "final_loss": sum(tail) / len(tail),
+        "validation_loss": r["validation"], "validation_curve": r["validation_curve"],
+        "energy_j": energy, "avg_power_w": energy / timed_s if energy is not None and timed_s else None,
+        "extra": r.get("extra", {}),
+    }

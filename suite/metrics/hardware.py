@@ -1,0 +1,91 @@
+"""What the machine can do: datasheet peaks (by table) and measured ceilings (probed, cached).
+
+MFU divides by the datasheet dense bf16 peak of a *known* device; an unknown device gives ``None``
+(the report prints n/a) rather than a guess. The measured bf16 GEMM rate is probed once per
+(device, torch version) and cached in ``~/.cache/suite/ceilings.json`` (``SUITE_CACHE`` overrides).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Dense bf16 tensor-core peaks, TFLOP/s, from the vendors' datasheets (no sparsity).
+DATASHEET_BF16_TFLOPS = [
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM5 (e.g. "NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),  # SXM
+    ("H800", 989.0),
+    ("GH200", 989.0),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.0),
+]
+
+
+def datasheet_peak_tflops(device_name: str | None) -> float | None:
+    if not device_name:
+        return None
+    for key, peak in DATASHEET_BF16_TFLOPS:  # most specific names first
+        if key in device_name:
+            return peak
+    return None
+
+
+def _cache_file() -> Path:
+    root = Path(os.environ.get("SUITE_CACHE", Path.home() / ".cache" / "suite"))
+    return root / "ceilings.json"
+
+
+def measured_ceilings() -> dict:
+    """{'gemm_tflops', 'copy_tb_s'} for the current GPU; {} on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    key = f"{torch.cuda.get_device_name()}|torch {torch.__version__}"
+    path = _cache_file()
+    cache = json.loads(path.read_text()) if path.exists() else {}
+    if key not in cache:
+        cache[key] = {"gemm_tflops": _probe_gemm(), "copy_tb_s": _probe_copy()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(path)
+    return cache[key]
+
+
+def _time_ms(fn, warmup: int = 3, iters: int = 10) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(iters):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def _probe_gemm(n: int = 8192) -> float:
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = _time_ms(lambda: a @ b)
+    return round(2 * n**3 / ms / 1e9, 1)
+
+
+def _probe_copy(nbytes: int = 2 * 2**30) -> float:
+    """Device-to-device copy, counting bytes read plus written (TB/s)."""
+    import torch
+
+    src = torch.empty(nbytes // 2, device="cuda", dtype=torch.bfloat16).normal_()
+    dst = torch.empty_like(src)
+    ms = _time_ms(lambda: dst.copy_(src))
+    return round(2 * nbytes / ms / 1e9, 3)

@@ -1,0 +1,1 @@
+"""megatron-core GPT models in LLaMA style: layer specs, construction, deterministic init."""

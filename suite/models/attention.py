@@ -1,0 +1,39 @@
+"""Core attention through torch's scaled_dot_product_attention.
+
+megatron-core's local ``DotProductAttention`` materialises the s×s score matrix; without
+Transformer Engine this module takes its place in the layer spec so that GPUs run a fused
+(flash / memory-efficient) kernel and the CPU runs torch's fused path. Same call signature:
+query [s, b, heads, d], key/value [s, b, groups, d] -> [s, b, heads·d].
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+
+class SDPAttention(MegatronModule):
+    def __init__(self, config, layer_number, attn_mask_type, attention_type=None,
+                 attention_dropout=None, softmax_scale=None, **_):
+        super().__init__(config=config)
+        if config.attention_dropout and config.attention_dropout > 0:
+            raise ValueError("SDPAttention in suite runs without attention dropout")
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        assert packed_seq_params is None and attention_bias is None
+        mask_type = attn_mask_type or self.attn_mask_type
+        causal = mask_type == AttnMaskType.causal and attention_mask is None
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        if k.shape[1] != q.shape[1]:  # grouped-query attention: share each K/V head
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        mask = None if causal or attention_mask is None else ~attention_mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                             scale=self.softmax_scale)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)

@@ -1,0 +1,188 @@
+"""``suite report RESULTS...``: one comparison table per scenario, one row per variant.
+
+Every format starts from the same flat rows (``build_rows``): raw numbers, one per record, keyed by flat
+column names. Markdown formats them for reading; csv and json write them as they are. The latest
+record of each (scenario, variant) wins, so a re-run supersedes an earlier one.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+from suite.report import fmt
+from suite.report.select import (baseline_of, by_scenario, failure, is_ok, load_latest, machine, metric,
+                                 relative_change, step_half_spread_s, step_median_s)
+
+NOISE_NOTE = ("Step time: median ± half the p10–p90 spread of the timed steps; "
+              "differences smaller than the step-time spread are noise. "
+              "Δ columns are relative to the baseline variant.")
+RSS_NOTE = "† host peak RSS (CPU run), not device memory."
+
+
+def flatten(prefix: str, value) -> dict:
+    """{'extra.fp8.recipe': ...} from nested dicts; lists (curves) are left out of tables."""
+    if isinstance(value, dict):
+        out = {}
+        for key, sub in value.items():
+            out.update(flatten(f"{prefix}.{key}", sub))
+        return out
+    return {} if isinstance(value, list) else {prefix: value}
+
+
+def _scaled(value, factor: float):
+    # Rounded so csv/json show 73.4, not 73.39999999999999; still far finer than any measurement.
+    return None if value is None else round(value * factor, 6)
+
+
+def variant_row(rec: dict, base: dict) -> dict:
+    """One record as flat raw values, with its Δ against the scenario's baseline record."""
+    env = rec.get("env") or {}
+    median = step_median_s(rec)
+    base_val, val = metric(base, "validation_loss"), metric(rec, "validation_loss")
+    row = {
+        "scenario": rec["scenario"], "variant": rec["variant"], "baseline": rec is base,
+        "status": rec.get("status"), "error": None if is_ok(rec) else failure(rec),
+        "tp": rec.get("tp"), "pp": rec.get("pp"), "dp": rec.get("dp"), "world_size": rec.get("world_size"),
+        "parameters": metric(rec, "parameters"), "tokens": metric(rec, "tokens"),
+        "step_time_median_ms": _scaled(median, 1e3),
+        "step_time_half_spread_ms": _scaled(step_half_spread_s(rec), 1e3),
+        "tokens_per_s": metric(rec, "tokens_per_s"), "tflops_per_gpu": metric(rec, "tflops_per_gpu"),
+        "mfu": metric(rec, "mfu"), "fraction_of_gemm_ceiling": metric(rec, "fraction_of_gemm_ceiling"),
+        "peak_memory_bytes": metric(rec, "peak_memory_bytes"), "memory_kind": metric(rec, "memory_kind"),
+        "final_loss": metric(rec, "final_loss"), "validation_loss": val, "energy_j": metric(rec, "energy_j"),
+        "delta_step_time_pct": _scaled(relative_change(median, step_median_s(base)), 100),
+        "delta_flops_per_step_pct": _scaled(relative_change(metric(rec, "flops_per_step"),
+                                                            metric(base, "flops_per_step")), 100),
+        "delta_validation_loss": None if val is None or base_val is None else round(val - base_val, 6),
+        "machine": machine(env), "torch": env.get("torch"), "megatron_core": env.get("megatron_core"),
+        "git_commit": env.get("git_commit"), "date": (rec.get("finished_at") or rec.get("started_at") or "")[:10],
+    }
+    row.update(flatten("target", metric(rec, "target") or {}))
+    row.update(flatten("extra", metric(rec, "extra") or {}))
+    return row
+
+
+def build_rows(latest: dict) -> list[dict]:
+    """Flat rows of every scenario, each scenario's baseline first."""
+    out = []
+    for recs in by_scenario(latest).values():
+        base = baseline_of(recs)
+        out += [variant_row(r, base) for r in recs]
+    return out
+
+
+# Markdown: (header, cell) per fixed column. Failed rows fill the first three, then the error.
+def _memory(r):
+    if r["peak_memory_bytes"] is None:
+        return fmt.NA
+    return fmt.fixed(r["peak_memory_bytes"], 2, 2 ** -30) + (" †" if r["memory_kind"] == "cpu_max_rss" else "")
+
+
+def _step_time(r):
+    if r["step_time_median_ms"] is None:
+        return fmt.NA
+    return f"{fmt.fixed(r['step_time_median_ms'], 1)} ± {fmt.fixed(r['step_time_half_spread_ms'], 1)}"
+
+
+def _delta(key: str, cell):
+    """Δ cells: a dash on the baseline row itself."""
+    return lambda r: "—" if r["baseline"] else cell(r[key])
+
+
+COLUMNS = [
+    ("variant", lambda r: r["variant"] + (" (baseline)" if r["baseline"] else "")),
+    ("parallelism", lambda r: f"tp{r['tp']} pp{r['pp']} dp{r['dp']}"),
+    ("GPUs", lambda r: str(r["world_size"])),
+    ("parameters", lambda r: fmt.count(r["parameters"])),
+    ("tokens", lambda r: fmt.count(r["tokens"])),
+    ("step time (ms)", _step_time),
+    ("tokens/s", lambda r: fmt.count(r["tokens_per_s"])),
+    ("TFLOP/s per GPU", lambda r: fmt.NA if r["tflops_per_gpu"] is None else fmt.sig(r["tflops_per_gpu"])),
+    ("MFU", lambda r: fmt.percent(r["mfu"])),
+    ("of GEMM ceiling", lambda r: fmt.percent(r["fraction_of_gemm_ceiling"])),
+    ("peak memory (GiB)", _memory),
+    ("final loss", lambda r: fmt.fixed(r["final_loss"], 4)),
+    ("val loss", lambda r: fmt.fixed(r["validation_loss"], 4)),
+    ("energy (kJ)", lambda r: fmt.fixed(r["energy_j"], 1, 1e-3)),
+    ("Δ step time", _delta("delta_step_time_pct", lambda v: fmt.fixed(v, 1, signed=True, unit="%"))),
+    ("Δ FLOPs/step", _delta("delta_flops_per_step_pct", lambda v: fmt.fixed(v, 1, signed=True, unit="%"))),
+    ("Δ val loss", _delta("delta_validation_loss", lambda v: fmt.fixed(v, 4, signed=True))),
+]
+FIXED_CELLS_OF_FAILED = 3  # variant, parallelism, GPUs: known from the record even when it failed
+
+
+def _optional_columns(rows: list[dict]) -> list[str]:
+    """target.* then extra.* keys that any row of this table carries, each in first-seen order."""
+    keys = dict.fromkeys(k for r in rows for k in r if k.startswith(("target.", "extra.")))
+    return sorted(keys, key=lambda k: not k.startswith("target."))
+
+
+def _cells(row: dict, optional: list[str]) -> list[str]:
+    if row["error"] is not None:
+        known = [cell(row) for _, cell in COLUMNS[:FIXED_CELLS_OF_FAILED]]
+        blanks = len(COLUMNS) + len(optional) - FIXED_CELLS_OF_FAILED - 1
+        return known + [f"**{row['error']}**"] + [""] * blanks
+    return [cell(row) for _, cell in COLUMNS] + [fmt.scalar(row.get(k)) for k in optional]
+
+
+def _distinct(rows: list[dict], key: str, show=str) -> str:
+    """The different values of `key` in a table (records may come from several runs), or 'unknown'."""
+    values = dict.fromkeys(show(r[key]) for r in rows if r[key])
+    return ", ".join(values) or "unknown"
+
+
+def _short_commit(commit: str) -> str:
+    """First 12 hex digits, keeping a '-dirty' mark (uncommitted changes were measured)."""
+    sha, _, rest = commit.partition("-")
+    return sha[:12] + (f"-{rest}" if rest else "")
+
+
+def _header(rows: list[dict]) -> str:
+    """Machine, software versions, commit and date(s) of the records of one table."""
+    dates = sorted({r["date"] for r in rows if r["date"]})
+    when = "unknown date" if not dates else dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
+    return (f"{_distinct(rows, 'machine')} · torch {_distinct(rows, 'torch')} · "
+            f"megatron-core {_distinct(rows, 'megatron_core')} · "
+            f"commit {_distinct(rows, 'git_commit', _short_commit)} · {when}")
+
+
+def _section(scenario: str, rows: list[dict]) -> list[str]:
+    """Heading, header line, table and notes of one scenario."""
+    optional = _optional_columns(rows)
+    headers = [h for h, _ in COLUMNS] + optional
+    table = fmt.table(headers, [_cells(r, optional) for r in rows], "ll" + "r" * (len(headers) - 2))
+    notes = [NOISE_NOTE] + ([RSS_NOTE] if any(r["memory_kind"] == "cpu_max_rss" for r in rows) else [])
+    return [f"## {scenario}", _header(rows), table, "\n".join(notes)]
+
+
+def markdown(rows: list[dict], sources) -> str:
+    parts = ["# Benchmark report", f"Records: {', '.join(map(str, sources))}"]
+    for scenario in dict.fromkeys(r["scenario"] for r in rows):
+        parts += _section(scenario, [r for r in rows if r["scenario"] == scenario])
+    return "\n\n".join(parts) + "\n"
+
+
+def to_csv(rows: list[dict]) -> str:
+    fields = list(dict.fromkeys(k for r in rows for k in r))  # optional columns differ per row
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def to_json(rows: list[dict]) -> str:
+    return json.dumps(rows, indent=2, allow_nan=False, ensure_ascii=False) + "\n"
+
+
+def report_command(args) -> int:
+    rows = build_rows(load_latest(args.results))
+    if args.format == "csv":
+        text = to_csv(rows)
+    elif args.format == "json":
+        text = to_json(rows)
+    else:
+        text = markdown(rows, args.results)
+    fmt.emit(text, args.output)
+    return 0

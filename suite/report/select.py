@@ -1,0 +1,80 @@
+"""Which records a report or a comparison looks at, and the per-record numbers both derive."""
+from __future__ import annotations
+
+from suite.errors import UserError
+from suite.records import latest_by_variant, read_records
+
+
+def load_latest(paths) -> dict[tuple[str, str], dict]:
+    """The latest record of each (scenario, variant) over all given folders/files, first-seen order."""
+    latest = latest_by_variant(read_records(*paths))
+    if not latest:
+        raise UserError("no records found.", file=", ".join(map(str, paths)),
+                        fix="point at a results folder that `suite run` has written records to.")
+    return latest
+
+
+def baseline_of(records: list[dict]) -> dict:
+    """The variant marked is_baseline; the first one when none is marked (as the scenario default)."""
+    return next((r for r in records if r.get("is_baseline")), records[0])
+
+
+def by_scenario(latest: dict[tuple[str, str], dict]) -> dict[str, list[dict]]:
+    """Records grouped by scenario, each group with its baseline first, otherwise in first-seen order."""
+    groups: dict[str, list[dict]] = {}
+    for (scenario, _), rec in latest.items():
+        groups.setdefault(scenario, []).append(rec)
+    for scenario, recs in groups.items():
+        base = baseline_of(recs)
+        groups[scenario] = [base] + [r for r in recs if r is not base]
+    return groups
+
+
+def is_ok(rec: dict) -> bool:
+    return rec.get("status") == "ok"
+
+
+def metric(rec: dict, *keys):
+    """rec["metrics"][k1][k2]..., or None when any level is missing (failed records have no metrics)."""
+    value = rec.get("metrics")
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def step_median_s(rec: dict) -> float | None:
+    return metric(rec, "step_time_s", "median")
+
+
+def step_half_spread_s(rec: dict) -> float | None:
+    """Half the p10-p90 spread of the timed steps: the '±' of the median."""
+    p10, p90 = metric(rec, "step_time_s", "p10"), metric(rec, "step_time_s", "p90")
+    return None if p10 is None or p90 is None else (p90 - p10) / 2
+
+
+def relative_noise(rec: dict) -> float | None:
+    """(p90 - p10) / 2 / median: the step-time spread as a fraction of the median."""
+    median, half = step_median_s(rec), step_half_spread_s(rec)
+    return None if not median or half is None else half / median
+
+
+def relative_change(new: float | None, old: float | None) -> float | None:
+    """(new - old) / old, or None when either side is unknown."""
+    return None if new is None or not old else (new - old) / old
+
+
+def failure(rec: dict) -> str:
+    """'failed: <type>: <first line of message>' for a failed record."""
+    error = rec.get("error") or {}
+    message = (error.get("message") or "").strip().splitlines()
+    return f"failed: {error.get('type', 'unknown error')}" + (f": {message[0]}" if message else "")
+
+
+def machine(env: dict | None) -> str:
+    """'<GPU name> × <count>', or 'CPU' when the record ran without a GPU."""
+    env = env or {}
+    if not env.get("gpu_name") or not env.get("gpu_count"):
+        return "CPU"
+    return f"{env['gpu_name']} × {env['gpu_count']}"

@@ -1,0 +1,1 @@
+"""Workloads: what a variant runs (training now; inference latency with CQIL)."""

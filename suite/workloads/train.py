@@ -1,0 +1,200 @@
+"""Training workload: megatron-core's schedules (1F1B when pp > 1) over deterministic batches.
+
+One optimizer step = ``global_batch / (micro_batch · dp)`` micro-batches through
+``get_forward_backward_func``, DP gradient reduction by megatron's DistributedDataParallel, then the
+megatron optimizer (fp32 master weights under bf16) and ``OptimizerParamScheduler``.
+
+Timing: CUDA events around each step on GPU (host clock on CPU), warm-up steps excluded. Losses are
+reduced on the device every step and read back only at log points, so logging does not stall the GPU.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from suite.data.tokens import TokenSource
+from suite.metrics import flops as F
+from suite.metrics.energy import EnergyMeter
+from suite.metrics.stats import summarize
+from suite.models import gpt
+
+
+@dataclass
+class StepClock:
+    """Per-step durations: CUDA events on GPU (read at the end), host clock on CPU."""
+
+    cuda: bool
+    _events: list = field(default_factory=list)
+    _host: list = field(default_factory=list)
+    _t0: float = 0.0
+
+    def start(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._events.append([ev, None])
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self._events[-1][1] = ev
+        else:
+            self._host.append(time.perf_counter() - self._t0)
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1000.0 for a, b in self._events]
+        return list(self._host)
+
+
+def _forward_step(data_iterator, model, cuda: bool):
+    batch = next(data_iterator)
+    if cuda:
+        batch = batch.cuda(non_blocking=True)
+    tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
+    output = model(tokens, positions, None, labels=labels)
+
+    def loss_func(per_token_loss):
+        loss = per_token_loss.float().mean()
+        # clone: megatron scales the returned loss in place by 1/num_microbatches
+        return loss, {"loss": loss.detach().clone()}
+
+    return output, loss_func
+
+
+class Trainer:
+    """Builds the model, optimizer and schedule for one variant on this rank."""
+
+    def __init__(self, spec, ctx):
+        self.spec, self.ctx = spec, ctx
+        w, p = spec.workload, spec.parallel
+        self.cuda = torch.cuda.is_available()
+        self.dp = ps.get_data_parallel_world_size()
+        self.num_micro = w.global_batch // (w.micro_batch * self.dp)
+        self.config = gpt.transformer_config(spec)
+        chunks = gpt.build_chunks(spec, self.config)
+        gpt.init_parameters(chunks, w.seed, spec.model.init_std, spec.model.num_layers)
+        self.model = gpt.wrap_for_training(chunks, self.config, overlap=self.cuda and self.dp > 1)
+        # Hooks megatron's schedules call: DP grad sync and the final gradient all-reduces.
+        self.config.finalize_model_grads_func = finalize_model_grads
+        if self.cuda and self.dp > 1:
+            no_sync = [m.no_sync for m in self.model]
+            self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+            grad_sync = [m.start_grad_sync for m in self.model]
+            self.config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+        bf16 = w.precision == "bf16"
+        opt_config = OptimizerConfig(
+            optimizer=w.optimizer, lr=w.lr, min_lr=w.min_lr, weight_decay=w.weight_decay,
+            adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=w.clip_grad, bf16=bf16,
+            params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=False)
+        self.optimizer = get_megatron_optimizer(opt_config, self.model)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=w.lr, min_lr=w.min_lr, lr_warmup_steps=w.lr_warmup_steps,
+            lr_decay_steps=max(w.steps, w.lr_warmup_steps + 1), lr_decay_style=w.lr_schedule,
+            start_wd=w.weight_decay, end_wd=w.weight_decay, wd_incr_steps=w.steps, wd_incr_style="constant")
+        self.data = TokenSource(spec)
+        self.fb = get_forward_backward_func()
+        self.shape = F.Shape.of(spec.model)
+
+    def _micro_batches(self, batch: torch.Tensor):
+        mine = batch.chunk(self.dp)[ps.get_data_parallel_rank()]
+        micro = list(mine.split(self.spec.workload.micro_batch))
+        if len(self.model) == 1:
+            return iter(micro)
+        return [iter(micro) for _ in self.model]  # interleaved schedule: one iterator per chunk
+
+    def _run(self, batch: torch.Tensor, forward_only: bool) -> torch.Tensor:
+        """Mean loss over the batch as a device tensor, identical on every rank."""
+        w = self.spec.workload
+        losses = self.fb(forward_step_func=partial(_forward_step, cuda=self.cuda),
+                         data_iterator=self._micro_batches(batch), model=self.model,
+                         num_microbatches=len(batch) // self.dp // w.micro_batch,
+                         seq_length=w.seq_length, micro_batch_size=w.micro_batch,
+                         forward_only=forward_only)
+        device = "cuda" if self.cuda else "cpu"
+        total = torch.zeros(2, device=device)
+        if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
+            total[0] = torch.stack([d["loss"] for d in losses]).sum()
+            total[1] = len(losses)
+        dist.all_reduce(total)  # sum over DP ranks of the last stage (TP ranks hold equal copies)
+        return total[0] / total[1]
+
+    def train_step(self, step: int) -> torch.Tensor:
+        w = self.spec.workload
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        for m in self.model:
+            m.train()
+        loss = self._run(self.data.train_batch(step, w.global_batch), forward_only=False)
+        self.optimizer.step()
+        self.scheduler.step(1)
+        return loss
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        w = self.spec.workload
+        for m in self.model:
+            m.eval()
+        per_batch = self.dp * w.micro_batch
+        losses = [self._run(self.data.valid_batch(i, per_batch), forward_only=True)
+                  for i in range(w.eval_batches)]
+        return float(torch.stack(losses).mean())
+
+    def step_flops(self, step: int) -> int:
+        w = self.spec.workload
+        return F.train_step_flops(self.shape, w.global_batch, w.seq_length)
+
+
+def run(spec, ctx, fault=lambda step: None) -> dict:
+    """Train one variant on this rank; returns raw measurements (spmd assembles the record)."""
+    w = spec.workload
+    trainer = Trainer(spec, ctx)
+    clock = StepClock(trainer.cuda)
+    energy = EnergyMeter(ctx.local_rank if trainer.cuda else None)
+    if trainer.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    losses, validation_curve, flops_total = [], [], 0
+    for step in range(w.steps):
+        if step == w.warmup_steps:
+            energy.start()
+        fault(step)
+        clock.start()
+        losses.append(trainer.train_step(step))
+        clock.stop()
+        flops_total += trainer.step_flops(step)
+        if (step + 1) % w.log_interval == 0 or step + 1 == w.steps:
+            recent = clock.seconds()[-1]
+            ctx.log(f"step {step + 1}/{w.steps} loss {float(losses[-1]):.4f} step {recent * 1000:.1f} ms "
+                    f"{w.global_batch * w.seq_length / recent:,.0f} tok/s")
+        if w.eval_interval and (step + 1) % w.eval_interval == 0 and step + 1 < w.steps:
+            validation_curve.append([step + 1, trainer.validation_loss()])
+    times = clock.seconds()
+    joules = energy.stop_joules()
+    timed = times[w.warmup_steps:]
+    loss_values = [float(x) for x in losses]
+    validation = trainer.validation_loss() if spec.eval.validation else None
+    if validation is not None:
+        validation_curve.append([w.steps, validation])
+    return {
+        "times": timed, "loss_values": loss_values, "validation": validation,
+        "validation_curve": validation_curve, "energy_j": joules, "flops_total": flops_total,
+        "flops_per_step": trainer.step_flops(w.steps - 1),
+        "tokens": w.global_batch * w.seq_length * w.steps,
+        "parameters": F.parameters(trainer.shape)["total"],
+        "summary": summarize(timed),
+    }

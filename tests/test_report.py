@@ -1,0 +1,346 @@
+"""`suite report` and `suite compare`: tables from result records, and the regression gate.
+
+Fast, CPU only and torch-free. Fixtures in tests/data/report/ are schema-v1 records with realistic
+values: cpu/records.jsonl (a 2-process CPU run of `tiny`, one variant re-run so the latest record
+must win), gpu.jsonl (`gpt-1b` on 8 x H100, one variant failed with an OOM) and gpu-next.jsonl (the
+next night: one variant within noise, one slower, one faster, the failed one fixed, one new).
+
+Golden files: report.md and compare.md in tests/data/report/ are the expected output, compared
+exactly. After an intended change of the output, regenerate them and review the diff:
+
+    SUITE_UPDATE_GOLDEN=1 python -m pytest tests/test_report.py
+
+Numbers asserted here are recomputed from the fixture values, not read back from the reporter.
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import difflib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from suite.errors import UserError
+from suite.report.compare import compare, parse_percent
+from suite.report.render import build_rows
+from suite.report.select import load_latest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path("tests/data/report")  # relative to ROOT: paths appear in the output, goldens must not depend on it
+CPU, GPU, GPU_NEXT = DATA / "cpu", DATA / "gpu.jsonl", DATA / "gpu-next.jsonl"
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "suite", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def check_golden(name: str, text: str) -> None:
+    path = ROOT / DATA / name
+    if os.environ.get("SUITE_UPDATE_GOLDEN") == "1":
+        path.write_text(text, encoding="utf-8")
+        return
+    expected = path.read_text(encoding="utf-8")
+    diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True), str(path), "output"))
+    assert text == expected, f"output differs from {path} (SUITE_UPDATE_GOLDEN=1 rewrites it):\n{diff}"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in (ROOT / path).read_text().splitlines() if line.strip()]
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def cells(line: str) -> list[str]:
+    """The cells of one markdown table row."""
+    return [c.strip() for c in line.strip().strip("|").split(" | ")]
+
+
+def table_line(text: str, first_cell: str) -> str:
+    return next(l for l in text.splitlines() if l.startswith(f"| {first_cell} |"))
+
+
+def ok_gpu_records() -> list[dict]:
+    return [r for r in read_jsonl(GPU) if r["status"] == "ok"]
+
+
+def by_variant(records: list[dict]) -> dict[str, dict]:
+    return {r["variant"]: r for r in records}
+
+
+def slowed(rec: dict, factor: float, spread: float | None = None) -> dict:
+    """A copy whose step times are `factor` times longer; `spread` sets p10/p90 to median*(1 -/+ spread)."""
+    rec = copy.deepcopy(rec)
+    st = rec["metrics"]["step_time_s"]
+    for key in ("median", "p10", "p90", "min", "max", "mean"):
+        st[key] *= factor
+    if spread is not None:
+        st["p10"], st["p90"] = st["median"] * (1 - spread), st["median"] * (1 + spread)
+    return rec
+
+
+def gate(tmp_path: Path, current: list[dict], baseline: list[dict], *options) -> subprocess.CompletedProcess:
+    cur = write_jsonl(tmp_path / "current.jsonl", current)
+    base = write_jsonl(tmp_path / "baseline.jsonl", baseline)
+    return run_cli("compare", cur, base, *(options or ("--max-slowdown", "5%")))
+
+
+# ---------------------------------------------------------------------------------------------- torch-free
+
+
+def test_reporter_never_imports_torch():
+    code = ("import suite.report.render, suite.report.compare, sys; "
+            "assert 'torch' not in sys.modules and 'megatron' not in sys.modules, "
+            "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron'))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def test_report_markdown_golden():
+    proc = run_cli("report", CPU, GPU)
+    assert proc.returncode == 0, proc.stderr
+    check_golden("report.md", proc.stdout)
+
+
+def test_report_output_file_equals_stdout(tmp_path):
+    out = tmp_path / "sub" / "report.md"
+    assert run_cli("report", CPU, GPU, "-o", out).returncode == 0
+    assert out.read_text(encoding="utf-8") == run_cli("report", CPU, GPU).stdout
+
+
+def test_latest_record_per_variant_wins():
+    # cpu/records.jsonl holds dp twice: 64.0 ms (2025-11-23), then the re-run at 51.2 ms.
+    rows = build_rows(load_latest([ROOT / CPU]))
+    assert [r["variant"] for r in rows] == ["dp", "tp2", "pp2"]
+    assert rows[0]["step_time_median_ms"] == pytest.approx(51.2)
+    assert rows[0]["date"] == "2025-11-24"
+
+
+def test_deltas_against_baseline_are_computed_independently():
+    recs = by_variant(read_jsonl(CPU / "records.jsonl")[1:])  # the re-run of dp, tp2, pp2
+    base, tp2 = recs["dp"]["metrics"], recs["tp2"]["metrics"]
+    rows = {r["variant"]: r for r in build_rows(load_latest([ROOT / CPU]))}
+
+    a, b = base["step_time_s"]["median"], tp2["step_time_s"]["median"]
+    assert rows["tp2"]["delta_step_time_pct"] == pytest.approx((b - a) / a * 100)
+    assert rows["tp2"]["delta_flops_per_step_pct"] == pytest.approx(0.0)
+    assert rows["tp2"]["delta_validation_loss"] == pytest.approx(tp2["validation_loss"] - base["validation_loss"])
+    assert rows["tp2"]["step_time_half_spread_ms"] == pytest.approx(
+        (tp2["step_time_s"]["p90"] - tp2["step_time_s"]["p10"]) / 2 * 1e3)
+
+    row = cells(table_line(run_cli("report", CPU).stdout, "tp2"))
+    assert row[14] == f"{(b - a) / a * 100:+.1f}%" == "+43.4%"
+    assert row[5] == f"{b * 1e3:.1f} ± {(tp2['step_time_s']['p90'] - tp2['step_time_s']['p10']) / 2 * 1e3:.1f}"
+
+
+def test_baseline_row_comes_first_and_is_marked(tmp_path):
+    records = read_jsonl(GPU)
+    moved = write_jsonl(tmp_path / "r.jsonl", records[1:] + records[:1])  # baseline record last in the file
+    lines = [l for l in run_cli("report", moved).stdout.splitlines() if l.startswith("| ")]
+    assert lines[2].startswith("| bf16 (baseline) |")
+    assert "(baseline)" not in "".join(lines[3:])
+
+
+def test_failed_variant_row_names_error_type_and_first_line():
+    out = run_cli("report", GPU).stdout
+    row = cells(table_line(out, "fp8-blockwise"))
+    assert row[:3] == ["fp8-blockwise", "tp1 pp1 dp8", "8"]
+    assert row[3].startswith("**failed: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert "Including non-PyTorch" not in out  # the message's second line stays out
+    assert len(row) == len(cells(table_line(out, "variant")))
+
+
+def test_header_machine_and_cpu_footnote():
+    out = run_cli("report", CPU, GPU).stdout
+    cpu_part, gpu_part = out.split("## gpt-1b")
+    assert "CPU · torch 2.13.0+cpu · megatron-core 0.16.1 · commit 777769f0a5c3-dirty · 2025-11-24" in cpu_part
+    assert "NVIDIA H100 80GB HBM3 × 8 · torch 2.9.1+cu128" in gpu_part
+    assert "0.60 †" in cpu_part and "host peak RSS" in cpu_part
+    assert "†" not in gpu_part  # GPU memory is device memory: no footnote
+    assert out.count("differences smaller than the step-time spread are noise") == 2
+
+
+def test_optional_columns_only_where_present():
+    out = run_cli("report", CPU, GPU).stdout
+    cpu_part, gpu_part = out.split("## gpt-1b")
+    assert "target." not in cpu_part and "extra." not in cpu_part
+    header = cells(table_line(gpu_part, "variant"))
+    for column in ("target.reached", "target.tokens", "target.walltime_s", "target.flops", "extra.fp8.recipe"):
+        assert column in header
+
+
+def test_null_metrics_render_as_na():
+    row = cells(table_line(run_cli("report", CPU).stdout, "dp (baseline)"))
+    # MFU, fraction of GEMM ceiling and energy are null on CPU.
+    assert row[8] == row[9] == row[13] == "n/a"
+
+
+def test_csv_one_row_per_variant(tmp_path):
+    out = tmp_path / "r.csv"
+    assert run_cli("report", CPU, GPU, "--format", "csv", "-o", out).returncode == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8"))))
+    assert [(r["scenario"], r["variant"]) for r in rows] == [
+        ("tiny", "dp"), ("tiny", "tp2"), ("tiny", "pp2"),
+        ("gpt-1b", "bf16"), ("gpt-1b", "bf16-tp2"), ("gpt-1b", "fp8"), ("gpt-1b", "fp8-blockwise")]
+    assert rows[5]["extra.fp8.recipe"] == "delayed" and rows[0]["extra.fp8.recipe"] == ""
+    assert rows[6]["status"] == "failed" and rows[6]["error"].startswith("failed: torch.OutOfMemoryError")
+    assert float(rows[3]["step_time_median_ms"]) == pytest.approx(412.0)
+
+
+def test_json_rows():
+    proc = run_cli("report", GPU, "--format", "json")
+    rows = by_variant(json.loads(proc.stdout))
+    recs = by_variant(read_jsonl(GPU))
+    a, b = (recs[v]["metrics"]["step_time_s"]["median"] for v in ("bf16", "fp8"))
+    assert rows["fp8"]["delta_step_time_pct"] == pytest.approx((b - a) / a * 100)
+    assert rows["fp8"]["mfu"] == recs["fp8"]["metrics"]["mfu"]
+    assert rows["fp8"]["target.reached"] is True and rows["fp8"]["extra.fp8.amax_history_len"] == 16
+    assert rows["bf16"]["baseline"] is True and rows["bf16"]["delta_step_time_pct"] == 0
+    assert rows["fp8-blockwise"]["step_time_median_ms"] is None
+
+
+def test_report_missing_path_is_a_user_error():
+    proc = run_cli("report", "tests/data/report/no-such-folder")
+    assert proc.returncode == 2
+    assert "no results at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+
+def test_compare_golden():
+    proc = run_cli("compare", GPU_NEXT, GPU, "--max-slowdown", "5%")
+    assert proc.returncode == 1, proc.stderr  # bf16-tp2 is 9.6% slower
+    check_golden("compare.md", proc.stdout)
+
+
+def test_compare_output_file(tmp_path):
+    out = tmp_path / "compare.md"
+    proc = run_cli("compare", GPU_NEXT, GPU, "-o", out)
+    assert out.read_text(encoding="utf-8") == proc.stdout
+
+
+def test_slowdown_beyond_threshold_and_noise_is_a_regression(tmp_path):
+    base = ok_gpu_records()
+    cur = [slowed(base[0], 1.10)] + base[1:]
+    proc = gate(tmp_path, cur, base)
+    assert proc.returncode == 1
+    assert "| gpt-1b/bf16 | 412.0 | 453.2 | +10.0% |" in proc.stdout and "REGRESSION: slower" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith("FAIL: 1 regression(s)")
+
+
+def test_improvement_only_passes_but_is_flagged(tmp_path):
+    base = ok_gpu_records()
+    proc = gate(tmp_path, [slowed(base[0], 0.90)] + base[1:], base)
+    assert proc.returncode == 0
+    assert "IMPROVEMENT: faster" in proc.stdout and "refresh the stored baseline" in proc.stdout
+
+
+def test_slowdown_within_noise_passes(tmp_path):
+    base = ok_gpu_records()
+    # 8% slower is over the 5% threshold, but the current run's steps spread by ±10%.
+    noisy = slowed(base[0], 1.08, spread=0.10)
+    proc = gate(tmp_path, [noisy] + base[1:], base)
+    assert proc.returncode == 0
+    assert "| +8.0% | 10.0% |" in proc.stdout and "same (within noise)" in proc.stdout
+
+
+def test_slowdown_under_threshold_passes_even_when_above_noise(tmp_path):
+    base = ok_gpu_records()
+    proc = gate(tmp_path, [slowed(base[0], 1.03, spread=0.001)] + base[1:], base)
+    assert proc.returncode == 0 and "REGRESSION" not in proc.stdout
+
+
+def test_noise_is_the_larger_relative_half_spread():
+    base = ok_gpu_records()
+    cur = [slowed(base[0], 1.0, spread=0.02)] + base[1:]
+    row = compare(by_key(cur), by_key(base), 0.05, 0.02)[0]
+    st = base[0]["metrics"]["step_time_s"]
+    base_noise = (st["p90"] - st["p10"]) / 2 / st["median"]
+    assert base_noise < 0.02
+    assert row["noise"] == pytest.approx(max(0.02, base_noise))
+
+
+def test_missing_variant_in_current_is_a_regression(tmp_path):
+    base = ok_gpu_records()
+    proc = gate(tmp_path, base[:-1], base)
+    assert proc.returncode == 1 and "REGRESSION: missing in current" in proc.stdout
+
+
+def test_new_variant_in_current_is_information(tmp_path):
+    base = ok_gpu_records()
+    proc = gate(tmp_path, base, base[:-1])
+    assert proc.returncode == 0 and "new (no baseline)" in proc.stdout
+
+
+def test_validation_loss_increase_is_a_regression(tmp_path):
+    base = ok_gpu_records()
+    worse = copy.deepcopy(base[0])
+    worse["metrics"]["validation_loss"] += 0.05
+    proc = gate(tmp_path, [worse] + base[1:], base, "--max-slowdown", "5", "--max-loss-increase", "0.02")
+    assert proc.returncode == 1
+    assert "+0.0500 (val)" in proc.stdout and "REGRESSION: val loss up" in proc.stdout
+    # Within the allowed increase it passes.
+    assert gate(tmp_path, [worse] + base[1:], base, "--max-loss-increase", "0.1").returncode == 0
+
+
+def test_final_loss_is_used_without_validation_loss(tmp_path):
+    base = ok_gpu_records()
+    for r in base:
+        r["metrics"]["validation_loss"] = None
+    worse = copy.deepcopy(base[0])
+    worse["metrics"]["final_loss"] += 0.03
+    proc = gate(tmp_path, [worse] + base[1:], base)
+    assert proc.returncode == 1 and "+0.0300 (final)" in proc.stdout
+
+
+def test_failed_current_variant_is_a_regression(tmp_path):
+    proc = gate(tmp_path, read_jsonl(GPU), read_jsonl(GPU_NEXT)[:4])
+    assert proc.returncode == 1
+    assert "REGRESSION: failed: torch.OutOfMemoryError: CUDA out of memory." in proc.stdout
+
+
+@pytest.mark.parametrize("text, fraction", [("5%", 0.05), ("5", 0.05), (" 2.5 % ", 0.025), ("0", 0.0),
+                                            ("0.5%", 0.005), ("12", 0.12)])
+def test_parse_percent(text, fraction):
+    assert parse_percent(text) == pytest.approx(fraction)
+
+
+@pytest.mark.parametrize("text", ["fast", "0.05", "-5%", "5%%", "", "5 percent"])
+def test_parse_percent_rejects(text):
+    with pytest.raises(UserError):
+        parse_percent(text)
+
+
+@pytest.mark.parametrize("value", ["0.05", "fast"])
+def test_bad_max_slowdown_exits_2_with_the_fix(value):
+    proc = run_cli("compare", GPU, GPU, "--max-slowdown", value)
+    assert proc.returncode == 2
+    assert "--max-slowdown" in proc.stderr and "Fix:" in proc.stderr and "5%" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_missing_results_path_exits_2_without_traceback(tmp_path):
+    proc = run_cli("compare", tmp_path / "nowhere", GPU)
+    assert proc.returncode == 2
+    assert "no results at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_malformed_json_line_exits_2(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((ROOT / GPU).read_text().splitlines()[0] + "\n{\"schema\": 1, \"status\": \n")
+    proc = run_cli("compare", bad, GPU)
+    assert proc.returncode == 2
+    assert "line 2 is not JSON" in proc.stderr and "Traceback" not in proc.stderr
