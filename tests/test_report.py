@@ -69,6 +69,10 @@ def table_line(text: str, first_cell: str) -> str:
     return next(l for l in text.splitlines() if l.startswith(f"| {first_cell} |"))
 
 
+def by_key(records: list[dict]) -> dict:
+    return {(r["scenario"], r["variant"]): r for r in records}
+
+
 def ok_gpu_records() -> list[dict]:
     return [r for r in read_jsonl(GPU) if r["status"] == "ok"]
 
@@ -148,16 +152,15 @@ def test_deltas_against_baseline_are_computed_independently():
 def test_baseline_row_comes_first_and_is_marked(tmp_path):
     records = read_jsonl(GPU)
     moved = write_jsonl(tmp_path / "r.jsonl", records[1:] + records[:1])  # baseline record last in the file
-    lines = [l for l in run_cli("report", moved).stdout.splitlines() if l.startswith("| ")]
-    assert lines[2].startswith("| bf16 (baseline) |")
-    assert "(baseline)" not in "".join(lines[3:])
+    names = [cells(l)[0] for l in run_cli("report", moved).stdout.splitlines() if l.startswith("| ")]
+    assert names == ["variant", "bf16 (baseline)", "bf16-tp2", "fp8", "fp8-blockwise"]
 
 
 def test_failed_variant_row_names_error_type_and_first_line():
     out = run_cli("report", GPU).stdout
     row = cells(table_line(out, "fp8-blockwise"))
     assert row[:3] == ["fp8-blockwise", "tp1 pp1 dp8", "8"]
-    assert row[3].startswith("**failed: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert row[3].startswith("**failed: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB.")
     assert "Including non-PyTorch" not in out  # the message's second line stays out
     assert len(row) == len(cells(table_line(out, "variant")))
 
@@ -170,6 +173,16 @@ def test_header_machine_and_cpu_footnote():
     assert "0.60 †" in cpu_part and "host peak RSS" in cpu_part
     assert "†" not in gpu_part  # GPU memory is device memory: no footnote
     assert out.count("differences smaller than the step-time spread are noise") == 2
+
+
+def test_launcher_failure_without_env_does_not_claim_cpu(tmp_path):
+    # A torchrun that dies before rank 0 writes leaves a launcher record with "env": null.
+    crashed = {**read_jsonl(GPU)[3], "variant": "fp8-tp4", "env": None, "tp": 4, "dp": 2,
+               "error": {"type": "ProcessExit", "message": "torchrun exited with code 1", "traceback": "",
+                         "rank": None}}
+    out = run_cli("report", write_jsonl(tmp_path / "r.jsonl", read_jsonl(GPU) + [crashed])).stdout
+    assert "\nNVIDIA H100 80GB HBM3 × 8 · torch 2.9.1+cu128 ·" in out and "CPU" not in out
+    assert cells(table_line(out, "fp8-tp4"))[3] == "**failed: ProcessExit: torchrun exited with code 1**"
 
 
 def test_optional_columns_only_where_present():
@@ -195,7 +208,7 @@ def test_csv_one_row_per_variant(tmp_path):
         ("tiny", "dp"), ("tiny", "tp2"), ("tiny", "pp2"),
         ("gpt-1b", "bf16"), ("gpt-1b", "bf16-tp2"), ("gpt-1b", "fp8"), ("gpt-1b", "fp8-blockwise")]
     assert rows[5]["extra.fp8.recipe"] == "delayed" and rows[0]["extra.fp8.recipe"] == ""
-    assert rows[6]["status"] == "failed" and rows[6]["error"].startswith("failed: torch.OutOfMemoryError")
+    assert rows[6]["status"] == "failed" and rows[6]["error"].startswith("failed: OutOfMemoryError")
     assert float(rows[3]["step_time_median_ms"]) == pytest.approx(412.0)
 
 
@@ -273,6 +286,16 @@ def test_noise_is_the_larger_relative_half_spread():
     assert row["noise"] == pytest.approx(max(0.02, base_noise))
 
 
+def test_different_machines_are_noted(tmp_path):
+    base = ok_gpu_records()
+    cur = copy.deepcopy(base)
+    for r in cur:
+        r["env"]["gpu_name"] = "NVIDIA H200"
+    proc = gate(tmp_path, cur, base)
+    assert "Note: different machines (current: NVIDIA H200 × 8; baseline: NVIDIA H100 80GB HBM3 × 8)." in proc.stdout
+    assert "Note:" not in gate(tmp_path, base, base).stdout
+
+
 def test_missing_variant_in_current_is_a_regression(tmp_path):
     base = ok_gpu_records()
     proc = gate(tmp_path, base[:-1], base)
@@ -309,7 +332,18 @@ def test_final_loss_is_used_without_validation_loss(tmp_path):
 def test_failed_current_variant_is_a_regression(tmp_path):
     proc = gate(tmp_path, read_jsonl(GPU), read_jsonl(GPU_NEXT)[:4])
     assert proc.returncode == 1
-    assert "REGRESSION: failed: torch.OutOfMemoryError: CUDA out of memory." in proc.stdout
+    assert "REGRESSION: failed: OutOfMemoryError: CUDA out of memory." in proc.stdout
+
+
+def test_failed_new_variant_is_a_regression_not_information(tmp_path):
+    base = ok_gpu_records()
+    proc = gate(tmp_path, base + [read_jsonl(GPU)[3]], base)  # fp8-blockwise: only in current, failed
+    assert proc.returncode == 1 and "new (no baseline)" not in proc.stdout
+
+
+def test_negative_max_loss_increase_exits_2():
+    proc = run_cli("compare", GPU, GPU, "--max-loss-increase", "-0.1")
+    assert proc.returncode == 2 and "--max-loss-increase" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.parametrize("text, fraction", [("5%", 0.05), ("5", 0.05), (" 2.5 % ", 0.025), ("0", 0.0),

@@ -33,6 +33,13 @@ def _count_records(out: str, v) -> int:
     return sum(1 for r in read_records(path) if r["variant"] == v.name and r["scenario"] == v.scenario)
 
 
+def _first_traceback(lines: list[str]) -> str:
+    """The child's own traceback (it comes before torchrun's summary), else the output's tail."""
+    start = next((i for i, line in enumerate(lines) if "Traceback" in line), None)
+    text = "".join(lines[start:] if start is not None else lines)
+    return text[:4000] if start is not None else text[-4000:]
+
+
 def launch_all(args) -> int:
     variants = load_scenario(args.scenario, args.overrides, args.variants)
     out = args.out or os.path.join("results", variants[0].scenario)
@@ -54,7 +61,7 @@ def launch_all(args) -> int:
         before = _count_records(out, v)
         started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
         print(f"[suite] launching variant '{v.name}' on {nproc} process(es)", flush=True)
-        tail = collections.deque(maxlen=60)
+        tail = collections.deque(maxlen=400)
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in proc.stdout:
             sys.stdout.write(line)
@@ -74,6 +81,6 @@ def launch_all(args) -> int:
                     "command": " ".join(cmd), "world_size": nproc, "tp": v.parallel.tp, "pp": v.parallel.pp,
                     "dp": nproc // (v.parallel.tp * v.parallel.pp), "env": None,
                     "error": {"type": "ProcessExit", "message": f"torchrun exited with code {rc}",
-                              "traceback": "".join(tail)[-4000:], "rank": None},
+                              "traceback": _first_traceback(list(tail)), "rank": None},
                 })
     return status

@@ -9,8 +9,8 @@ Verdicts, per pair:
 
 * REGRESSION when the median step time grew by more than ``--max-slowdown`` AND by more than the
   pair's noise; or when the loss grew by more than ``--max-loss-increase`` (absolute; validation loss
-  when both sides have one, else final training loss); or when the current variant failed; or when
-  it is missing from CURRENT.
+  when both sides have one, else final training loss); or when the current variant failed (even one
+  the baseline lacks); or when it is missing from CURRENT.
 * IMPROVEMENT, the same tests in the other direction (faster, lower loss), or a variant that failed
   in the baseline and now runs: not a failure, but a sign that the stored baseline should be refreshed.
 * same (within noise) otherwise; "new" for a variant only CURRENT has (information only).
@@ -36,11 +36,11 @@ def parse_percent(text: str, option: str = "--max-slowdown") -> float:
     """'5%' or '5' -> 0.05. Anything else, and ambiguous bare fractions like '0.05', is a UserError."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*", str(text))
     if not m:
-        raise UserError(f"{option} {text!r} is not a percentage.", key=option,
+        raise UserError(f"{option} {text!r} is not a percentage.",
                         fix=f"write a percentage such as {option} 5% (or 5).")
     value = float(m.group(1))
     if not m.group(2) and 0 < value < 1:
-        raise UserError(f"{option} {text!r} is ambiguous: a fraction, or {value}%?", key=option,
+        raise UserError(f"{option} {text!r} is ambiguous: a fraction, or {value:g}%?",
                         fix=f"write {option} {value * 100:g}% for {value * 100:g} percent, "
                             f"or {option} {value:g}% if you mean {value:g} percent.")
     return value / 100
@@ -60,10 +60,11 @@ def judge(cur: dict | None, base: dict | None, max_slowdown: float, max_loss: fl
     out = {"base_s": None, "cur_s": None, "change": None, "noise": None, "loss": None, "loss_kind": ""}
     if cur is None:
         return {**out, "kind": REGRESSION, "verdict": "REGRESSION: missing in current"}
+    if not is_ok(cur):  # also for a new variant: a crash is never information only
+        return {**out, "base_s": base and step_median_s(base), "kind": REGRESSION,
+                "verdict": f"REGRESSION: {failure(cur)}"}
     if base is None:
         return {**out, "cur_s": step_median_s(cur), "kind": NEW, "verdict": "new (no baseline)"}
-    if not is_ok(cur):
-        return {**out, "base_s": step_median_s(base), "kind": REGRESSION, "verdict": f"REGRESSION: {failure(cur)}"}
     if not is_ok(base):
         return {**out, "cur_s": step_median_s(cur), "kind": IMPROVEMENT,
                 "verdict": "IMPROVEMENT: failed in baseline, runs now"}
@@ -101,9 +102,9 @@ def compare(current: dict, baseline: dict, max_slowdown: float, max_loss: float)
 
 def machine_note(current: dict, baseline: dict) -> str | None:
     """A warning when the two sides ran on different machines: their timings don't compare."""
-    cur = dict.fromkeys(machine(r.get("env")) for r in current.values())
-    base = dict.fromkeys(machine(r.get("env")) for r in baseline.values())
-    if cur == base:
+    cur = dict.fromkeys(m for r in current.values() if (m := machine(r.get("env"))))
+    base = dict.fromkeys(m for r in baseline.values() if (m := machine(r.get("env"))))
+    if set(cur) == set(base) or not cur or not base:
         return None
     return f"Note: different machines (current: {', '.join(cur)}; baseline: {', '.join(base)})."
 
@@ -134,7 +135,7 @@ def render(rows: list[dict], note: str | None, line: str, current_path: str, bas
 def compare_command(args) -> int:
     max_slowdown = parse_percent(args.max_slowdown)
     if args.max_loss_increase < 0:
-        raise UserError(f"--max-loss-increase {args.max_loss_increase} is negative.", key="--max-loss-increase",
+        raise UserError(f"--max-loss-increase {args.max_loss_increase:g} is negative.",
                         fix="give the allowed absolute loss increase, e.g. --max-loss-increase 0.02.")
     current, baseline = load_latest([args.current]), load_latest([args.baseline])
     rows = compare(current, baseline, max_slowdown, args.max_loss_increase)

@@ -55,7 +55,7 @@ def variant_row(rec: dict, base: dict) -> dict:
         "delta_flops_per_step_pct": _scaled(relative_change(metric(rec, "flops_per_step"),
                                                             metric(base, "flops_per_step")), 100),
         "delta_validation_loss": None if val is None or base_val is None else round(val - base_val, 6),
-        "machine": machine(env), "torch": env.get("torch"), "megatron_core": env.get("megatron_core"),
+        "machine": machine(rec.get("env")), "torch": env.get("torch"), "megatron_core": env.get("megatron_core"),
         "git_commit": env.get("git_commit"), "date": (rec.get("finished_at") or rec.get("started_at") or "")[:10],
     }
     row.update(flatten("target", metric(rec, "target") or {}))

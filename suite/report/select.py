@@ -72,9 +72,11 @@ def failure(rec: dict) -> str:
     return f"failed: {error.get('type', 'unknown error')}" + (f": {message[0]}" if message else "")
 
 
-def machine(env: dict | None) -> str:
-    """'<GPU name> × <count>', or 'CPU' when the record ran without a GPU."""
-    env = env or {}
+def machine(env: dict | None) -> str | None:
+    """'<GPU name> × <count>', 'CPU' when the record ran without a GPU, None when it has no env
+    (the launcher's record of a crashed torchrun)."""
+    if env is None:
+        return None
     if not env.get("gpu_name") or not env.get("gpu_count"):
         return "CPU"
     return f"{env['gpu_name']} × {env['gpu_count']}"
