@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from suite.errors import UserError
+
+DEFAULT_SCENARIO = str(Path(__file__).parent / "defaults" / "tiny.toml")
 
 
 def _add_scenario_args(p: argparse.ArgumentParser) -> None:
@@ -25,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Under torchrun: one SPMD program runs every variant that fits the "
                          "launched world size. Without torchrun: starts torchrun once per variant with "
                          "the process count that variant needs.")
-    run.add_argument("scenario")
+    run.add_argument("scenario", nargs="?", default=DEFAULT_SCENARIO,
+                     help="scenario file (default: the embedded tiny CPU scenario)")
     _add_scenario_args(run)
     run.add_argument("--out", default=None, help="results folder (default: results/<scenario name>)")
     run.add_argument("--resume", action="store_true", help="skip variants already recorded as ok")

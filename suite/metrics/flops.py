@@ -84,9 +84,11 @@ def memory_estimate_bytes(spec) -> dict:
 
     Weights + gradients + Adam state per parameter: bf16 with fp32 master weights, fp32 grads and
     Adam moments = 2 + 4 + 4 + 8 = 18 bytes; fp32 = 4 + 4 + 8 = 16. Activations per layer and
-    micro-batch follow Korthikanti et al. (2022): s·b·h·(34 + 5·a·s/h) bytes at 16-bit, divided by tp,
-    doubled for fp32, ×(pp in flight) micro-batches on the first stage; full recompute keeps only
-    layer inputs (2·s·b·h). An estimate to plan with, not a measurement.
+    micro-batch follow Korthikanti et al. (2022), s·b·h·34 bytes at 16-bit divided by tp, without
+    their 5·a·s²·b term because the fused SDPA kernel keeps no score matrix; doubled for fp32,
+    ×(pp in flight) micro-batches on the first stage; full recompute keeps only layer inputs
+    (2·s·b·h). fp32 logits (×3: logits, softmax, grad) count only when the first stage is also the
+    last. An estimate to plan with, not a measurement.
     """
     s, p, w = Shape.of(spec.model), spec.parallel, spec.workload
     params = parameters(s)
@@ -97,12 +99,12 @@ def memory_estimate_bytes(spec) -> dict:
     if p.recompute == "full":
         act_layer = 2 * sbh
     else:
-        act_layer = sbh * (34 + 5 * s.heads * w.seq_length / s.hidden) / p.tp
+        act_layer = sbh * 34 / p.tp
     if w.precision == "fp32":
         act_layer *= 2
     in_flight = min(p.pp, w.global_batch // w.micro_batch)
     activations = act_layer * per_stage_layers * in_flight
-    logits = w.micro_batch * w.seq_length * s.vocab / p.tp * 4 * (3 if p.pp == 1 else 0)
+    logits = 3 * 4 * w.micro_batch * w.seq_length * s.vocab / p.tp if p.pp == 1 else 0
     total = state + activations + logits
     return {"weights_and_optimizer": int(state), "activations": int(activations),
             "logits": int(logits), "total": int(total), "parameters_per_gpu": int(params_gpu),

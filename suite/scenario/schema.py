@@ -70,7 +70,7 @@ class WorkloadConfig:
     seed: int = doc("Seed for weights and data order; same seed, same function at any parallelism.", 1234)
     log_interval: int = doc("Print a progress line every N steps (rank 0).", 10)
     eval_interval: int = doc("Validation loss every N steps (0: only at the end).", 0)
-    eval_batches: int = doc("Micro-batches of held-out data per validation.", 4)
+    eval_batches: int = doc("Global batches of held-out windows per validation (same at any layout).", 4)
     timeout_s: int = doc("Collective timeout; a hung rank fails the variant after this long.", 600)
 
 

@@ -150,8 +150,8 @@ class Trainer:
         w = self.spec.workload
         for m in self.model:
             m.eval()
-        per_batch = self.dp * w.micro_batch
-        losses = [self._run(self.data.valid_batch(i, per_batch), forward_only=True)
+        # whole global batches, so every layout sees the same held-out windows
+        losses = [self._run(self.data.valid_batch(i, w.global_batch), forward_only=True)
                   for i in range(w.eval_batches)]
         return float(torch.stack(losses).mean())
 
