@@ -218,7 +218,7 @@ def _assemble_metrics(r: dict, v, ctx) -> dict:
     losses = r["loss_values"]
     tail = losses[-min(5, len(losses)):]
     return {
-        "parameters": r["parameters"], "steps": w.steps, "timed_steps": len(r["times"]),
+        "parameters": r["parameters"], "steps": r["steps"], "timed_steps": len(r["times"]),
         "tokens": r["tokens"], "step_time_s": summary,
         "tokens_per_s": w.global_batch * w.seq_length / median,
         "flops_per_step": r["flops_per_step"], "flops_total": r["flops_total"],
@@ -231,5 +231,5 @@ def _assemble_metrics(r: dict, v, ctx) -> dict:
         "final_loss": sum(tail) / len(tail),
         "validation_loss": r["validation"], "validation_curve": r["validation_curve"],
         "energy_j": energy, "avg_power_w": energy / timed_s if energy is not None and timed_s else None,
-        "extra": r.get("extra", {}),
+        "target": r["target"], "extra": r["extra"],
     }

@@ -71,6 +71,8 @@ class WorkloadConfig:
     log_interval: int = doc("Print a progress line every N steps (rank 0).", 10)
     eval_interval: int = doc("Validation loss every N steps (0: only at the end).", 0)
     eval_batches: int = doc("Global batches of held-out windows per validation (same at any layout).", 4)
+    target_loss: float | None = doc("Stop at the first validation at or below this loss and record the "
+                                    "time, tokens and FLOPs it took (needs eval_interval).")
     timeout_s: int = doc("Collective timeout; a hung rank fails the variant after this long.", 600)
 
 

@@ -76,6 +76,7 @@ def check_variant(spec) -> None:
               f"{w.micro_batch}.", f"use a global_batch that is a multiple of {w.micro_batch}.")
     if p.dp is not None:
         check_batch(spec, p.dp)
+    check_target(spec)
     for key in ("warmup_steps", "lr_warmup_steps", "eval_interval", "weight_decay", "clip_grad"):
         if getattr(w, key) < 0:
             _fail(spec, f"workload.{key}", f"{key} cannot be negative, got {getattr(w, key)}.",
@@ -105,6 +106,16 @@ def check_variant(spec) -> None:
     if d.source == "text" and d.tokenizer == "byte" and m.vocab_size < 256:
         _fail(spec, "model.vocab_size", f"the byte tokenizer needs vocab_size >= 256, got {m.vocab_size}.",
               "set vocab_size = 256 or more.")
+
+
+def check_target(spec) -> None:
+    w = spec.workload
+    if w.target_loss is not None and w.eval_interval < 1:
+        _fail(spec, "workload.target_loss", "a target loss is checked at validations, and eval_interval is 0.",
+              "set eval_interval to a number of steps, e.g. 50.")
+    if w.target_loss is not None and not spec.eval.validation:
+        _fail(spec, "workload.target_loss", "a target loss needs validation, and eval.validation is false.",
+              "set [eval] validation = true.")
 
 
 def check_batch(spec, dp: int) -> None:

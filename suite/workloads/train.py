@@ -26,6 +26,7 @@ from suite.metrics import flops as F
 from suite.metrics.energy import EnergyMeter
 from suite.metrics.stats import summarize
 from suite.models import gpt
+from suite.tricks.registry import TRICKS
 
 
 @dataclass
@@ -60,8 +61,10 @@ class StepClock:
         return list(self._host)
 
 
-def _forward_step(data_iterator, model, cuda: bool):
-    batch = next(data_iterator)
+def _forward_step(data_iterator, model, cuda: bool, tricks):
+    sample_offset, batch = next(data_iterator)
+    for t in tricks:
+        t.begin_microbatch(sample_offset)
     if cuda:
         batch = batch.cuda(non_blocking=True)
     tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
@@ -86,7 +89,12 @@ class Trainer:
         self.dp = ps.get_data_parallel_world_size()
         self.num_micro = w.global_batch // (w.micro_batch * self.dp)
         self.config = gpt.transformer_config(spec)
-        chunks = gpt.build_chunks(spec, self.config)
+        self.tricks = [TRICKS[name].runtime(spec, cfg) for name, cfg in spec.tricks.items()
+                       if TRICKS[name].runtime]
+        layer = gpt.layer_spec()
+        for t in self.tricks:
+            layer = t.layer_spec(layer)
+        chunks = gpt.build_chunks(spec, self.config, layer)
         gpt.init_parameters(chunks, w.seed, spec.model.init_std, spec.model.num_layers)
         self.model = gpt.wrap_for_training(chunks, self.config, overlap=self.cuda and self.dp > 1)
         # Hooks megatron's schedules call: DP grad sync and the final gradient all-reduces.
@@ -102,17 +110,25 @@ class Trainer:
             adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=w.clip_grad, bf16=bf16,
             params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=False)
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
+        # The LR schedule runs in steps, or in the units a technique consumes per step (layer-tokens).
+        units = next((u for u in (t.lr_units() for t in self.tricks) if u), None)
+        self.units_per_step, self.lr_increment = units or (1, lambda step: 1)
         self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=w.lr, min_lr=w.min_lr, lr_warmup_steps=w.lr_warmup_steps,
-            lr_decay_steps=max(w.steps, w.lr_warmup_steps + 1), lr_decay_style=w.lr_schedule,
-            start_wd=w.weight_decay, end_wd=w.weight_decay, wd_incr_steps=w.steps, wd_incr_style="constant")
+            self.optimizer, init_lr=0.0, max_lr=w.lr, min_lr=w.min_lr,
+            lr_warmup_steps=w.lr_warmup_steps * self.units_per_step,
+            lr_decay_steps=max(w.steps, w.lr_warmup_steps + 1) * self.units_per_step,
+            lr_decay_style=w.lr_schedule, start_wd=w.weight_decay, end_wd=w.weight_decay,
+            wd_incr_steps=w.steps, wd_incr_style="constant")
         self.data = TokenSource(spec)
         self.fb = get_forward_backward_func()
         self.shape = F.Shape.of(spec.model)
 
     def _micro_batches(self, batch: torch.Tensor):
-        mine = batch.chunk(self.dp)[ps.get_data_parallel_rank()]
-        micro = list(mine.split(self.spec.workload.micro_batch))
+        """(index of the first sample in the global batch, micro-batch) for this DP rank."""
+        mb, rank = self.spec.workload.micro_batch, ps.get_data_parallel_rank()
+        per_rank = len(batch) // self.dp
+        mine = batch[rank * per_rank:(rank + 1) * per_rank]
+        micro = [(rank * per_rank + i * mb, mine[i * mb:(i + 1) * mb]) for i in range(per_rank // mb)]
         if len(self.model) == 1:
             return iter(micro)
         return [iter(micro) for _ in self.model]  # interleaved schedule: one iterator per chunk
@@ -120,7 +136,7 @@ class Trainer:
     def _run(self, batch: torch.Tensor, forward_only: bool) -> torch.Tensor:
         """Mean loss over the batch as a device tensor, identical on every rank."""
         w = self.spec.workload
-        losses = self.fb(forward_step_func=partial(_forward_step, cuda=self.cuda),
+        losses = self.fb(forward_step_func=partial(_forward_step, cuda=self.cuda, tricks=self.tricks),
                          data_iterator=self._micro_batches(batch), model=self.model,
                          num_microbatches=len(batch) // self.dp // w.micro_batch,
                          seq_length=w.seq_length, micro_batch_size=w.micro_batch,
@@ -140,9 +156,11 @@ class Trainer:
         self.optimizer.zero_grad()
         for m in self.model:
             m.train()
+        for t in self.tricks:
+            t.begin_step(step)
         loss = self._run(self.data.train_batch(step, w.global_batch), forward_only=False)
         self.optimizer.step()
-        self.scheduler.step(1)
+        self.scheduler.step(self.lr_increment(step))
         return loss
 
     @torch.no_grad()
@@ -157,18 +175,32 @@ class Trainer:
 
     def step_flops(self, step: int) -> int:
         w = self.spec.workload
+        for t in self.tricks:
+            f = t.step_flops(step)
+            if f is not None:
+                return f
         return F.train_step_flops(self.shape, w.global_batch, w.seq_length)
+
+    def current_lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
 
 
 def run(spec, ctx, fault=lambda step: None) -> dict:
-    """Train one variant on this rank; returns raw measurements (spmd assembles the record)."""
+    """Train one variant on this rank; returns raw measurements (spmd assembles the record).
+
+    With ``workload.target_loss`` the variant stops at the first validation (every
+    ``eval_interval`` steps) whose loss is at or below the target, MLPerf style: the record's
+    ``target`` block holds the steps, tokens, FLOPs and training walltime it took (walltime sums
+    the step times, warm-up included, and excludes the validation passes themselves).
+    """
     w = spec.workload
     trainer = Trainer(spec, ctx)
     clock = StepClock(trainer.cuda)
     energy = EnergyMeter(ctx.local_rank if trainer.cuda else None)
     if trainer.cuda:
         torch.cuda.reset_peak_memory_stats()
-    losses, validation_curve, flops_total = [], [], 0
+    losses, validation_curve, flops_total, target = [], [], 0, None
+    steps_run = 0
     for step in range(w.steps):
         if step == w.warmup_steps:
             energy.start()
@@ -176,25 +208,42 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         clock.start()
         losses.append(trainer.train_step(step))
         clock.stop()
+        steps_run = step + 1
         flops_total += trainer.step_flops(step)
-        if (step + 1) % w.log_interval == 0 or step + 1 == w.steps:
+        if steps_run % w.log_interval == 0 or steps_run == w.steps:
             recent = clock.seconds()[-1]
-            ctx.log(f"step {step + 1}/{w.steps} loss {float(losses[-1]):.4f} step {recent * 1000:.1f} ms "
-                    f"{w.global_batch * w.seq_length / recent:,.0f} tok/s")
-        if w.eval_interval and (step + 1) % w.eval_interval == 0 and step + 1 < w.steps:
-            validation_curve.append([step + 1, trainer.validation_loss()])
+            ctx.log(f"step {steps_run}/{w.steps} loss {float(losses[-1]):.4f} lr {trainer.current_lr():.2e} "
+                    f"step {recent * 1000:.1f} ms {w.global_batch * w.seq_length / recent:,.0f} tok/s")
+        if w.eval_interval and steps_run % w.eval_interval == 0 and steps_run < w.steps:
+            validation_curve.append([steps_run, trainer.validation_loss()])
+            ctx.log(f"step {steps_run}: validation loss {validation_curve[-1][1]:.4f}")
+            if w.target_loss is not None and validation_curve[-1][1] <= w.target_loss:
+                target = _target_block(w, True, steps_run, flops_total, clock)
+                ctx.log(f"target loss {w.target_loss} reached at step {steps_run}")
+                break
     times = clock.seconds()
     joules = energy.stop_joules()
     timed = times[w.warmup_steps:]
-    loss_values = [float(x) for x in losses]
     validation = trainer.validation_loss() if spec.eval.validation else None
-    if validation is not None:
-        validation_curve.append([w.steps, validation])
+    if validation is not None and (not validation_curve or validation_curve[-1][0] != steps_run):
+        validation_curve.append([steps_run, validation])
+    if w.target_loss is not None and target is None:
+        reached = validation is not None and validation <= w.target_loss
+        target = _target_block(w, reached, steps_run, flops_total, clock)
+    extra = {}
+    for name, t in zip(spec.tricks, trainer.tricks):
+        extra[name] = t.extra()
     return {
-        "times": timed, "loss_values": loss_values, "validation": validation,
+        "times": timed, "loss_values": [float(x) for x in losses], "validation": validation,
         "validation_curve": validation_curve, "energy_j": joules, "flops_total": flops_total,
-        "flops_per_step": trainer.step_flops(w.steps - 1),
-        "tokens": w.global_batch * w.seq_length * w.steps,
+        "flops_per_step": trainer.step_flops(steps_run - 1), "steps": steps_run,
+        "tokens": w.global_batch * w.seq_length * steps_run,
         "parameters": F.parameters(trainer.shape)["total"],
-        "summary": summarize(timed),
+        "summary": summarize(timed), "target": target, "extra": extra,
     }
+
+
+def _target_block(w, reached: bool, steps: int, flops: int, clock: StepClock) -> dict:
+    return {"target_loss": w.target_loss, "reached": reached, "steps": steps,
+            "tokens": steps * w.global_batch * w.seq_length, "flops": flops,
+            "walltime_s": sum(clock.seconds())}

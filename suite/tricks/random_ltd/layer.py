@@ -1,0 +1,107 @@
+"""Random-LTD on megatron-core: a TransformerLayer that runs on a random subset of tokens.
+
+Plugged in through the layer spec (the spec's module becomes ``RandomLTDLayer``); layers outside
+the dropping set, evaluation (``model.eval()``) and a kept length equal to the sequence run the
+unmodified megatron-core layer.
+
+Indices are drawn on the CPU from a generator seeded by (seed, step, layer, first global sample of
+the micro-batch), so every rank of a TP group draws the same indices, and the same sample draws the
+same indices at any TP/PP/DP layout.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from suite.metrics import flops as F
+from suite.tricks.random_ltd import dropping_layers, kept_length, layer_tokens, step_flops
+from suite.tricks.registry import TrickRuntime
+
+
+@dataclass
+class DropState:
+    """What the dropping layers need to know about the current step (set by the runtime)."""
+
+    seed: int
+    layers: set[int]
+    step: int = 0
+    kept: int = 0
+    sample_offset: int = 0
+    history: list = field(default_factory=list)
+
+
+def kept_indices(state: DropState, layer_id: int, batch: int, seq: int) -> torch.Tensor:
+    """[batch, kept] sorted positions; uniform without replacement, independent per sample/layer."""
+    gen = torch.Generator().manual_seed(
+        ((state.seed * 1_000_003 + state.step) * 1_009 + layer_id) * 100_003 + state.sample_offset)
+    scores = torch.rand(batch, seq, generator=gen)
+    return scores.argsort(dim=1)[:, :state.kept].sort(dim=1).values
+
+
+def gather_tokens(hidden: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [s, b, h], idx [b, r] -> (kept [r, b, h], the [r, b, h] index used to scatter back)."""
+    index = idx.t().unsqueeze(-1).expand(-1, -1, hidden.shape[-1]).to(hidden.device)
+    return hidden.gather(0, index), index
+
+
+class RandomLTDLayer(TransformerLayer):
+    def __init__(self, *args, drop_state: DropState | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.drop_state = drop_state
+
+    def forward(self, hidden_states, **kwargs):
+        state, layer_id = self.drop_state, self.layer_number - 1
+        seq, batch = hidden_states.shape[0], hidden_states.shape[1]
+        if (not self.training or state is None or layer_id not in state.layers or state.kept >= seq):
+            return super().forward(hidden_states=hidden_states, **kwargs)
+        if kwargs.get("attention_mask") is not None:
+            raise ValueError("random-LTD expects the implicit causal mask (attention_mask=None)")
+        idx = kept_indices(state, layer_id, batch, seq)
+        kept, index = gather_tokens(hidden_states, idx)
+        rope = kwargs.get("rotary_pos_emb")
+        if rope is not None:  # [s, 1, 1, d] -> the kept tokens' original positions, [r, b, 1, d]
+            kwargs["rotary_pos_emb"] = rope[:, 0][idx.t().to(rope.device)]
+        # sorted indices: the causal mask among kept tokens is the r x r top-left block (is_causal)
+        out, context = super().forward(hidden_states=kept, **kwargs)
+        return hidden_states.scatter(0, index, out), context
+
+
+class RandomLTDRuntime(TrickRuntime):
+    def __init__(self, spec, cfg):
+        self.cfg = cfg
+        self.L, self.S = spec.model.num_layers, spec.workload.seq_length
+        self.B = spec.workload.global_batch
+        self.shape = F.Shape.of(spec.model)
+        self.state = DropState(seed=spec.workload.seed, layers=set(dropping_layers(cfg, self.L)))
+        self.consumed_layer_tokens = 0
+
+    def layer_spec(self, spec):
+        spec = copy.copy(spec)
+        spec.module = RandomLTDLayer
+        spec.params = {**(spec.params or {}), "drop_state": self.state}
+        return spec
+
+    def begin_step(self, step: int) -> None:
+        self.state.step = step
+        self.state.kept = kept_length(self.cfg, step, self.S)
+        if not self.state.history or self.state.history[-1][1] != self.state.kept:
+            self.state.history.append([step, self.state.kept])
+        self.consumed_layer_tokens += layer_tokens(self.cfg, step, self.B, self.S, self.L)
+
+    def begin_microbatch(self, sample_offset: int) -> None:
+        self.state.sample_offset = sample_offset
+
+    def step_flops(self, step: int) -> int:
+        return step_flops(self.cfg, self.shape, step, self.B, self.S)
+
+    def lr_units(self):
+        if not self.cfg.layer_token_lr:
+            return None
+        return self.B * self.S, lambda step: layer_tokens(self.cfg, step, self.B, self.S, self.L) / self.L
+
+    def extra(self) -> dict:
+        return {"kept_length_schedule": self.state.history, "layer_tokens": self.consumed_layer_tokens,
+                "dropping_layers": sorted(self.state.layers)}
