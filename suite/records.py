@@ -28,7 +28,8 @@ Schema version 1 (``"schema": 1``). Keys (``null`` where a value could not be me
         loss_curve                [[step, loss], ...] training loss (mean over the global batch)
         final_loss                mean training loss of the last min(5, steps) steps
         validation_loss           held-out loss at the end (null if eval.validation is false)
-        validation_curve          [[step, loss], ...]
+        validation_curve          [[step, loss, training walltime so far (s), FLOPs so far], ...]
+        walltime_s                sum of all step times (warm-up included, validation excluded)
         energy_j, avg_power_w     NVML energy over the timed steps, summed over GPUs (null without NVML)
         target                    time-to-quality block when workload.target_loss is set (tricks)
         extra                     technique-specific measurements, keyed by technique name

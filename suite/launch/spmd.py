@@ -219,7 +219,7 @@ def _assemble_metrics(r: dict, v, ctx) -> dict:
     tail = losses[-min(5, len(losses)):]
     return {
         "parameters": r["parameters"], "steps": r["steps"], "timed_steps": len(r["times"]),
-        "tokens": r["tokens"], "step_time_s": summary,
+        "tokens": r["tokens"], "step_time_s": summary, "walltime_s": r["walltime_s"],
         "tokens_per_s": w.global_batch * w.seq_length / median,
         "flops_per_step": r["flops_per_step"], "flops_total": r["flops_total"],
         "tflops_per_gpu": tflops,

@@ -11,6 +11,7 @@ import io
 import json
 
 from suite.report import fmt
+from suite.report.quality import quality_section
 from suite.report.select import (baseline_of, by_scenario, failure, is_ok, load_latest, machine, metric,
                                  relative_change, step_half_spread_s, step_median_s)
 
@@ -48,12 +49,16 @@ def variant_row(rec: dict, base: dict) -> dict:
         "step_time_median_ms": _scaled(median, 1e3),
         "step_time_half_spread_ms": _scaled(step_half_spread_s(rec), 1e3),
         "tokens_per_s": metric(rec, "tokens_per_s"), "tflops_per_gpu": metric(rec, "tflops_per_gpu"),
+        "flops_total": metric(rec, "flops_total"), "walltime_s": metric(rec, "walltime_s"),
         "mfu": metric(rec, "mfu"), "fraction_of_gemm_ceiling": metric(rec, "fraction_of_gemm_ceiling"),
         "peak_memory_bytes": metric(rec, "peak_memory_bytes"), "memory_kind": metric(rec, "memory_kind"),
         "final_loss": metric(rec, "final_loss"), "validation_loss": val, "energy_j": metric(rec, "energy_j"),
         "delta_step_time_pct": _scaled(relative_change(median, step_median_s(base)), 100),
         "delta_flops_per_step_pct": _scaled(relative_change(metric(rec, "flops_per_step"),
                                                             metric(base, "flops_per_step")), 100),
+        "delta_flops_total_pct": _scaled(relative_change(metric(rec, "flops_total"),
+                                                         metric(base, "flops_total")), 100),
+        "delta_walltime_pct": _scaled(relative_change(metric(rec, "walltime_s"), metric(base, "walltime_s")), 100),
         "delta_validation_loss": None if val is None or base_val is None else round(val - base_val, 6),
         "machine": machine(rec.get("env")), "torch": env.get("torch"), "megatron_core": env.get("megatron_core"),
         "git_commit": env.get("git_commit"), "date": (rec.get("finished_at") or rec.get("started_at") or "")[:10],
@@ -107,6 +112,8 @@ COLUMNS = [
     ("energy (kJ)", lambda r: fmt.fixed(r["energy_j"], 1, 1e-3)),
     ("Δ step time", _delta("delta_step_time_pct", lambda v: fmt.fixed(v, 1, signed=True, unit="%"))),
     ("Δ FLOPs/step", _delta("delta_flops_per_step_pct", lambda v: fmt.fixed(v, 1, signed=True, unit="%"))),
+    ("Δ FLOPs (run)", _delta("delta_flops_total_pct", lambda v: fmt.fixed(v, 1, signed=True, unit="%"))),
+    ("Δ walltime (run)", _delta("delta_walltime_pct", lambda v: fmt.fixed(v, 1, signed=True, unit="%"))),
     ("Δ val loss", _delta("delta_validation_loss", lambda v: fmt.fixed(v, 4, signed=True))),
 ]
 FIXED_CELLS_OF_FAILED = 3  # variant, parallelism, GPUs: known from the record even when it failed
@@ -147,19 +154,20 @@ def _header(rows: list[dict]) -> str:
             f"commit {_distinct(rows, 'git_commit', _short_commit)} · {when}")
 
 
-def _section(scenario: str, rows: list[dict]) -> list[str]:
+def _section(scenario: str, rows: list[dict], records: list[dict]) -> list[str]:
     """Heading, header line, table and notes of one scenario."""
     optional = _optional_columns(rows)
     headers = [h for h, _ in COLUMNS] + optional
     table = fmt.table(headers, [_cells(r, optional) for r in rows], "ll" + "r" * (len(headers) - 2))
     notes = [NOISE_NOTE] + ([RSS_NOTE] if any(r["memory_kind"] == "cpu_max_rss" for r in rows) else [])
-    return [f"## {scenario}", _header(rows), table, "\n".join(notes)]
+    return [f"## {scenario}", _header(rows), table, "\n".join(notes)] + quality_section(records)
 
 
-def markdown(rows: list[dict], sources) -> str:
+def markdown(latest: dict, sources) -> str:
     parts = ["# Benchmark report", f"Records: {', '.join(map(str, sources))}"]
-    for scenario in dict.fromkeys(r["scenario"] for r in rows):
-        parts += _section(scenario, [r for r in rows if r["scenario"] == scenario])
+    for scenario, records in by_scenario(latest).items():
+        base = baseline_of(records)
+        parts += _section(scenario, [variant_row(r, base) for r in records], records)
     return "\n\n".join(parts) + "\n"
 
 
@@ -177,12 +185,12 @@ def to_json(rows: list[dict]) -> str:
 
 
 def report_command(args) -> int:
-    rows = build_rows(load_latest(args.results))
+    latest = load_latest(args.results)
     if args.format == "csv":
-        text = to_csv(rows)
+        text = to_csv(build_rows(latest))
     elif args.format == "json":
-        text = to_json(rows)
+        text = to_json(build_rows(latest))
     else:
-        text = markdown(rows, args.results)
+        text = markdown(latest, args.results)
     fmt.emit(text, args.output)
     return 0

@@ -215,7 +215,7 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
             ctx.log(f"step {steps_run}/{w.steps} loss {float(losses[-1]):.4f} lr {trainer.current_lr():.2e} "
                     f"step {recent * 1000:.1f} ms {w.global_batch * w.seq_length / recent:,.0f} tok/s")
         if w.eval_interval and steps_run % w.eval_interval == 0 and steps_run < w.steps:
-            validation_curve.append([steps_run, trainer.validation_loss()])
+            validation_curve.append([steps_run, trainer.validation_loss(), sum(clock.seconds()), flops_total])
             ctx.log(f"step {steps_run}: validation loss {validation_curve[-1][1]:.4f}")
             if w.target_loss is not None and validation_curve[-1][1] <= w.target_loss:
                 target = _target_block(w, True, steps_run, flops_total, clock)
@@ -226,7 +226,7 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
     timed = times[w.warmup_steps:]
     validation = trainer.validation_loss() if spec.eval.validation else None
     if validation is not None and (not validation_curve or validation_curve[-1][0] != steps_run):
-        validation_curve.append([steps_run, validation])
+        validation_curve.append([steps_run, validation, sum(times), flops_total])
     if w.target_loss is not None and target is None:
         reached = validation is not None and validation <= w.target_loss
         target = _target_block(w, reached, steps_run, flops_total, clock)
@@ -239,7 +239,7 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         "flops_per_step": trainer.step_flops(steps_run - 1), "steps": steps_run,
         "tokens": w.global_batch * w.seq_length * steps_run,
         "parameters": F.parameters(trainer.shape)["total"],
-        "summary": summarize(timed), "target": target, "extra": extra,
+        "summary": summarize(timed), "walltime_s": sum(times), "target": target, "extra": extra,
     }
 
 
