@@ -6,5 +6,4 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 export PYTHONPATH=/tmp/site:$PWD
 export OUT=${OUT:-/tmp/out}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-git rev-parse HEAD 2>/dev/null | tee "$OUT/commit.txt"
 quiet() { grep --line-buffered -v -E "^W[0-9]{4}|UserWarning|warnings.warn|^\*{5}|OMP_NUM_THREADS" ; }

@@ -1,6 +1,7 @@
 """Environment fingerprint stored with every record: what ran, where, with which software."""
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import subprocess
@@ -9,6 +10,10 @@ from pathlib import Path
 
 
 def git_commit() -> str | None:
+    """HEAD of the source tree (with -dirty for uncommitted changes); SUITE_GIT_COMMIT overrides it
+    where the tree was copied without its .git (e.g. onto a GPU machine)."""
+    if os.environ.get("SUITE_GIT_COMMIT"):
+        return os.environ["SUITE_GIT_COMMIT"]
     root = Path(__file__).resolve().parents[2]
     try:
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
