@@ -4,9 +4,9 @@ Plugged in through the layer spec (the spec's module becomes ``RandomLTDLayer``)
 the dropping set, evaluation (``model.eval()``) and a kept length equal to the sequence run the
 unmodified megatron-core layer.
 
-Indices are drawn on the CPU from a generator seeded by (seed, step, layer, first global sample of
-the micro-batch), so every rank of a TP group draws the same indices, and the same sample draws the
-same indices at any TP/PP/DP layout.
+Indices are drawn on the activations' device (no host sync) from a generator seeded by (seed, step,
+layer, first global sample of the micro-batch), so every rank of a TP group draws the same indices,
+and the same sample draws the same indices at any TP/PP/DP layout on the same kind of device.
 """
 from __future__ import annotations
 
@@ -33,17 +33,19 @@ class DropState:
     history: list = field(default_factory=list)
 
 
-def kept_indices(state: DropState, layer_id: int, batch: int, seq: int) -> torch.Tensor:
+def kept_indices(state: DropState, layer_id: int, batch: int, seq: int, device="cpu") -> torch.Tensor:
     """[batch, kept] sorted positions; uniform without replacement, independent per sample/layer."""
-    gen = torch.Generator().manual_seed(
+    gen = torch.Generator(device=device).manual_seed(
         ((state.seed * 1_000_003 + state.step) * 1_009 + layer_id) * 100_003 + state.sample_offset)
-    scores = torch.rand(batch, seq, generator=gen)
+    scores = torch.rand(batch, seq, generator=gen, device=device)
     return scores.argsort(dim=1)[:, :state.kept].sort(dim=1).values
 
 
 def gather_tokens(hidden: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [s, b, h], idx [b, r] -> (kept [r, b, h], the [r, b, h] index used to scatter back)."""
-    index = idx.t().unsqueeze(-1).expand(-1, -1, hidden.shape[-1]).to(hidden.device)
+    """hidden [s, b, h], idx [b, r] -> (kept [r, b, h], the [r, b, h] index used to scatter back).
+
+    The index is expanded on the device: expanding first and copying would move r·b·h int64s."""
+    index = idx.to(hidden.device).t().unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
     return hidden.gather(0, index), index
 
 
@@ -59,11 +61,11 @@ class RandomLTDLayer(TransformerLayer):
             return super().forward(hidden_states=hidden_states, **kwargs)
         if kwargs.get("attention_mask") is not None:
             raise ValueError("random-LTD expects the implicit causal mask (attention_mask=None)")
-        idx = kept_indices(state, layer_id, batch, seq)
+        idx = kept_indices(state, layer_id, batch, seq, hidden_states.device)
         kept, index = gather_tokens(hidden_states, idx)
         rope = kwargs.get("rotary_pos_emb")
         if rope is not None:  # [s, 1, 1, d] -> the kept tokens' original positions, [r, b, 1, d]
-            kwargs["rotary_pos_emb"] = rope[:, 0][idx.t().to(rope.device)]
+            kwargs["rotary_pos_emb"] = rope[:, 0][idx.t()]
         # sorted indices: the causal mask among kept tokens is the r x r top-left block (is_causal)
         out, context = super().forward(hidden_states=kept, **kwargs)
         return hidden_states.scatter(0, index, out), context
