@@ -369,7 +369,8 @@ def check_layer_against_references(tmp):
         # ORIGINAL positions (causal among kept tokens), scatter into a copy of the input
         kept_h = torch.stack([h[idx[i], i] for i in range(b)], dim=1)  # [r, b, hidden]
         rope_kept = torch.stack([rope_full[idx[i], 0] for i in range(b)], dim=1)  # [r, b, 1, d]
-        kept_out, _ = TransformerLayer.forward(layer, hidden_states=kept_h, **{**kw, "rotary_pos_emb": rope_kept})
+        kept_out, _ = TransformerLayer.forward(layer, hidden_states=kept_h,
+                                               **{**kw, "rotary_pos_emb": rope_kept})
         ref_a = h.clone()
         for i in range(b):
             ref_a[idx[i], i] = kept_out[:, i]
@@ -380,7 +381,8 @@ def check_layer_against_references(tmp):
         pos = torch.arange(s)
         allowed = keep[:, None, :] & (pos[None, None, :] <= pos[None, :, None])  # [b, s(query), s(key)]
         allowed |= torch.eye(s, dtype=torch.bool)[None]
-        full_out, _ = TransformerLayer.forward(layer, hidden_states=h, **{**kw, "attention_mask": ~allowed[:, None]})
+        full_out, _ = TransformerLayer.forward(layer, hidden_states=h,
+                                               **{**kw, "attention_mask": ~allowed[:, None]})
         ref_b = torch.where(keep.t()[:, :, None], full_out, h)
 
         # (c) the naive bug: RoPE at positions 0..r-1 instead of the kept tokens' positions
@@ -421,7 +423,8 @@ def check_layer_against_references(tmp):
     first.train()
     h0, kw0 = _capture_layer_input(model, 0, tokens, positions)
     with torch.no_grad():
-        assert torch.equal(first(hidden_states=h0, **kw0)[0], TransformerLayer.forward(first, hidden_states=h0, **kw0)[0])
+        assert torch.equal(first(hidden_states=h0, **kw0)[0],
+                           TransformerLayer.forward(first, hidden_states=h0, **kw0)[0])
     return {"kept": r, "diff_gather_reference": diff_a, "diff_explicit_mask_reference": diff_b,
             "diff_naive_rope": diff_naive}
 
@@ -544,8 +547,45 @@ def check_trainer_lr(tmp):
     return out
 
 
+def check_trainer_draws_per_micro_batch(tmp):
+    """Through the real Trainer: every dropping layer of every micro-batch draws with that
+    micro-batch's first global sample, the current step and kept length (B 8, micro-batch 2)."""
+    import torch
+
+    from suite.launch.spmd import RankContext
+    from suite.tricks.random_ltd.layer import RandomLTDLayer, kept_indices
+    from suite.workloads.train import Trainer
+
+    spec = _spec("workload.global_batch=8", "workload.steps=3")
+    trainer = Trainer(spec, RankContext(rank=0, world=1, local_rank=0))
+    (runtime,) = trainer.tricks
+    seen = []
+
+    def hook(module, args, kwargs):
+        st = module.drop_state
+        if module.training:
+            seen.append((st.step, st.kept, st.sample_offset, module.layer_number - 1,
+                         kept_indices(st, module.layer_number - 1, kwargs["hidden_states"].shape[1],
+                                      kwargs["hidden_states"].shape[0]).tolist()))
+
+    layers = [m for m in trainer.model[0].modules() if isinstance(m, RandomLTDLayer)]
+    assert len(layers) == 4 and all(m.drop_state is runtime.state for m in layers)
+    for m in layers:
+        m.register_forward_pre_hook(hook, with_kwargs=True)
+    for step in range(3):
+        trainer.train_step(step)
+    c = spec.tricks["random_ltd"]
+    want = [(t, kept_length(c, t, 64), off, layer) for t in range(3) for off in (0, 2, 4, 6)
+            for layer in range(4)]
+    assert [x[:4] for x in seen] == want
+    draws = [json.dumps(x[4]) for x in seen if x[3] in (1, 2)]
+    assert len(set(draws)) == len(draws)  # no two (step, micro-batch, layer) share indices
+    return {"calls": len(seen)}
+
+
 CHECKS = [check_kept_indices_properties, check_large_seed, check_kept_equals_sequence_is_the_unwrapped_model,
-          check_layer_against_references, check_restricted_causal_attention, check_flops, check_trainer_lr]
+          check_layer_against_references, check_restricted_causal_attention, check_flops, check_trainer_lr,
+          check_trainer_draws_per_micro_batch]
 
 
 def _worker_main(out_path: str, folder: str) -> int:
@@ -620,7 +660,8 @@ def test_trainer_lr_follows_layer_token_schedule(worker, case):
 
 
 def test_layer_token_lr_decays_slower_than_the_step_schedule(worker):
-    ltd, steps = result(worker, "trainer_lr")["cosine_layer_tokens"], result(worker, "trainer_lr")["cosine_steps"]
+    data = result(worker, "trainer_lr")
+    ltd, steps = data["cosine_layer_tokens"], data["cosine_steps"]
     warm = ltd["warmup"]
     # fewer tokens per step while r_t < S: a slower warm-up, then a higher LR in the decay
     assert ltd["lrs"][1] < steps["lrs"][1]
@@ -634,12 +675,10 @@ def test_kept_indices_properties(worker):
     result(worker, "kept_indices_properties")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG suite/tricks/random_ltd/layer.py kept_indices: the generator seed "
-    "((seed·1_000_003 + step)·1_009 + layer)·100_003 + sample_offset exceeds 2**64 for workload.seed "
-    "> ~182,000 and torch.Generator.manual_seed raises ValueError('Overflow when unpacking long long') in "
-    "the first forward; fix: reduce it, e.g. `... % (2**63)` (same indices for today's small seeds), "
-    "or validate workload.seed"))
+def test_trainer_draws_per_micro_batch(worker):
+    assert result(worker, "trainer_draws_per_micro_batch")["calls"] == 3 * 4 * 4
+
+
 def test_kept_indices_accept_large_seeds(worker):
     result(worker, "large_seed")
 

@@ -28,6 +28,7 @@ from suite.errors import UserError
 from suite.launch import cpu_compat
 from suite.metrics import hardware
 from suite.metrics.env import fingerprint
+from suite.metrics.stats import summarize
 from suite.records import append_record, completed, config_hash
 from suite.scenario import load_scenario
 from suite.scenario.validate import check_world
@@ -209,7 +210,8 @@ def _assemble_metrics(r: dict, v, ctx) -> dict:
     summary = r["summary"]
     median = summary["median"]
     w = v.workload
-    tflops = r["flops_per_step"] / median / ctx.world / 1e12
+    # median of per-step rates: right also when a technique changes the FLOPs from step to step
+    tflops = summarize([f / t for f, t in zip(r["timed_step_flops"], r["times"])])["median"] / ctx.world / 1e12
     device_name = torch.cuda.get_device_name() if cuda else None
     peak_tflops = hardware.datasheet_peak_tflops(device_name)
     ceilings = hardware.measured_ceilings() if cuda else {}

@@ -4,13 +4,21 @@ megatron-core's local ``DotProductAttention`` materialises the s×s score matrix
 Transformer Engine this module takes its place in the layer spec so that GPUs run a fused
 (flash / memory-efficient) kernel and the CPU runs torch's fused path. Same call signature:
 query [s, b, heads, d], key/value [s, b, groups, d] -> [s, b, heads·d].
+
+cuDNN's attention is left out of the backends: it builds an execution plan per new sequence length,
+which costs more than the attention itself when lengths change every step (random-LTD's kept-length
+schedule); see bench/sdpa_shapes.py for the measurement.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+
+BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class SDPAttention(MegatronModule):
@@ -33,7 +41,8 @@ class SDPAttention(MegatronModule):
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         mask = None if causal or attention_mask is None else ~attention_mask
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             scale=self.softmax_scale)
+        with sdpa_kernel(BACKENDS):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                 scale=self.softmax_scale)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)

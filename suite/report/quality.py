@@ -62,7 +62,7 @@ def quality_section(records: list[dict]) -> list[str]:
             body.append([name, "not reached"] + [""] * 6)
             continue
         dash = r["baseline"]
-        body.append([name, str(r["step"]), fmt.count(r["tokens"]), fmt.sig(r["flops"] / 1e15) + " P",
+        body.append([name, str(r["step"]), fmt.count(r["tokens"]), fmt.count(r["flops"]),
                      fmt.fixed(r["walltime_s"], 1), fmt.fixed(r["loss"], 4),
                      "—" if dash else fmt.fixed(r["delta_flops_pct"], 1, signed=True, unit="%"),
                      "—" if dash else fmt.fixed(r["delta_walltime_pct"], 1, signed=True, unit="%")])

@@ -199,7 +199,7 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
     energy = EnergyMeter(ctx.local_rank if trainer.cuda else None)
     if trainer.cuda:
         torch.cuda.reset_peak_memory_stats()
-    losses, validation_curve, flops_total, target = [], [], 0, None
+    losses, validation_curve, step_flops, target = [], [], [], None
     steps_run = 0
     for step in range(w.steps):
         if step == w.warmup_steps:
@@ -209,7 +209,8 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         losses.append(trainer.train_step(step))
         clock.stop()
         steps_run = step + 1
-        flops_total += trainer.step_flops(step)
+        step_flops.append(trainer.step_flops(step))
+        flops_total = sum(step_flops)
         if steps_run % w.log_interval == 0 or steps_run == w.steps:
             recent = clock.seconds()[-1]
             ctx.log(f"step {steps_run}/{w.steps} loss {float(losses[-1]):.4f} lr {trainer.current_lr():.2e} "
@@ -224,6 +225,7 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
     times = clock.seconds()
     joules = energy.stop_joules()
     timed = times[w.warmup_steps:]
+    flops_total = sum(step_flops)
     validation = trainer.validation_loss() if spec.eval.validation else None
     if validation is not None and (not validation_curve or validation_curve[-1][0] != steps_run):
         validation_curve.append([steps_run, validation, sum(times), flops_total])
@@ -237,6 +239,7 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         "times": timed, "loss_values": [float(x) for x in losses], "validation": validation,
         "validation_curve": validation_curve, "energy_j": joules, "flops_total": flops_total,
         "flops_per_step": trainer.step_flops(steps_run - 1), "steps": steps_run,
+        "timed_step_flops": step_flops[w.warmup_steps:],
         "tokens": w.global_batch * w.seq_length * steps_run,
         "parameters": F.parameters(trainer.shape)["total"],
         "summary": summarize(timed), "walltime_s": sum(times), "target": target, "extra": extra,

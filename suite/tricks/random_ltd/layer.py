@@ -35,8 +35,8 @@ class DropState:
 
 def kept_indices(state: DropState, layer_id: int, batch: int, seq: int, device="cpu") -> torch.Tensor:
     """[batch, kept] sorted positions; uniform without replacement, independent per sample/layer."""
-    gen = torch.Generator(device=device).manual_seed(
-        ((state.seed * 1_000_003 + state.step) * 1_009 + layer_id) * 100_003 + state.sample_offset)
+    key = ((state.seed * 1_000_003 + state.step) * 1_009 + layer_id) * 100_003 + state.sample_offset
+    gen = torch.Generator(device=device).manual_seed(key % 2**63)  # manual_seed takes 64 bits
     scores = torch.rand(batch, seq, generator=gen, device=device)
     return scores.argsort(dim=1)[:, :state.kept].sort(dim=1).values
 
