@@ -5,12 +5,16 @@ Transformer Engine this module takes its place in the layer spec so that GPUs ru
 (flash / memory-efficient) kernel and the CPU runs torch's fused path. Same call signature:
 query [s, b, heads, d], key/value [s, b, groups, d] -> [s, b, heads·d].
 
-cuDNN's attention is left out of the backends: it builds an execution plan per new sequence length,
-which costs more than the attention itself when lengths change every step (random-LTD's kept-length
-schedule); see bench/sdpa_shapes.py for the measurement.
+``fixed_shapes=False`` leaves cuDNN's attention out of the backends: it is the fastest on Hopper for
+a fixed sequence length (a 1B model trained 8% faster with it), but it builds an execution plan per
+new length, which costs more than the attention itself when lengths change every step (random-LTD's
+kept-length schedule made steps 3x slower). Techniques that vary the length ask for that in their
+layer spec; bench/sdpa_shapes.py measures both.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
@@ -18,17 +22,18 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+VARYING_SHAPE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class SDPAttention(MegatronModule):
     def __init__(self, config, layer_number, attn_mask_type, attention_type=None,
-                 attention_dropout=None, softmax_scale=None, **_):
+                 attention_dropout=None, softmax_scale=None, fixed_shapes: bool = True, **_):
         super().__init__(config=config)
         if config.attention_dropout and config.attention_dropout > 0:
             raise ValueError("SDPAttention in suite runs without attention dropout")
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale
+        self.backends = None if fixed_shapes else VARYING_SHAPE_BACKENDS
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -41,7 +46,7 @@ class SDPAttention(MegatronModule):
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         mask = None if causal or attention_mask is None else ~attention_mask
-        with sdpa_kernel(BACKENDS):
+        with sdpa_kernel(self.backends) if self.backends else contextlib.nullcontext():
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                  scale=self.softmax_scale)
         s, b = query.shape[0], query.shape[1]

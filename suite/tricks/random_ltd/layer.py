@@ -14,6 +14,7 @@ import copy
 from dataclasses import dataclass, field
 
 import torch
+from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from suite.metrics import flops as F
@@ -81,9 +82,12 @@ class RandomLTDRuntime(TrickRuntime):
         self.consumed_layer_tokens = 0
 
     def layer_spec(self, spec):
-        spec = copy.copy(spec)
+        spec = copy.deepcopy(spec)
         spec.module = RandomLTDLayer
         spec.params = {**(spec.params or {}), "drop_state": self.state}
+        # kept lengths change every few steps: keep attention off per-shape-planned backends
+        attn = spec.submodules.self_attention.submodules
+        attn.core_attention = ModuleSpec(module=attn.core_attention, params={"fixed_shapes": False})
         return spec
 
     def begin_step(self, step: int) -> None:
