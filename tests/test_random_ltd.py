@@ -822,3 +822,25 @@ def test_layout_records_hold_the_hand_schedule(layout_records):
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
     sys.exit(_worker_main(sys.argv[2], sys.argv[3]))
+
+
+def test_gather_scatter_match_torch_gather_and_pass_gradcheck():
+    """The copy-backward gather/scatter equal torch.gather/scatter and have exact gradients."""
+    import torch
+
+    from suite.tricks.random_ltd.layer import gather_tokens, scatter_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    s, b, h, r = 16, 3, 5, 7
+    x = torch.randn(s, b, h, dtype=torch.float64, generator=gen, requires_grad=True)
+    idx = torch.stack([torch.randperm(s, generator=gen)[:r].sort().values for _ in range(b)])
+    index = idx.t().unsqueeze(-1).expand(-1, -1, h)
+    kept, rows = gather_tokens(x, idx)
+    assert torch.equal(kept, x.gather(0, index))
+    assert torch.equal(scatter_tokens(x, rows, kept * 3), x.scatter(0, index, x.gather(0, index) * 3))
+
+    def f(t):
+        k, rws = gather_tokens(t, idx)
+        return scatter_tokens(t, rws, k.sin() * 2)
+
+    assert torch.autograd.gradcheck(f, (x,))

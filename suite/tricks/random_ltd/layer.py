@@ -34,20 +34,51 @@ class DropState:
     history: list = field(default_factory=list)
 
 
+_GENERATORS: dict[str, torch.Generator] = {}
+
+
 def kept_indices(state: DropState, layer_id: int, batch: int, seq: int, device="cpu") -> torch.Tensor:
     """[batch, kept] sorted positions; uniform without replacement, independent per sample/layer."""
     key = ((state.seed * 1_000_003 + state.step) * 1_009 + layer_id) * 100_003 + state.sample_offset
-    gen = torch.Generator(device=device).manual_seed(key % 2**63)  # manual_seed takes 64 bits
+    device = torch.device(device)
+    gen = _GENERATORS.setdefault(str(device), torch.Generator(device=device))  # reseeded, not rebuilt
+    gen.manual_seed(key % 2**63)  # manual_seed takes 64 bits
     scores = torch.rand(batch, seq, generator=gen, device=device)
     return scores.argsort(dim=1)[:, :state.kept].sort(dim=1).values
 
 
-def gather_tokens(hidden: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden [s, b, h], idx [b, r] -> (kept [r, b, h], the [r, b, h] index used to scatter back).
+def token_rows(idx: torch.Tensor, batch: int) -> torch.Tensor:
+    """Rows of the [s·b, h] view of an [s, b, h] tensor holding positions idx [b, r], in [r, b] order."""
+    return (idx.t() * batch + torch.arange(batch, device=idx.device)).reshape(-1)
 
-    The index is expanded on the device: expanding first and copying would move r·b·h int64s."""
-    index = idx.to(hidden.device).t().unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
-    return hidden.gather(0, index), index
+
+class _GatherRows(torch.autograd.Function):
+    """x[rows] with a backward that copies instead of accumulating: rows are unique, so the
+    index_add that index_select's backward uses (atomics over every element) is not needed."""
+
+    @staticmethod
+    def forward(ctx, x, rows):
+        ctx.save_for_backward(rows)
+        ctx.n = x.shape[0]
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        return grad.new_zeros((ctx.n, *grad.shape[1:])).index_copy_(0, rows, grad), None
+
+
+def gather_tokens(hidden: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [s, b, h], idx [b, r] -> (kept [r, b, h], the rows to scatter back with scatter_tokens)."""
+    s, b, h = hidden.shape
+    rows = token_rows(idx.to(hidden.device), b)
+    return _GatherRows.apply(hidden.reshape(s * b, h), rows).view(-1, b, h), rows
+
+
+def scatter_tokens(hidden: torch.Tensor, rows: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """hidden with the kept rows replaced by the layer's output; index_copy's backward is copies too."""
+    s, b, h = hidden.shape
+    return hidden.reshape(s * b, h).index_copy(0, rows, kept.reshape(-1, h)).view(s, b, h)
 
 
 class RandomLTDLayer(TransformerLayer):
@@ -63,13 +94,13 @@ class RandomLTDLayer(TransformerLayer):
         if kwargs.get("attention_mask") is not None:
             raise ValueError("random-LTD expects the implicit causal mask (attention_mask=None)")
         idx = kept_indices(state, layer_id, batch, seq, hidden_states.device)
-        kept, index = gather_tokens(hidden_states, idx)
+        kept, rows = gather_tokens(hidden_states, idx)
         rope = kwargs.get("rotary_pos_emb")
         if rope is not None:  # [s, 1, 1, d] -> the kept tokens' original positions, [r, b, 1, d]
             kwargs["rotary_pos_emb"] = rope[:, 0][idx.t()]
         # sorted indices: the causal mask among kept tokens is the r x r top-left block (is_causal)
         out, context = super().forward(hidden_states=kept, **kwargs)
-        return hidden_states.scatter(0, index, out), context
+        return scatter_tokens(hidden_states, rows, out), context
 
 
 class RandomLTDRuntime(TrickRuntime):
