@@ -20,7 +20,7 @@ Schema version 1 (``"schema": 1``). Keys (``null`` where a value could not be me
         tokens_per_s              global tokens per second at the median step time
         flops_per_step            analytic model FLOPs of the last step (suite.metrics.flops; a technique
                                   may change it from step to step: flops_total is the sum)
-        tflops_per_gpu            median over timed steps of (step FLOPs / step time) / world size / 1e12
+        tflops_per_gpu            Σ FLOPs of the timed steps / Σ their times / world size / 1e12
         mfu                       tflops_per_gpu / datasheet dense bf16 peak (null: unknown device)
         gemm_ceiling_tflops       measured bf16 GEMM rate of this GPU (null on CPU)
         fraction_of_gemm_ceiling  tflops_per_gpu / gemm_ceiling_tflops

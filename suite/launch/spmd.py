@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import os
-import resource
 import sys
 import traceback
 from dataclasses import dataclass
@@ -26,9 +25,7 @@ import torch.distributed as dist
 
 from suite.errors import UserError
 from suite.launch import cpu_compat
-from suite.metrics import hardware
 from suite.metrics.env import fingerprint
-from suite.metrics.stats import summarize
 from suite.records import append_record, completed, config_hash
 from suite.scenario import load_scenario
 from suite.scenario.validate import check_world
@@ -126,7 +123,7 @@ def _run_variant(v, ctx: RankContext, out: str, args) -> bool:
     """Runs one variant; False when the process group can no longer be trusted."""
     from megatron.core import parallel_state as ps
 
-    from suite.workloads import train
+    from suite.workloads import workload_for
 
     ctx.label = f"{v.scenario}/{v.name}"
     resolved = v.resolved()
@@ -147,7 +144,8 @@ def _run_variant(v, ctx: RankContext, out: str, args) -> bool:
 
             model_parallel_cuda_manual_seed(v.workload.seed)
         torch.manual_seed(v.workload.seed)
-        result = train.run(v, ctx, fault=lambda step: _maybe_inject_fault(v, step, ctx.rank))
+        workload = workload_for(v)
+        result = workload.run(v, ctx, fault=lambda step: _maybe_inject_fault(v, step, ctx.rank))
     except Exception as e:  # recorded, then the next variant runs
         error = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()[-4000:],
                  "rank": ctx.rank}
@@ -157,7 +155,7 @@ def _run_variant(v, ctx: RankContext, out: str, args) -> bool:
         errors = [None] * ctx.world
         dist.all_gather_object(errors, error)
         first_error = next((e for e in errors if e), None)
-        metrics = None if first_error else _assemble_metrics(result, v, ctx)
+        metrics = None if first_error else workload.metrics(result, v, ctx)
         intact = True
     except Exception as e:
         first_error = error or {"type": type(e).__name__, "message": f"process group broken: {e}",
@@ -182,56 +180,3 @@ def _run_variant(v, ctx: RankContext, out: str, args) -> bool:
         path = append_record(out, record)
         ctx.log(f"{record['status']}: record appended to {path}")
     return intact
-
-
-def _reduce(value: float | None, op, ctx) -> float | None:
-    """All-reduce a per-rank scalar; None anywhere gives None."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    t = torch.tensor([0.0 if value is None else float(value), 1.0 if value is None else 0.0],
-                     dtype=torch.float64, device=device)
-    dist.all_reduce(t[:1], op=op)
-    missing = t[1:].clone()
-    dist.all_reduce(missing, op=dist.ReduceOp.MAX)
-    return None if missing.item() else t[0].item()
-
-
-def _assemble_metrics(r: dict, v, ctx) -> dict:
-    """Per-variant metrics (schema in suite.records) from this rank's raw results."""
-    cuda = torch.cuda.is_available()
-    if cuda:
-        peak = torch.cuda.max_memory_allocated()
-        kind = "cuda_max_allocated"
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-        kind = "cpu_max_rss"
-    peak = _reduce(peak, dist.ReduceOp.MAX, ctx)
-    energy = _reduce(r["energy_j"], dist.ReduceOp.SUM, ctx)
-    # Rank 0's clock is the step clock: every step ends with collectives that include it.
-    summary = r["summary"]
-    median = summary["median"]
-    w = v.workload
-    # median of per-step rates: right also when a technique changes the FLOPs from step to step
-    tflops = summarize([f / t for f, t in zip(r["timed_step_flops"], r["times"])])["median"] / ctx.world / 1e12
-    device_name = torch.cuda.get_device_name() if cuda else None
-    peak_tflops = hardware.datasheet_peak_tflops(device_name)
-    ceilings = hardware.measured_ceilings() if cuda else {}
-    gemm = ceilings.get("gemm_tflops")
-    timed_s = sum(r["times"])
-    losses = r["loss_values"]
-    tail = losses[-min(5, len(losses)):]
-    return {
-        "parameters": r["parameters"], "steps": r["steps"], "timed_steps": len(r["times"]),
-        "tokens": r["tokens"], "step_time_s": summary, "walltime_s": r["walltime_s"],
-        "tokens_per_s": w.global_batch * w.seq_length / median,
-        "flops_per_step": r["flops_per_step"], "flops_total": r["flops_total"],
-        "tflops_per_gpu": tflops,
-        "mfu": tflops / peak_tflops if peak_tflops else None,
-        "gemm_ceiling_tflops": gemm, "fraction_of_gemm_ceiling": tflops / gemm if gemm else None,
-        "copy_bandwidth_tb_s": ceilings.get("copy_tb_s"),
-        "peak_memory_bytes": int(peak), "memory_kind": kind,
-        "loss_curve": [[i + 1, x] for i, x in enumerate(losses)],
-        "final_loss": sum(tail) / len(tail),
-        "validation_loss": r["validation"], "validation_curve": r["validation_curve"],
-        "energy_j": energy, "avg_power_w": energy / timed_s if energy is not None and timed_s else None,
-        "target": r["target"], "extra": r["extra"],
-    }

@@ -44,6 +44,7 @@ class Trick:
     config: type  # dataclass for [tricks.<name>]
     validate: Callable | None = None  # (variant, trick_config) -> None; raises UserError
     runtime: Callable | None = None  # (variant, trick_config) -> TrickRuntime
+    workload: str | None = None  # module replacing the workload loop (see suite.workloads)
 
 
 TRICKS: dict[str, Trick] = {}

@@ -1,1 +1,21 @@
-"""Workloads: what a variant runs (training now; inference latency with CQIL)."""
+"""Workloads: what a variant runs. Each is a module with ``run(spec, ctx, fault) -> raw`` (on every
+rank) and ``metrics(raw, spec, ctx) -> dict`` (the record's metrics; may use collectives).
+
+A technique that replaces the whole loop (e.g. a multi-level V-cycle) registers ``workload`` in its
+``Trick``; otherwise ``[workload] kind`` picks the module.
+"""
+from __future__ import annotations
+
+import importlib
+
+from suite.tricks.registry import TRICKS
+
+KINDS = {"train": "suite.workloads.train"}
+
+
+def workload_for(spec):
+    for name in spec.tricks:
+        module = TRICKS[name].workload
+        if module:
+            return importlib.import_module(module)
+    return importlib.import_module(KINDS[spec.workload.kind])

@@ -22,6 +22,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from suite.data.tokens import TokenSource
+from suite.metrics.collect import training_metrics as metrics  # noqa: F401  (the workload interface)
 from suite.metrics import flops as F
 from suite.metrics.energy import EnergyMeter
 from suite.metrics.stats import summarize
