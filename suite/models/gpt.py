@@ -102,7 +102,7 @@ def global_names(model: torch.nn.Module) -> dict[str, str]:
     return out
 
 
-def _partition_dims(model: torch.nn.Module) -> dict[str, int]:
+def partition_dims(model: torch.nn.Module) -> dict[str, int]:
     """Parameter name -> the dim megatron splits over TP ranks (absent: replicated).
 
     Read from the module types: with ``perform_initialization=False`` megatron does not tag the
@@ -117,7 +117,8 @@ def _partition_dims(model: torch.nn.Module) -> dict[str, int]:
     return dims
 
 
-def _shard(full: torch.Tensor, dim: int, gname: str) -> torch.Tensor:
+def shard(full: torch.Tensor, dim: int, gname: str) -> torch.Tensor:
+    """This TP rank's part of a full parameter split along ``dim`` (QKV: whole query groups)."""
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     if gname.endswith("mlp.linear_fc1.weight"):
         # SwiGLU: megatron keeps [gate_r; up_r] on TP rank r, not a contiguous slice of [gate; up]
@@ -126,13 +127,26 @@ def _shard(full: torch.Tensor, dim: int, gname: str) -> torch.Tensor:
     return full.chunk(tp, dim=dim)[rank]
 
 
+def unshard(local: torch.Tensor, dim: int, gname: str) -> torch.Tensor:
+    """The full parameter from every TP rank's part: the inverse of ``shard`` (a TP collective)."""
+    tp = ps.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return local.clone()
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    torch.distributed.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+    if gname.endswith("mlp.linear_fc1.weight"):
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(parts, dim=dim)
+
+
 @torch.no_grad()
 def init_parameters(chunks, seed: int, std: float, num_layers: int) -> None:
     """Normal(0, std) weights (output projections std/sqrt(2L)), norms at 1, by global name."""
     tp = ps.get_tensor_model_parallel_world_size()
     out_std = std / math.sqrt(2 * num_layers)
     for chunk in chunks:
-        names, dims = global_names(chunk), _partition_dims(chunk)
+        names, dims = global_names(chunk), partition_dims(chunk)
         for name, param in chunk.named_parameters():
             gname = names[name]
             if param.dim() == 1:  # RMSNorm weights (the model has no biases)
@@ -148,7 +162,7 @@ def init_parameters(chunks, seed: int, std: float, num_layers: int) -> None:
             full = torch.empty(shape, dtype=torch.float32, device=param.device)
             s = out_std if gname.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
             full.normal_(0.0, s, generator=gen)
-            param.copy_(full if dim is None else _shard(full, dim, gname))
+            param.copy_(full if dim is None else shard(full, dim, gname))
 
 
 def wrap_for_training(chunks, config: TransformerConfig, overlap: bool) -> list:

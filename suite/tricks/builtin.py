@@ -4,3 +4,4 @@ Each module must stay importable without torch (its torch code is imported insid
 factory), because `suite validate` and `suite plan` run without it.
 """
 from suite.tricks import random_ltd  # noqa: F401
+from suite.tricks import multilevel  # noqa: F401

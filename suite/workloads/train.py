@@ -80,6 +80,44 @@ def _forward_step(data_iterator, model, cuda: bool, tricks):
     return output, loss_func
 
 
+class StepProfiler:
+    """With SUITE_PROFILE=DIR, profiles 3 steps after warm-up (torch.profiler, host and device) and
+    writes the top operators by device and by host time to DIR/profile_<variant>_rank<r>.txt."""
+
+    def __init__(self, spec, ctx, steps: int = 3):
+        import os
+
+        self.dir = os.environ.get("SUITE_PROFILE")
+        self.first = min(spec.workload.warmup_steps, spec.workload.steps - 1)
+        self.last = min(self.first + steps, spec.workload.steps) - 1
+        self.name = f"profile_{spec.name}_rank{ctx.rank}.txt"
+        self.prof = None
+
+    def before(self, step: int) -> None:
+        if self.dir and step == self.first:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+
+    def after(self, step: int) -> None:
+        if self.prof is not None and step == self.last:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            from pathlib import Path
+
+            table = self.prof.key_averages()
+            device_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+            text = (f"steps {self.first}..{self.last}\n\n# by device time\n"
+                    + table.table(sort_by=device_key, row_limit=30)
+                    + "\n\n# by host time\n" + table.table(sort_by="self_cpu_time_total", row_limit=30))
+            Path(self.dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.dir) / self.name).write_text(text)
+            self.prof = None
+
+
 class Trainer:
     """Builds the model, optimizer and schedule for one variant on this rank."""
 
@@ -202,13 +240,16 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         torch.cuda.reset_peak_memory_stats()
     losses, validation_curve, step_flops, target = [], [], [], None
     steps_run = 0
+    profiler = StepProfiler(spec, ctx)
     for step in range(w.steps):
         if step == w.warmup_steps:
             energy.start()
         fault(step)
+        profiler.before(step)
         clock.start()
         losses.append(trainer.train_step(step))
         clock.stop()
+        profiler.after(step)
         steps_run = step + 1
         step_flops.append(trainer.step_flops(step))
         flops_total = sum(step_flops)
