@@ -378,3 +378,30 @@ def test_malformed_json_line_exits_2(tmp_path):
     proc = run_cli("compare", bad, GPU)
     assert proc.returncode == 2
     assert "line 2 is not JSON" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cost_at_equal_quality_reads_the_first_point_at_or_below_target():
+    """The equal-quality view: first validation <= target, its FLOPs/walltime, and Δ vs baseline."""
+    from suite.report.quality import quality_rows
+
+    def rec(variant, curve, baseline=False, target=None):
+        metrics = {"steps": curve[-1][0], "tokens": curve[-1][0] * 100, "validation_loss": curve[-1][1],
+                   "validation_curve": curve}
+        if target is not None:
+            metrics["target"] = {"target_loss": target}
+        return {"variant": variant, "status": "ok", "is_baseline": baseline, "metrics": metrics}
+
+    base = rec("base", [[10, 3.0, 1.0, 100], [20, 2.0, 2.0, 200], [30, 1.5, 3.0, 300]], baseline=True)
+    fast = rec("fast", [[10, 2.5, 0.5, 60], [20, 1.4, 1.2, 130], [30, 1.2, 1.9, 190]])
+    never = rec("never", [[10, 2.9, 0.4, 50], [20, 2.2, 0.8, 100]])
+    target, rows = quality_rows([base, fast, never])
+    assert target == 1.5  # the baseline's final validation loss
+    by = {r["variant"]: r for r in rows}
+    assert (by["base"]["step"], by["base"]["flops"], by["base"]["walltime_s"]) == (30, 300, 3.0)
+    assert (by["fast"]["step"], by["fast"]["tokens"]) == (20, 2000)
+    assert by["fast"]["delta_flops_pct"] == pytest.approx(100 * (130 - 300) / 300)
+    assert by["fast"]["delta_walltime_pct"] == pytest.approx(100 * (1.2 - 3.0) / 3.0)
+    assert not by["never"]["reached"]
+    # an explicit target in any record wins over the baseline's final loss
+    target, rows = quality_rows([base, rec("t", [[10, 2.1, 1, 1], [20, 1.9, 2, 2]], target=2.0)])
+    assert target == 2.0 and {r["variant"]: r["step"] for r in rows} == {"base": 20, "t": 20}

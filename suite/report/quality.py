@@ -34,7 +34,10 @@ def reach(rec: dict, target: float) -> dict | None:
 def quality_rows(records: list[dict]) -> tuple[float | None, list[dict]]:
     ok = [r for r in records if is_ok(r)]
     target = target_of(records)
-    if target is None or not any(len(p) >= 4 for r in ok for p in (metric(r, "validation_curve") or [])):
+    # only runs that tracked quality over time (a target, or validations during training)
+    tracked = any(metric(r, "target") or len(metric(r, "validation_curve") or []) >= 2 for r in ok)
+    has_cost = any(len(p) >= 4 for r in ok for p in (metric(r, "validation_curve") or []))
+    if target is None or not (tracked and has_cost):
         return target, []
     base = baseline_of(records)
     base_hit = reach(base, target) if is_ok(base) else None
