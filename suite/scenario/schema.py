@@ -33,7 +33,9 @@ class ModelConfig:
     rope_base: float = doc("RoPE base frequency.", 10000.0)
     norm_epsilon: float = doc("RMSNorm epsilon.", 1e-5)
     init_std: float = doc("Std of the normal weight init; output projections use std/sqrt(2L).", 0.02)
-    init: str = doc("'random', or (accuracy issue) 'checkpoint:PATH' / 'hf:PATH'.", "random")
+    init: str = doc("Initial weights: 'random'; 'checkpoint:PATH' (a save_checkpoint directory, any TP/PP); "
+                    "'hf:PATH' (a local Hugging Face LLaMA-family directory: config.json + safetensors, whose "
+                    "shape the [model] keys must match). Paths are relative to the scenario file.", "random")
 
 
 @dataclass
@@ -73,6 +75,10 @@ class WorkloadConfig:
     eval_batches: int = doc("Global batches of held-out windows per validation (same at any layout).", 4)
     target_loss: float | None = doc("Stop at the first validation at or below this loss and record the "
                                     "time, tokens and FLOPs it took (needs eval_interval).")
+    save_checkpoint: str | None = doc("Directory the trained model is saved to at the end of the variant "
+                                      "(megatron distributed checkpoint, loadable at any TP/PP with [model] "
+                                      "init = 'checkpoint:PATH'); relative to the scenario file; an earlier "
+                                      "checkpoint there is replaced.")
     timeout_s: int = doc("Collective timeout; a hung rank fails the variant after this long.", 600)
 
 

@@ -26,7 +26,7 @@ from suite.metrics.collect import training_metrics as metrics  # noqa: F401  (th
 from suite.metrics import flops as F
 from suite.metrics.energy import EnergyMeter
 from suite.metrics.stats import summarize
-from suite.models import gpt
+from suite.models import checkpoint, gpt
 from suite.tricks.registry import TRICKS
 
 
@@ -135,6 +135,7 @@ class Trainer:
             layer = t.layer_spec(layer)
         chunks = gpt.build_chunks(spec, self.config, layer)
         gpt.init_parameters(chunks, w.seed, spec.model.init_std, spec.model.num_layers)
+        checkpoint.apply_init(spec, chunks, ctx.log)  # [model] init: a checkpoint or Hugging Face weights
         self.model = gpt.wrap_for_training(chunks, self.config, overlap=self.cuda and self.dp > 1)
         # Hooks megatron's schedules call: DP grad sync and the final gradient all-reduces.
         self.config.finalize_model_grads_func = finalize_model_grads
@@ -274,6 +275,8 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
     if w.target_loss is not None and target is None:
         reached = validation is not None and validation <= w.target_loss
         target = _target_block(w, reached, steps_run, flops_total, clock)
+    if w.save_checkpoint:
+        checkpoint.save(spec, trainer.model, ctx.log)
     extra = {}
     for name, t in zip(spec.tricks, trainer.tricks):
         extra[name] = t.extra()

@@ -1,0 +1,104 @@
+"""Held-out text metrics (loss, perplexity, bits per byte) and zero-shot multiple choice (acc,
+acc_norm); the definitions are in ``suite.eval``'s docstring."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from suite.errors import UserError
+from suite.eval.core import Model, loglikelihoods, rolling_loglikelihood
+
+
+def text_metrics(model: Model, tokens: Sequence[int] | torch.Tensor, seq_length: int, num_bytes: int | None = None,
+                 batch_size: int = 8) -> dict:
+    """loss (nats/token), perplexity and bits per byte of a token stream (tokens[0] is context only).
+
+    ``num_bytes``: UTF-8 bytes of the scored tokens (all but the first); default: one byte per
+    token, right for the byte tokenizer.
+    """
+    tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
+    ll, n = rolling_loglikelihood(model, tokens, seq_length, batch_size=batch_size)
+    if n == 0:
+        raise ValueError("a text of fewer than 2 tokens has nothing to score")
+    num_bytes = n if num_bytes is None else num_bytes
+    loss = -ll / n
+    return {"loss": loss, "perplexity": math.exp(loss), "bpb": -ll / (num_bytes * math.log(2)),
+            "tokens": n, "bytes": num_bytes}
+
+
+def heldout_tokens(spec) -> torch.Tensor:
+    """The variant's validation tail of its text corpus (the windows validation loss also reads)."""
+    from suite.data.tokens import TokenSource
+
+    if spec.data.source != "text":
+        raise UserError("held-out text metrics need a text corpus.", file=spec.file, variant=spec.name,
+                        key="data.source", fix='set source = "text" and a path.')
+    return TokenSource(spec).valid
+
+
+@dataclass(frozen=True)
+class Example:
+    context: str
+    choices: tuple[str, ...]
+    label: int
+
+
+def read_examples(path: str | Path) -> list[Example]:
+    """JSON lines ``{"context": str, "choices": [str, ...], "label": int}`` (blank lines skipped)."""
+    path = Path(path)
+    examples = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+            context, choices, label = row["context"], row["choices"], row["label"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"not a multiple-choice example ({type(e).__name__}: {e}).", file=where,
+                            fix='write one JSON object per line: {"context": ..., "choices": [...], "label": i}.'
+                            ) from None
+        if not (isinstance(context, str) and isinstance(choices, list) and len(choices) >= 2
+                and all(isinstance(c, str) and c for c in choices)):
+            raise UserError("context must be a string and choices a list of 2 or more non-empty strings.",
+                            file=where, fix="fix that line.")
+        if not isinstance(label, int) or not 0 <= label < len(choices):
+            raise UserError(f"label {label!r} is not an index into the {len(choices)} choices.", file=where,
+                            fix=f"use an integer from 0 to {len(choices) - 1}.")
+        examples.append(Example(context, tuple(choices), label))
+    return examples
+
+
+def _mean_stderr(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var / len(values))
+
+
+def _argmax(values: Sequence[float]) -> int:
+    return max(range(len(values)), key=lambda i: (values[i], -i))  # the first maximum, as numpy
+
+
+def multiple_choice(model: Model, tokenizer, examples: Sequence[Example], delimiter: str = " ",
+                    max_length: int | None = None, batch_size: int = 16) -> dict:
+    """acc and acc_norm (with stderr) over the examples, plus each example's log-likelihoods."""
+    if not examples:
+        raise ValueError("no multiple-choice examples to score")
+    pairs = [(ex.context, delimiter + choice) for ex in examples for choice in ex.choices]
+    results = iter(loglikelihoods(model, tokenizer, pairs, max_length, batch_size))
+    acc, acc_norm, lls = [], [], []
+    for ex in examples:
+        ll = [next(results)[0] for _ in ex.choices]
+        acc.append(float(_argmax(ll) == ex.label))
+        acc_norm.append(float(_argmax([x / len(c) for x, c in zip(ll, ex.choices)]) == ex.label))
+        lls.append(ll)
+    (a, a_se), (n, n_se) = _mean_stderr(acc), _mean_stderr(acc_norm)
+    return {"acc": a, "acc_stderr": a_se, "acc_norm": n, "acc_norm_stderr": n_se, "n": len(examples),
+            "loglikelihoods": lls}

@@ -1,0 +1,141 @@
+"""Model checkpoints through megatron-core's distributed checkpointing, and ``[model] init``.
+
+A checkpoint is a directory in megatron's ``torch_dist`` format (``torch.distributed.checkpoint``
+underneath): every parameter is stored once under its global key and global shape, from the
+``sharded_state_dict()`` of this rank's model chunks, so a model saved at one TP/PP layout loads at any
+other (megatron reshards on load, including the [q k v]-per-group and [gate; up] fusions). ``common.pt``
+also holds the model's shape (``suite_model``), which is checked against the scenario before loading.
+
+Saving is synchronous (``_SyncTorchDistSave``): megatron's default torch_dist writer forks writer
+processes and spawns a multiprocessing Manager on every save (4.5 s for the tiny model on CPU), and
+when ``psutil`` is missing its writer process dies and the save waits forever. The synchronous
+writer produces the same format, which megatron's default load strategy reads.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+
+from suite.errors import UserError
+
+# Scenario [model] keys that fix the parameters' shapes and the function the model computes.
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+              "vocab_size", "rope_base", "norm_epsilon")
+
+
+class _SyncTorchDistSave(TorchDistSaveShardedStrategy):
+    """megatron's torch_dist format, written by ``torch.distributed.checkpoint.save`` in this process."""
+
+    def __init__(self):
+        super().__init__("torch_dist", 1)
+
+    def save(self, sharded_state_dict, checkpoint_dir):
+        # the same translation megatron's async_save does: one main replica per shard, PyT ShardedTensors
+        state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
+        dcp.save(mcore_to_pyt_state_dict(state, False),
+                 storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True),
+                 planner=MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False))
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside megatron's DistributedDataParallel / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def _sharded_state_dict(chunks) -> dict:
+    # one entry per chunk: keys inside are local, the ShardedTensors carry global keys
+    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def model_shape(spec) -> dict:
+    return {k: getattr(spec.model, k) for k in SHAPE_KEYS}
+
+
+def resolve(spec, path: str) -> Path:
+    """A path from the scenario, relative to the scenario file."""
+    return (Path(spec.file).parent / Path(path).expanduser()).resolve()
+
+
+def is_checkpoint(path: Path) -> bool:
+    return (path / "metadata.json").is_file() and (path / "common.pt").is_file()
+
+
+def check_shape(spec, saved: dict, path: Path) -> None:
+    """UserError naming the first [model] key whose value differs from the checkpoint's."""
+    wrong = [k for k in SHAPE_KEYS if k in saved and saved[k] != getattr(spec.model, k)]
+    if wrong:
+        k = wrong[0]
+        raise UserError(f"{k} is {getattr(spec.model, k)} but the checkpoint {path} was saved with {saved[k]}.",
+                        file=spec.file, variant=spec.name, key=f"model.{k}",
+                        fix="set in [model]: " + ", ".join(f"{w} = {saved[w]!r}" for w in wrong) + ".")
+
+
+def check_save_path(spec) -> Path | None:
+    """The save_checkpoint directory; UserError when it holds something other than a checkpoint."""
+    if not spec.workload.save_checkpoint:
+        return None
+    path = resolve(spec, spec.workload.save_checkpoint)
+    if path.exists() and (not path.is_dir() or (any(path.iterdir()) and not is_checkpoint(path))):
+        raise UserError(f"{path} exists and is not a checkpoint; suite only replaces earlier checkpoints.",
+                        file=spec.file, variant=spec.name, key="workload.save_checkpoint",
+                        fix="give a new or empty directory, or remove that one.")
+    return path
+
+
+def save(spec, chunks, log=print) -> Path:
+    """Saves this rank's model chunks (collective: every rank calls it) to ``workload.save_checkpoint``."""
+    path = check_save_path(spec)
+    dist.barrier()  # every rank has checked before rank 0 touches the directory
+    if dist.get_rank() == 0:
+        if path.exists():
+            shutil.rmtree(path)  # an earlier checkpoint (check_save_path refuses anything else)
+        path.mkdir(parents=True)
+    dist.barrier()
+    state = _sharded_state_dict(chunks)
+    state["suite_model"] = model_shape(spec)  # plain values go to common.pt
+    dist_checkpointing.save(state, str(path), sharded_strategy=_SyncTorchDistSave())
+    log(f"checkpoint saved to {path}")
+    return path
+
+
+def load(spec, chunks, path: Path, log=print) -> None:
+    """Loads a checkpoint saved at any TP/PP layout into this rank's chunks (collective)."""
+    if not is_checkpoint(path):
+        raise UserError(f"no checkpoint at {path} (expected metadata.json and common.pt).",
+                        file=spec.file, variant=spec.name, key="model.init",
+                        fix="give the directory a variant wrote with [workload] save_checkpoint, "
+                            "relative to the scenario file.")
+    saved = dist_checkpointing.load_common_state_dict(str(path)).get("suite_model", {})
+    check_shape(spec, saved, path)
+    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(path))
+    for i, chunk in enumerate(chunks):
+        _unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
+    log(f"weights loaded from checkpoint {path}")
+
+
+def apply_init(spec, chunks, log=print) -> None:
+    """Applies ``[model] init`` to freshly initialised chunks ('random' keeps them as they are).
+
+    Also checks ``[workload] save_checkpoint`` now, so a bad destination fails before training.
+    """
+    kind, _, where = spec.model.init.partition(":")
+    if kind == "checkpoint":
+        load(spec, chunks, resolve(spec, where), log)
+    elif kind == "hf":
+        from suite.models import hf_import
+
+        hf_import.load(spec, chunks, resolve(spec, where), log)
+    check_save_path(spec)

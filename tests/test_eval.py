@@ -1,0 +1,190 @@
+"""suite.eval with a tiny deterministic model: a bigram table over bytes with hand-chosen probabilities.
+
+P(next | prev), every row normalised over the 256 bytes:
+* prev 'a': 'b' 0.6, each other byte 0.4/255;
+* prev 'b': 'b' 0.9, each other byte 0.1/255;
+* any other prev: 'a' 0.5, 'b' 0.25, each other byte 0.25/254 (call its log r).
+
+tests/data/eval/tiny_mc.jsonl, scored with lm-eval's rules (continuation = " " + choice; acc_norm divides
+by the choice's length in characters), by hand:
+1. "Q:" [a, bbbb] label 1: ll(" a") = r + ln .5 = -7.617; ll(" bbbb") = r + ln .25 + 3 ln .9 = -8.626.
+   acc picks "a" (wrong); per character -7.617 vs -2.157: acc_norm picks "bbbb" (right).
+2. "Q:" [zz, a] label 1: " zz" = 3r = -20.77 vs -7.617: both right.
+3. "Q:" [b, a] label 0: " b" = r + ln .25 = -8.310 vs -7.617: both wrong.
+4. "Q: " [ab, ba] label 0: the context's trailing space moves into the continuation ("  ab"):
+   2r + ln .5 + ln .6 vs 2r + ln .25 + ln(.1/255): both right.
+acc = 2/4 = 0.5 (stderr sqrt(1/3 / 4) = 0.2887), acc_norm = 3/4 = 0.75 (stderr 0.25).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from suite.errors import UserError
+from suite.eval import (ByteTokenizer, encode_pair, greedy_generate, loglikelihoods, multiple_choice,
+                        read_examples, rolling_loglikelihood, text_metrics)
+from suite.eval.core import rolling_windows
+
+MC_FILE = Path(__file__).resolve().parent / "data" / "eval" / "tiny_mc.jsonl"
+A, B = ord("a"), ord("b")
+
+
+def bigram_table() -> torch.Tensor:
+    p = torch.full((256, 256), 0.25 / 254, dtype=torch.float64)
+    p[:, A], p[:, B] = 0.5, 0.25
+    p[A], p[A, B] = 0.4 / 255, 0.6
+    p[B], p[B, B] = 0.1 / 255, 0.9
+    assert torch.allclose(p.sum(1), torch.ones(256, dtype=torch.float64))
+    return p.log()
+
+
+TABLE = bigram_table()
+
+
+def bigram(tokens: torch.Tensor) -> torch.Tensor:
+    """The model interface: [batch, length] tokens -> [batch, length, 256] next-token log-probs."""
+    return TABLE[tokens]
+
+
+def oracle(text: str) -> float:
+    """Sum of log P over the text's bytes after the first, straight from the table."""
+    data = text.encode()
+    return sum(float(TABLE[a, b]) for a, b in zip(data, data[1:]))
+
+
+R = math.log(0.25 / 254)
+
+
+def test_hand_computed_loglikelihoods():
+    pairs = [("Q:", " a"), ("Q:", " bbbb"), ("Q:", " zz"), ("Q: ", " ab"), ("Q: ", " ba")]
+    got = loglikelihoods(bigram, ByteTokenizer(), pairs)
+    expected = [R + math.log(.5), R + math.log(.25) + 3 * math.log(.9), 3 * R,
+                2 * R + math.log(.5) + math.log(.6), 2 * R + math.log(.25) + math.log(.1 / 255)]
+    for (ll, _), want, (ctx, cont) in zip(got, expected, pairs):
+        assert ll == pytest.approx(want, abs=1e-9)
+        assert ll == pytest.approx(oracle(ctx + cont) - oracle(ctx.rstrip()), abs=1e-9)
+    # greedy: ' ' after ':' is never the argmax; "ab" after "Q" is ('a' after 'Q', then 'b' after 'a')
+    assert [g for _, g in got] == [False, False, False, False, False]
+    (_, greedy), = loglikelihoods(bigram, ByteTokenizer(), [("Q", "ab")])
+    assert greedy
+
+
+def test_multiple_choice_acc_and_acc_norm_by_hand():
+    examples = read_examples(MC_FILE)
+    assert len(examples) == 4  # the blank line is skipped
+    result = multiple_choice(bigram, ByteTokenizer(), examples)
+    assert result["n"] == 4
+    assert result["acc"] == 0.5 and result["acc_norm"] == 0.75
+    assert result["acc_stderr"] == pytest.approx(math.sqrt(1 / 3 / 4))
+    assert result["acc_norm_stderr"] == pytest.approx(0.25)
+    first = result["loglikelihoods"][0]
+    assert first == pytest.approx([R + math.log(.5), R + math.log(.25) + 3 * math.log(.9)])
+    # batching does not change anything
+    assert multiple_choice(bigram, ByteTokenizer(), examples, batch_size=1) == result
+
+
+def test_context_conditions_the_continuation():
+    """Delimiter "": the first choice byte is predicted from the context's last byte ('b' -> 'b' 0.9).
+    Misaligned by one position, the row of 'x' would prefer 'a'."""
+    from suite.eval import Example
+
+    ex = [Example("xb", ("a", "b"), 1)]
+    result = multiple_choice(bigram, ByteTokenizer(), ex, delimiter="")
+    assert result["loglikelihoods"][0] == pytest.approx([math.log(.1 / 255), math.log(.9)])
+    assert result["acc"] == 1.0
+
+
+def test_encode_pair_moves_trailing_spaces_like_lm_eval():
+    tok = ByteTokenizer()
+    assert encode_pair(tok, "Q: ", " ab") == (list(b"Q:"), list(b"  ab"))
+    assert encode_pair(tok, "Q:", " ab") == (list(b"Q:"), list(b" ab"))
+
+
+def test_max_length_keeps_the_last_context_tokens():
+    long_context = "x" * 50 + "Q:"
+    full = loglikelihoods(bigram, ByteTokenizer(), [(long_context, " ab")])
+    cut = loglikelihoods(bigram, ByteTokenizer(), [(long_context, " ab")], max_length=4)
+    assert cut == full  # a bigram needs one token of context
+    with pytest.raises(ValueError, match="exceeds max_length"):
+        loglikelihoods(bigram, ByteTokenizer(), [("Q:", " abab")], max_length=3)
+    with pytest.raises(ValueError, match="BOS"):
+        loglikelihoods(bigram, ByteTokenizer(), [("", "ab")])
+
+
+def test_rolling_windows_are_lm_evals():
+    """The example of lm-eval's loglikelihood_rolling docstring: tokens 0..9, prefix BOS, max length 4."""
+    bos = 99
+    windows = rolling_windows([bos, *range(10)], 4)
+    assert windows == [([bos, 0, 1, 2, 3], 4), ([3, 4, 5, 6, 7], 4), ([5, 6, 7, 8, 9], 2)]
+    assert sum(n for _, n in rolling_windows(list(range(100)), 7)) == 99  # each token after the first once
+
+
+def test_text_metrics_uniform_model_is_8_bits_per_byte():
+    uniform = lambda t: torch.full((*t.shape, 256), -math.log(256))  # noqa: E731
+    m = text_metrics(uniform, torch.tensor(list(b"held-out text " * 10)), seq_length=16)
+    assert m["tokens"] == m["bytes"] == 139
+    assert m["loss"] == pytest.approx(math.log(256))
+    assert m["perplexity"] == pytest.approx(256)
+    assert m["bpb"] == pytest.approx(8.0)
+
+
+def test_text_metrics_bigram_by_hand():
+    """"abab...": after 'a' a 'b' (ln .6), after 'b' an 'a' (ln(.1/255)), whatever the window cut."""
+    text = "ab" * 20
+    want_ll = 20 * math.log(.6) + 19 * math.log(.1 / 255)
+    for seq in (3, 8, 64):
+        m = text_metrics(bigram, list(text.encode()), seq_length=seq)
+        assert m["tokens"] == 39
+        assert m["loss"] == pytest.approx(-want_ll / 39)
+        assert m["bpb"] == pytest.approx(-want_ll / (39 * math.log(2)))
+    # bpb = loss * tokens / (bytes * ln 2): a tokenizer with 2 bytes per token halves it
+    two = text_metrics(bigram, list(text.encode()), seq_length=8, num_bytes=78)
+    assert two["bpb"] == pytest.approx(-want_ll / (78 * math.log(2)))
+    assert rolling_loglikelihood(bigram, list(text.encode()), 8) == (pytest.approx(want_ll), 39)
+
+
+def test_greedy_generation_follows_the_argmax_and_stops():
+    tok = ByteTokenizer()
+    # 'Q' -> 'a' (0.5) -> 'b' (0.6) -> 'b' (0.9) -> ...
+    assert greedy_generate(bigram, tok, "Q", max_new_tokens=4) == "abbb"
+    assert greedy_generate(bigram, tok, "Q", until=["bb"], max_new_tokens=10) == "a"  # "abb" cut before "bb"
+    assert greedy_generate(bigram, tok, "Q", until=["\n", "zz"], max_new_tokens=3, max_length=1) == "abb"
+
+
+@pytest.mark.parametrize("line, words", [
+    ('{"context": "x", "choices": ["a"], "label": 0}', "2 or more"),
+    ('{"context": "x", "choices": ["a", "b"], "label": 2}', "label 2"),
+    ('{"context": "x", "choices": ["a", "b"]}', "KeyError"),
+    ("not json", "not a multiple-choice example"),
+])
+def test_bad_examples_name_the_line(tmp_path, line, words):
+    path = tmp_path / "mc.jsonl"
+    path.write_text('{"context": "x", "choices": ["a", "b"], "label": 0}\n' + line + "\n")
+    with pytest.raises(UserError) as e:
+        read_examples(path)
+    assert e.value.file == f"{path}:2" and words in str(e.value)
+
+
+def test_lm_eval_adapter():
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install lm-eval)")
+    from lm_eval.api.instance import Instance
+
+    from suite.eval.lm_eval_adapter import SuiteLM
+
+    lm = SuiteLM(bigram, ByteTokenizer(), max_length=8)
+
+    def req(kind, *args):
+        return Instance(request_type=kind, doc={}, arguments=args, idx=0)
+
+    (ll, greedy), = lm.loglikelihood([req("loglikelihood", "Q:", " a")])
+    assert ll == pytest.approx(R + math.log(.5)) and not greedy
+    (rolling,) = lm.loglikelihood_rolling([req("loglikelihood_rolling", "ab" * 20)])
+    assert rolling == pytest.approx(20 * math.log(.6) + 19 * math.log(.1 / 255))
+    out = lm.generate_until([req("generate_until", "Q", {"until": ["bb"], "max_gen_toks": 10}),
+                             req("generate_until", "Q", {"until": "zz", "max_gen_toks": 3})])
+    assert out == ["a", "abb"]
+    with pytest.raises(ValueError, match="greedily"):
+        lm.generate_until([req("generate_until", "Q", {"do_sample": True, "temperature": 0.7})])
