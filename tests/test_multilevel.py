@@ -17,6 +17,7 @@ parameters and to 1e-5 on losses.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -106,7 +107,8 @@ def test_phase_spec_sets_shape_steps_and_lr():
     assert (small.model.num_layers, small.model.hidden_size) == (2, 32)
     assert small.workload.steps == 4 and small.tricks == {}
     assert small.workload.lr == 6e-3 and small.workload.min_lr == pytest.approx(6e-4)  # ratio kept
-    assert phase_spec(v, c, 2).model == v.model and v.workload.steps == 10  # the spec itself unchanged
+    assert phase_spec(v, c, 0).model == v.model and v.workload.steps == 10  # the spec itself unchanged
+    assert phase_spec(v, c, 2).model == dataclasses.replace(v.model, init="random")  # starts from the level change
 
 
 def hand_step_flops(layers, h, heads, groups, ffn, vocab, B, S) -> int:
@@ -320,8 +322,6 @@ def result(worker, name):
 
 def _build(model_config, seed=1234):
     """A real GPTModel (TP=1, PP=1) of the given [model] shape, in eval mode."""
-    import dataclasses
-
     from suite.models import gpt
 
     s = dataclasses.replace(spec(), model=model_config, tricks={})

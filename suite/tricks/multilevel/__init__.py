@@ -41,8 +41,8 @@ class MultilevelConfig:
                                           "coalescing (default: 2 each).")
     depth_factors: list[int] | None = doc("Divisor of the layer count at each coalescing; adjacent layers are "
                                           "averaged (default: 2 each).")
-    alpha: float = doc("Interpolation weight of the de-coalesced small model: "
-                       "θ ← (1 − α)·θ_large + α·D(θ_small).", 0.25)
+    alpha: float = doc("Interpolation weight of the de-coalesced small model on the way up: "
+                       "theta = (1 - alpha) * theta_large + alpha * D(theta_small).", 0.25)
 
 
 def phase_levels(levels: int) -> list[int]:
@@ -82,6 +82,8 @@ def phase_spec(spec, cfg: MultilevelConfig, phase: int):
     w = spec.workload
     lr = cfg.lr[phase] if cfg.lr else w.lr
     model = level_models(spec.model, cfg)[phase_levels(cfg.levels)[phase]]
+    if phase:  # [model] init applies to the first phase; later ones start from the level change
+        model = replace(model, init="random")
     workload = replace(w, steps=cfg.steps[phase], lr=lr, min_lr=w.min_lr * lr / w.lr)
     return replace(spec, model=model, workload=workload, tricks={})
 
@@ -102,6 +104,9 @@ def validate(spec, cfg: MultilevelConfig) -> None:
     def fail(k, message, fix):
         raise UserError(message, key=k, fix=fix, **where)
 
+    if spec.workload.kind != "train":
+        fail("workload.kind", f"multilevel is a training schedule; workload.kind is '{spec.workload.kind}'.",
+             'set kind = "train" or remove [tricks.multilevel].')
     others = [name for name in spec.tricks if name != "multilevel"]
     if others:
         fail("tricks", f"multilevel runs its own training loop and cannot be combined with {', '.join(others)}.",

@@ -74,15 +74,13 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         final = p == len(levels) - 1
         pspec = phase_spec(spec, cfg, p)
         started = _host_seconds(cuda)
-        state = None
-        if trainer is not None:
-            state = _next_parameters(trainer, level, levels[p - 1], saved, cfg)
-            trainer = None
-            gc.collect()  # free the previous model and optimizer before building the next
+        state = _next_parameters(trainer, level, levels[p - 1], saved, cfg) if p else None
+        trainer = None  # free the previous model and optimizer before building the next
+        gc.collect()
         trainer = Trainer(pspec, ctx)
-        if state is not None:
+        if p:
             load_state(trainer.model, state)
-            state = None
+        state = None
         transition = _host_seconds(cuda) - started if p else 0.0
         transitions += transition
         ctx.log(f"phase {p + 1}/{len(levels)}: level {level} ({models[level].num_layers} layers x "
