@@ -1,4 +1,4 @@
-"""Command line: ``python -m suite {run,validate,plan,report,compare}``.
+"""Command line: ``python -m suite {run,validate,plan,report,compare,analyze}``.
 
 User errors (``UserError``) print one line and exit 2; bugs keep their traceback.
 """
@@ -56,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--max-loss-increase", type=float, default=0.02,
                       help="allowed absolute increase of the validation (else final) loss")
     cmp_.add_argument("-o", "--output", default=None, help="also write the table here")
+
+    analyze = sub.add_parser("analyze", help="analyses that guide a technique's settings")
+    what = analyze.add_subparsers(dest="analysis", required=True)
+    sim = what.add_parser("similarity", help="cosine similarity of consecutive layers' inputs; CQIL groups",
+                          description="Runs the scenario's model (first variant, or --variant) on held-out "
+                          "batches on one process and writes a table, a heat map and suggested CQIL groups.")
+    sim.add_argument("scenario")
+    _add_scenario_args(sim)
+    sim.add_argument("--threshold", type=float, default=0.95, help="least cosine similarity within a group")
+    sim.add_argument("--degree", type=int, default=2, help="layers per suggested group (default 2)")
+    sim.add_argument("--batches", type=int, default=None, help="held-out batches (default: workload.eval_batches)")
+    sim.add_argument("-o", "--output", default=None, help="folder (default: results/<scenario>/similarity)")
     return parser
 
 
@@ -86,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
             from suite.report.compare import compare_command
 
             return compare_command(args)
+        if args.command == "analyze":
+            from suite.analyze.similarity import similarity_command
+
+            return similarity_command(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import gc
 import os
 import sys
 import traceback
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -119,6 +120,28 @@ def _maybe_inject_fault(v, step: int, rank: int) -> None:
         raise RuntimeError(f"injected fault at step {step} on rank {rank} ({FAULT_ENV}={spec})")
 
 
+def _leave_error(out: str, attempt: str, rank: int, error: dict) -> None:
+    """A failing rank writes its error beside the records before any collective, so rank 0 can
+    report the real cause even when the failure breaks the process group (ranks share the results
+    folder on one host; on several hosts rank 0 falls back to its own error)."""
+    import json
+
+    os.makedirs(os.path.join(out, "errors"), exist_ok=True)
+    with open(os.path.join(out, "errors", f"{attempt}.rank{rank}.json"), "w") as f:
+        json.dump(error, f)
+
+
+def _left_error(out: str, attempt: str) -> dict | None:
+    import glob
+    import json
+
+    paths = sorted(glob.glob(os.path.join(out, "errors", f"{attempt}.rank*.json")), key=os.path.getmtime)
+    if not paths:
+        return None
+    with open(paths[0]) as f:  # the first failure in time is the cause; later ones are its echoes
+        return json.load(f)
+
+
 def _run_variant(v, ctx: RankContext, out: str, args) -> bool:
     """Runs one variant; False when the process group can no longer be trusted."""
     from megatron.core import parallel_state as ps
@@ -134,6 +157,10 @@ def _run_variant(v, ctx: RankContext, out: str, args) -> bool:
     ctx.log(f"start: tp={base['tp']} pp={base['pp']} dp={base['dp']} on {ctx.world} "
             f"{'GPUs' if torch.cuda.is_available() else 'CPU processes'}")
     error, result = None, None
+    # one name for this attempt on every rank, for the error files ranks leave behind
+    attempt = [f"{v.name}.{uuid.uuid4().hex[:12]}" if ctx.rank == 0 else None]
+    dist.broadcast_object_list(attempt, src=0)
+    attempt = attempt[0]
     try:
         ps.initialize_model_parallel(tensor_model_parallel_size=v.parallel.tp,
                                      pipeline_model_parallel_size=v.parallel.pp,
@@ -150,6 +177,7 @@ def _run_variant(v, ctx: RankContext, out: str, args) -> bool:
         error = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()[-4000:],
                  "rank": ctx.rank}
         print(f"[suite {ctx.label}] rank {ctx.rank} failed: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        _leave_error(out, attempt, ctx.rank, error)
     # Agree on the outcome; if this collective fails the group is broken.
     try:
         errors = [None] * ctx.world
@@ -158,8 +186,10 @@ def _run_variant(v, ctx: RankContext, out: str, args) -> bool:
         metrics = None if first_error else workload.metrics(result, v, ctx)
         intact = True
     except Exception as e:
-        first_error = error or {"type": type(e).__name__, "message": f"process group broken: {e}",
-                                "traceback": traceback.format_exc()[-4000:], "rank": ctx.rank}
+        # a rank failed alone and the others timed out waiting: report the first failure's own error
+        first_error = _left_error(out, attempt) or error or {
+            "type": type(e).__name__, "message": f"process group broken: {e}",
+            "traceback": traceback.format_exc()[-4000:], "rank": ctx.rank}
         metrics, intact = None, False
     finally:
         try:

@@ -116,7 +116,7 @@ def plan_of(spec) -> CQILPlan | None:
             fail(f"degree must be at least 1, got {degree}.", "use degree = 2 or 4.", "parallel.cqil.degree")
         if not 0 <= start < end <= L:
             fail(f"start {start} and end {end} (exclusive) must satisfy 0 <= start < end <= num_layers {L}.",
-                 f"pick a span inside layers 0..{L - 1}, e.g. start = {L // 3}, end = {L - 2}.",
+                 f"pick a span inside layers 0..{L - 1}, e.g. start = 0, end = {L - L % degree}.",
                  "parallel.cqil.end")
         if (end - start) % degree:
             fail(f"the span {start}..{end - 1} has {end - start} layers, not a multiple of degree {degree}.",
@@ -151,6 +151,9 @@ def plan_of(spec) -> CQILPlan | None:
     if p.pp != 1 or (p.vpp or 1) != 1:
         fail("CQIL replaces pipeline parallelism over the grouped layers; it runs with pp = 1.",
              "set pp = 1 and remove vpp.", "parallel.pp")
+    if spec.model.init != "random":
+        fail("CQIL runs on random weights for now: megatron's checkpoint keys follow the position in the "
+             "layer list, which CQIL shortens on every rank.", 'set [model] init = "random".', "model.init")
     if p.dp is not None and p.dp != degree:
         fail(f"CQIL takes megatron's data-parallel dimension: dp must be the CQIL degree {degree}, got {p.dp}.",
              "remove dp (it is derived as tp x degree processes).", "parallel.dp")

@@ -41,7 +41,9 @@ class CQILLayer(TransformerLayer):
             self.self_attention.register_forward_hook(self._keep_attention_output)
 
     def _keep_attention_output(self, module, args, output):
-        self._attention_output = output[0]  # (output, bias); the model has no biases
+        # (output, bias), no bias here; a copy, as megatron's bias-dropout-add then adds the residual
+        # into the output in place when no gradient is needed
+        self._attention_output = output[0].clone()
 
     def forward(self, hidden_states, **kwargs):
         role = self.role
@@ -59,10 +61,11 @@ class CQILLayer(TransformerLayer):
 
     def _bypass(self, role: GroupRole) -> torch.Tensor | None:
         """Σ of the attention outputs of the previous min(d, k) layers of the group (None for k = 0)."""
-        mine = self._attention_output.contiguous()
+        mine = self._attention_output
         self._attention_output = None
-        gathered = torch.empty((role.size, *mine.shape), dtype=mine.dtype, device=mine.device)
+        gathered = torch.empty((role.size * mine.shape[0], *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
         dist.all_gather_into_tensor(gathered, mine, group=role.group)  # every rank joins, even k = 0
+        gathered = gathered.view(role.size, *mine.shape)
         sources = list(range(max(0, role.position - role.bypass), role.position))
         return gathered[sources].sum(dim=0) if sources else None
 

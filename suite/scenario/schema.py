@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from suite.parallel.cqil import degree_of
+
 
 def doc(text: str, default: Any = None, *, choices: tuple | None = None, factory=None):
     """A dataclass field with its documentation (and allowed values) attached."""
@@ -48,13 +50,17 @@ class ParallelConfig:
     vpp: int | None = doc("Virtual pipeline stages per pipeline rank (interleaved 1F1B).")
     sequence_parallel: bool = doc("Megatron sequence parallelism (needs tp > 1).", False)
     recompute: str = doc("Activation recompute.", "none", choices=("none", "selective", "full"))
+    cqil: dict | None = doc("CQIL layer groups run in parallel (inference): {groups = [[12, 13], ...], "
+                            "bypass = 0} or {start = 12, end = 30 (exclusive), degree = 2, bypass = 0}; "
+                            "needs tp x degree GPUs (suite.parallel.cqil).")
 
 
 @dataclass
 class WorkloadConfig:
     """[workload]: what is run and measured."""
 
-    kind: str = doc("What to measure.", "train", choices=("train",))
+    kind: str = doc("What to measure: training, or inference latency (suite.workloads.inference).", "train",
+                    choices=("train", "inference"))
     steps: int = doc("Optimizer steps, warm-up included.", 20)
     warmup_steps: int = doc("First steps excluded from timing (compilation, allocator warm-up).", 3)
     global_batch: int = doc("Sequences per optimizer step, over all data-parallel ranks.", 8)
@@ -80,6 +86,15 @@ class WorkloadConfig:
                                       "init = 'checkpoint:PATH'); relative to the scenario file; an earlier "
                                       "checkpoint there is replaced.")
     timeout_s: int = doc("Collective timeout; a hung rank fails the variant after this long.", 600)
+    batch_sizes: list[int] = doc("inference: sequences per request (a grid axis).", factory=lambda: [1])
+    prompt_lengths: list[int] = doc("inference: prompt tokens per sequence, prefilled at once (a grid axis).",
+                                    factory=lambda: [128])
+    gen_lengths: list[int] = doc("inference: tokens generated per sequence, one decode step each (a grid axis; "
+                                 "0: prefill only).", factory=lambda: [32])
+    repeats: int = doc("inference: timed requests per grid point.", 10)
+    warmup_repeats: int = doc("inference: untimed requests before them.", 2)
+    cuda_graph: str = doc("inference: decode steps eager, replayed from a CUDA graph, or both (GPU only).",
+                          "off", choices=("off", "on", "both"))
 
 
 @dataclass
@@ -137,8 +152,11 @@ class VariantSpec:
     raw: dict = field(default_factory=dict)  # the merged TOML table this variant was built from
 
     def world_size(self, launched: int | None = None) -> int:
-        """GPUs this variant needs: tp*pp*dp, with dp taken from the launch (or 1) when omitted."""
+        """GPUs this variant needs: tp*pp*dp, with dp taken from the launch (or 1) when omitted;
+        inference: tp*pp*CQIL degree."""
         p = self.parallel
+        if self.workload.kind == "inference":  # one model: tp x pp x CQIL degree, never replicated
+            return p.tp * p.pp * degree_of(p.cqil)
         if p.dp is not None:
             return p.tp * p.pp * p.dp
         if launched is not None:

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 from suite.errors import UserError
+from suite.parallel.cqil import plan_of
 
 
 def _fail(spec, key: str, message: str, fix: str):
@@ -106,6 +107,36 @@ def check_variant(spec) -> None:
     if d.source == "text" and d.tokenizer == "byte" and m.vocab_size < 256:
         _fail(spec, "model.vocab_size", f"the byte tokenizer needs vocab_size >= 256, got {m.vocab_size}.",
               "set vocab_size = 256 or more.")
+    if w.kind == "inference":
+        check_inference(spec)
+    plan_of(spec)  # CQIL groups (suite.parallel.cqil); None without [parallel] cqil
+
+
+def check_inference(spec) -> None:
+    m, p, w = spec.model, spec.parallel, spec.workload
+    for key in ("batch_sizes", "prompt_lengths", "gen_lengths"):
+        values, least = getattr(w, key), 0 if key == "gen_lengths" else 1
+        if not values or min(values) < least:
+            _fail(spec, f"workload.{key}", f"{key} must be a non-empty list of integers >= {least}, got {values}.",
+                  f"write e.g. {key} = [{max(least, 1)}].")
+    longest = max(w.prompt_lengths) + max(w.gen_lengths)
+    if longest > m.max_sequence_length:
+        _fail(spec, "workload.prompt_lengths", f"prompt {max(w.prompt_lengths)} + generated {max(w.gen_lengths)} "
+              f"tokens exceed the model's max_sequence_length {m.max_sequence_length}.",
+              f"shorten the grid or raise model.max_sequence_length to {longest} (RoPE has no fixed length).")
+    if w.repeats < 1 or w.warmup_repeats < 0:
+        _fail(spec, "workload.repeats", f"repeats must be >= 1 and warmup_repeats >= 0, got {w.repeats} and "
+              f"{w.warmup_repeats}.", "set e.g. repeats = 10, warmup_repeats = 2.")
+    if p.dp is not None and p.cqil is None and p.dp != 1:
+        _fail(spec, "parallel.dp", f"inference measures one model replica; dp {p.dp} would run copies.",
+              "remove dp.")
+    if (p.vpp or 1) > 1 or p.sequence_parallel:
+        _fail(spec, "parallel.vpp" if (p.vpp or 1) > 1 else "parallel.sequence_parallel",
+              "inference runs plain pipeline stages without sequence parallelism (a decode step has one token).",
+              "remove vpp and set sequence_parallel = false.")
+    if spec.tricks:
+        _fail(spec, "tricks", f"techniques {', '.join(spec.tricks)} change training; inference runs the plain "
+              "model.", "remove the [tricks.*] sections from inference variants.")
 
 
 def check_target(spec) -> None:
@@ -129,6 +160,12 @@ def check_batch(spec, dp: int) -> None:
 def check_world(spec, world: int) -> None:
     """Checks that need the launched world size (tp * pp * dp must equal it)."""
     p = spec.parallel
+    if spec.workload.kind == "inference":
+        need = spec.world_size()
+        if world != need:
+            _fail(spec, "parallel", f"inference runs one model on tp x pp x CQIL degree = {need} process(es), "
+                  f"but {world} were launched.", f"launch {need} (`python -m suite run` sizes each variant itself).")
+        return
     if p.dp is not None and p.tp * p.pp * p.dp != world:
         _fail(spec, "parallel.dp", f"tp {p.tp} x pp {p.pp} x dp {p.dp} = {p.tp * p.pp * p.dp} GPUs, "
               f"but {world} processes were launched.",

@@ -10,7 +10,7 @@ import importlib
 
 from suite.tricks.registry import TRICKS
 
-KINDS = {"train": "suite.workloads.train"}
+KINDS = {"train": "suite.workloads.train", "inference": "suite.workloads.inference"}
 
 
 def workload_for(spec):
