@@ -20,13 +20,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
+from check_worker import result, run_worker, subprocess_env, worker_main
 
 from suite.metrics import flops as F
 from suite.tricks.multilevel import (MultilevelConfig, coalesced, factors, level_models, phase_flops,
@@ -34,13 +33,6 @@ from suite.tricks.multilevel import (MultilevelConfig, coalesced, factors, level
 
 ROOT = Path(__file__).resolve().parents[1]
 VCYCLE = ROOT / "tests" / "scenarios" / "multilevel" / "vcycle.toml"
-
-
-def subprocess_env() -> dict:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 def cfg(**kw) -> MultilevelConfig:
@@ -306,18 +298,7 @@ WORKER_TIMEOUT_S = 300
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     """Runs every check_* in one subprocess; {check name: {"error": str | None, "data": ...}}."""
-    folder = tmp_path_factory.mktemp("multilevel_worker")
-    out = folder / "results.json"
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(out), str(folder)],
-                       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
-    assert r.returncode == 0 and out.exists(), f"worker failed ({r.returncode})\n{r.stdout}\n{r.stderr}"
-    return json.loads(out.read_text())
-
-
-def result(worker, name):
-    entry = worker[name]
-    assert entry["error"] is None, f"{name} failed in the worker:\n{entry['error']}"
-    return entry["data"]
+    return run_worker(__file__, tmp_path_factory.mktemp("multilevel_worker"), WORKER_TIMEOUT_S)
 
 
 def _build(model_config, seed=1234):
@@ -405,30 +386,6 @@ def check_bf16_master_weights_are_read_and_written(tmp):
 
 CHECKS = [check_synthetic_names_and_shapes_are_megatrons, check_width_decoalescing_preserves_the_function,
           check_bf16_master_weights_are_read_and_written]
-
-
-def _worker_main(out_path: str, folder: str) -> int:
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from suite.launch import cpu_compat
-
-    torch.set_num_threads(1)
-    cpu_compat.enable()
-    dist.init_process_group("gloo", init_method=f"file://{folder}/pg_store", rank=0, world_size=1)
-    ps.initialize_model_parallel()
-    results = {}
-    for check in CHECKS:
-        torch.manual_seed(1234)
-        try:
-            results[check.__name__[len("check_"):]] = {"error": None, "data": check(folder)}
-        except Exception:
-            results[check.__name__[len("check_"):]] = {"error": traceback.format_exc(), "data": None}
-    Path(out_path).write_text(json.dumps(results))
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
-    return 0
 
 
 def test_synthetic_state_has_megatrons_names_and_shapes(worker):
@@ -636,4 +593,4 @@ def test_report_reaches_the_target_in_the_final_phase_only(records):
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
-    sys.exit(_worker_main(sys.argv[2], sys.argv[3]))
+    sys.exit(worker_main(CHECKS, sys.argv[2], sys.argv[3]))

@@ -21,14 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import subprocess
 import sys
-import traceback
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
+from check_worker import result, run_worker, subprocess_env, worker_main
 
 from suite.metrics import flops as F
 from suite.tricks.random_ltd import (RandomLTDConfig, dropping_layers, kept_length, layer_tokens,
@@ -45,13 +44,6 @@ def cfg(**kw) -> RandomLTDConfig:
     base = dict(layers=None, min_kept=128, schedule_steps=1000, step_size=16, schedule="fixed_linear",
                 layer_token_lr=True)
     return RandomLTDConfig(**{**base, **kw})
-
-
-def subprocess_env() -> dict:
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 # --- 1. kept-length schedule and layer-tokens (pure) ----------------------------------------------
@@ -147,19 +139,7 @@ WORKER_TIMEOUT_S = 300
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
     """Runs every check_* in one subprocess; {check name: {"error": str | None, "data": ...}}."""
-    folder = tmp_path_factory.mktemp("random_ltd_worker")
-    out = folder / "results.json"
-    r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", str(out), str(folder)],
-                       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                       timeout=WORKER_TIMEOUT_S)
-    assert r.returncode == 0 and out.exists(), f"worker failed ({r.returncode})\n{r.stdout}\n{r.stderr}"
-    return json.loads(out.read_text())
-
-
-def result(worker, name):
-    entry = worker[name]
-    assert entry["error"] is None, f"{name} failed in the worker:\n{entry['error']}"
-    return entry["data"]
+    return run_worker(__file__, tmp_path_factory.mktemp("random_ltd_worker"), WORKER_TIMEOUT_S)
 
 
 def _spec(*overrides):
@@ -588,30 +568,6 @@ CHECKS = [check_kept_indices_properties, check_large_seed, check_kept_equals_seq
           check_trainer_draws_per_micro_batch]
 
 
-def _worker_main(out_path: str, folder: str) -> int:
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from suite.launch import cpu_compat
-
-    torch.set_num_threads(1)
-    cpu_compat.enable()
-    dist.init_process_group("gloo", init_method=f"file://{folder}/pg_store", rank=0, world_size=1)
-    ps.initialize_model_parallel()
-    results = {}
-    for check in CHECKS:
-        torch.manual_seed(1234)
-        try:
-            results[check.__name__[len("check_"):]] = {"error": None, "data": check(folder)}
-        except Exception:
-            results[check.__name__[len("check_"):]] = {"error": traceback.format_exc(), "data": None}
-    Path(out_path).write_text(json.dumps(results))
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
-    return 0
-
-
 # --- 2. LR schedule by layer-tokens ---------------------------------------------------------------
 
 def hand_lrs(case: dict) -> list[float]:
@@ -821,7 +777,7 @@ def test_layout_records_hold_the_hand_schedule(layout_records):
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
-    sys.exit(_worker_main(sys.argv[2], sys.argv[3]))
+    sys.exit(worker_main(CHECKS, sys.argv[2], sys.argv[3]))
 
 
 def test_gather_scatter_match_torch_gather_and_pass_gradcheck():
