@@ -9,18 +9,36 @@ def plan_rows(variants) -> list[dict]:
     rows = []
     for v in variants:
         shape = flops.Shape.of(v.model)
-        mem = flops.memory_estimate_bytes(v)
         w = v.workload
-        rows.append({
-            "variant": v.name + (" (baseline)" if v.is_baseline else ""),
-            "layout": f"tp{v.parallel.tp} pp{v.parallel.pp} dp{v.parallel.dp or '*'}",
-            "gpus": v.world_size(),
-            "parameters": flops.parameters(shape)["total"],
-            "tokens_per_step": w.global_batch * w.seq_length,
-            "flops_per_step": flops.train_step_flops(shape, w.global_batch, w.seq_length),
-            "memory_per_gpu": mem["total"],
-        })
+        row = {"variant": v.name + (" (baseline)" if v.is_baseline else ""),
+               "gpus": v.world_size(), "parameters": flops.parameters(shape)["total"]}
+        if w.kind == "inference":
+            row.update(_inference_row(v, shape))
+        else:
+            row.update(layout=f"tp{v.parallel.tp} pp{v.parallel.pp} dp{v.parallel.dp or '*'}",
+                       tokens_per_step=w.global_batch * w.seq_length,
+                       flops_per_step=flops.train_step_flops(shape, w.global_batch, w.seq_length),
+                       memory_per_gpu=flops.memory_estimate_bytes(v)["total"])
+        rows.append(row)
     return rows
+
+
+def _inference_row(v, shape) -> dict:
+    """Largest grid point: prefill FLOPs, and weight bytes per GPU (bf16 2 bytes, fp32 4).
+
+    With CQIL every rank holds the layers outside groups and one layer of each group."""
+    from suite.parallel.cqil import plan_of
+
+    p, w = v.parallel, v.workload
+    batch, prompt = max(w.batch_sizes), max(w.prompt_lengths)
+    plan = plan_of(v)
+    layers = shape.layers if plan is None else plan.depth
+    embeddings = (1 if p.pp > 1 else 2) * shape.vocab * shape.hidden  # input and output on one stage each
+    weights = (layers * flops.layer_params(shape) / p.pp + embeddings) / p.tp
+    cqil = f" cqil{plan.degree}" if plan else ""
+    return {"layout": f"tp{p.tp} pp{p.pp}{cqil}", "tokens_per_step": batch * prompt,
+            "flops_per_step": flops.forward_flops(shape, batch, prompt),
+            "memory_per_gpu": weights * (2 if w.precision == "bf16" else 4)}
 
 
 def _si(x: float, unit: str = "") -> str:
@@ -32,7 +50,8 @@ def _si(x: float, unit: str = "") -> str:
 
 def print_plan(path: str, overrides, only) -> int:
     variants = load_scenario(path, overrides, only)
-    print(f"{variants[0].scenario} ({path}); dp '*' = derived from the launch (1 when launched for you)")
+    print(f"{variants[0].scenario} ({path}); dp '*' = derived from the launch (1 when launched for you); "
+          "inference rows: the largest prompt's prefill, and weights only for memory")
     print("| variant | layout | GPUs | parameters | tokens/step | FLOPs/step | est. memory/GPU |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in plan_rows(variants):
