@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
+import glob
+import json
 import os
 import sys
 import traceback
@@ -124,17 +126,12 @@ def _leave_error(out: str, attempt: str, rank: int, error: dict) -> None:
     """A failing rank writes its error beside the records before any collective, so rank 0 can
     report the real cause even when the failure breaks the process group (ranks share the results
     folder on one host; on several hosts rank 0 falls back to its own error)."""
-    import json
-
     os.makedirs(os.path.join(out, "errors"), exist_ok=True)
     with open(os.path.join(out, "errors", f"{attempt}.rank{rank}.json"), "w") as f:
         json.dump(error, f)
 
 
 def _left_error(out: str, attempt: str) -> dict | None:
-    import glob
-    import json
-
     paths = sorted(glob.glob(os.path.join(out, "errors", f"{attempt}.rank*.json")), key=os.path.getmtime)
     if not paths:
         return None

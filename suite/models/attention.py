@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from megatron.core.transformer.enums import AttnMaskType

@@ -123,7 +123,7 @@ class Trainer:
 
     def __init__(self, spec, ctx):
         self.spec, self.ctx = spec, ctx
-        w, p = spec.workload, spec.parallel
+        w = spec.workload
         self.cuda = torch.cuda.is_available()
         self.dp = ps.get_data_parallel_world_size()
         self.num_micro = w.global_batch // (w.micro_batch * self.dp)
