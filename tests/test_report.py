@@ -4,6 +4,11 @@ Fast, CPU only and torch-free. Fixtures in tests/data/report/ are schema-v1 reco
 values: cpu/records.jsonl (a 2-process CPU run of `tiny`, one variant re-run so the latest record
 must win), gpu.jsonl (`gpt-1b` on 8 x H100, one variant failed with an OOM) and gpu-next.jsonl (the
 next night: one variant within noise, one slower, one faster, the failed one fixed, one new).
+inference.jsonl holds inference records (`workload.kind = "inference"`, trimmed config): cqil_tiny/single
+and llama7b_cqil/single are real H100 records; cqil_tiny/cqil2 is constructed from cqil_tiny/single
+(dp = CQIL degree 2, metrics.cqil of the scenario's plan, decode times x0.84 with CUDA graphs and x0.95
+eager, prefill x0.97 / x1.02, graph_logits_rel_diff added) so that the latency cut has a real Δ and
+a Δ within noise.
 
 Golden files: report.md and compare.md in tests/data/report/ are the expected output, compared
 exactly. After an intended change of the output, regenerate them and review the diff:
@@ -34,6 +39,7 @@ from suite.report.select import load_latest
 ROOT = Path(__file__).resolve().parents[1]
 DATA = Path("tests/data/report")  # relative to ROOT: paths appear in the output, goldens must not depend on it
 CPU, GPU, GPU_NEXT = DATA / "cpu", DATA / "gpu.jsonl", DATA / "gpu-next.jsonl"
+INFERENCE = DATA / "inference.jsonl"
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
@@ -228,6 +234,58 @@ def test_report_missing_path_is_a_user_error():
     proc = run_cli("report", "tests/data/report/no-such-folder")
     assert proc.returncode == 2
     assert "no results at" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- inference
+
+
+def test_inference_report_markdown_golden():
+    proc = run_cli("report", INFERENCE)
+    assert proc.returncode == 0, proc.stderr
+    check_golden("inference.md", proc.stdout)
+    assert "step time (ms)" not in proc.stdout  # no all-n/a training table
+
+
+def test_latency_cut_is_computed_independently():
+    recs = by_variant([r for r in read_jsonl(INFERENCE) if r["scenario"] == "cqil_tiny"])
+    point = lambda rec: next(e for e in rec["metrics"]["inference"] if e["batch"] == 2 and e["cuda_graph"])
+    base, cqil = point(recs["single"]), point(recs["cqil2"])
+    a, b = base["decode_ms_median"], cqil["decode_ms_median"]
+    spreads = [(e["decode_ms_p90"] - e["decode_ms_p10"]) / 2 / e["decode_ms_median"] for e in (base, cqil)]
+    assert abs(b - a) / a > max(spreads)  # a real cut, not noise
+
+    rows = [r for r in build_rows(load_latest([ROOT / INFERENCE])) if r.get("row") == "latency"]
+    row = next(r for r in rows if r["variant"] == "cqil2" and r["batch"] == 2 and r["cuda_graph"])
+    assert row["delta_decode_pct"] == pytest.approx((b - a) / a * 100) and not row["delta_decode_noise"]
+    pa, pb = base["prefill_ms_median"], cqil["prefill_ms_median"]
+    assert row["delta_prefill_pct"] == pytest.approx((pb - pa) / pa * 100) and row["delta_prefill_noise"]
+
+    out = run_cli("report", INFERENCE).stdout
+    line = next(l for l in out.splitlines() if l.startswith("| cqil2 | 2 | 16 | 4 | graph |"))
+    assert cells(line)[-2] == f"{(b - a) / a * 100:+.1f}%" == "-16.0%"
+    assert cells(line)[5] == f"{pb:.1f} ± {(cqil['prefill_ms_p90'] - cqil['prefill_ms_p10']) / 2:.1f}"
+    eager = next(l for l in out.splitlines() if l.startswith("| cqil2 | 2 | 16 | 4 | eager |"))
+    assert cells(eager)[-2] == "-5.0% (noise)"
+    assert "| tp1 × cqil2 | 2 |" in out  # layout: the record's dp holds the CQIL degree
+    assert "sequential depth 6 of 8 layers (6 per GPU); ideal decode cut 25.0%" in out  # 1 - 6/8
+
+
+def test_latency_rows_in_csv_and_json_leave_training_rows_alone(tmp_path):
+    training = json.loads(run_cli("report", CPU, GPU, "--format", "json").stdout)
+    both = json.loads(run_cli("report", CPU, GPU, INFERENCE, "--format", "json").stdout)
+    assert both[:len(training)] == training and all("row" not in r for r in training)
+    latency = [r for r in both[len(training):] if r.get("row") == "latency"]
+    assert len(latency) == 4 + 4 + 2  # single and cqil2 of cqil_tiny, single of llama7b_cqil
+    assert {r["layout"] for r in latency if r["variant"] == "cqil2"} == {"tp1 × cqil2"}
+    l7 = [r for r in latency if r["scenario"] == "llama7b_cqil"]
+    assert [r["cuda_graph"] for r in l7] == [False, True] and l7[1]["same_tokens_as_eager"] is False
+
+    out = tmp_path / "r.csv"
+    assert run_cli("report", INFERENCE, "--format", "csv", "-o", out).returncode == 0
+    rows = list(csv.DictReader(io.StringIO(out.read_text(encoding="utf-8"))))
+    assert [r["row"] for r in rows].count("latency") == 10
+    assert rows[2]["variant"] == "single" and rows[2]["cuda_graph"] == "False"  # after the 2 variant rows
+    assert float(rows[2]["decode_ms_median"]) == pytest.approx(17.27236843109131)
 
 
 # ---------------------------------------------------------------------------------------------- compare

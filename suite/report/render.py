@@ -11,6 +11,7 @@ import io
 import json
 
 from suite.report import fmt
+from suite.report.latency import is_inference, latency_rows, latency_section
 from suite.report.quality import quality_section
 from suite.report.select import (baseline_of, by_scenario, failure, is_ok, load_latest, machine, metric,
                                  relative_change, step_half_spread_s, step_median_s)
@@ -69,11 +70,14 @@ def variant_row(rec: dict, base: dict) -> dict:
 
 
 def build_rows(latest: dict) -> list[dict]:
-    """Flat rows of every scenario, each scenario's baseline first."""
+    """Flat rows of every scenario, each scenario's baseline first; inference scenarios add one row per
+    latency point after their variant rows ("row": "latency")."""
     out = []
     for recs in by_scenario(latest).values():
         base = baseline_of(recs)
         out += [variant_row(r, base) for r in recs]
+        if any(is_inference(r) for r in recs):
+            out += latency_rows(recs)
     return out
 
 
@@ -155,7 +159,9 @@ def _header(rows: list[dict]) -> str:
 
 
 def _section(scenario: str, rows: list[dict], records: list[dict]) -> list[str]:
-    """Heading, header line, table and notes of one scenario."""
+    """Heading, header line, table and notes of one scenario (inference: the latency tables instead)."""
+    if any(is_inference(r) for r in records):
+        return [f"## {scenario}", _header(rows)] + latency_section(records)
     optional = _optional_columns(rows)
     headers = [h for h, _ in COLUMNS] + optional
     table = fmt.table(headers, [_cells(r, optional) for r in rows], "ll" + "r" * (len(headers) - 2))

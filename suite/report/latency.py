@@ -1,0 +1,211 @@
+"""Latency tables for inference scenarios (``workload.kind = "inference"``).
+
+An inference record has no training numbers; its ``metrics.inference`` holds one entry per (batch,
+prompt, gen, cuda_graph) point (see suite/workloads/inference.py). Here each point becomes one flat
+row: time to first token, decode ms/token, throughput, bandwidth, MFU, the graph check, and the
+latency cut Δ against the baseline variant at the same point. With ``metrics.cqil`` a line per CQIL
+variant sets the measured decode cut next to the ideal one, 1 − sequential depth / layers.
+
+Noise: a run's relative spread is half its p10–p90 spread over its median; a Δ smaller than the
+larger of the two runs' spreads is marked "(noise)" (as in ``suite compare``).
+"""
+from __future__ import annotations
+
+from suite.report import fmt
+from suite.report.select import baseline_of, failure, is_ok, metric, relative_change
+
+NOTE = ("TTFT: time to first token (prefill + first greedy token), median ± half the p10–p90 spread of the "
+        "timed requests. Decode: one step, one new token per sequence. Decode bandwidth: bytes a step must "
+        "read per step time, as a share of the measured copy bandwidth of all GPUs. Graph check (CUDA-graph "
+        "rows): greedy tokens equal to eager / max relative logits difference at the first decode step. "
+        "Δ: relative to the baseline variant at the same (batch, prompt, gen, eager|graph) point, negative "
+        "is faster; (noise): smaller than the larger of the two runs' relative spreads.")
+
+
+def is_inference(rec: dict) -> bool:
+    return ((rec.get("config") or {}).get("workload") or {}).get("kind") == "inference"
+
+
+def cqil_table(rec: dict) -> dict | None:
+    return ((rec.get("config") or {}).get("parallel") or {}).get("cqil")
+
+
+def layout(rec: dict) -> str:
+    """'tp1 × cqil2' for CQIL (the record's dp field holds the CQIL degree), else 'tp1 pp2 dp1'."""
+    if cqil_table(rec):
+        return f"tp{rec.get('tp')} × cqil{rec.get('dp')}"
+    return f"tp{rec.get('tp')} pp{rec.get('pp')} dp{rec.get('dp')}"
+
+
+def point_key(entry: dict) -> tuple:
+    return entry["batch"], entry["prompt"], entry["gen"], bool(entry["cuda_graph"])
+
+
+def point_name(key: tuple) -> str:
+    batch, prompt, gen, graph = key
+    return f"b{batch} p{prompt} g{gen} {'graph' if graph else 'eager'}"
+
+
+def _half_spread(entry: dict, phase: str) -> float | None:
+    p10, p90 = entry.get(f"{phase}_ms_p10"), entry.get(f"{phase}_ms_p90")
+    return None if p10 is None or p90 is None else round((p90 - p10) / 2, 6)
+
+
+def _relative_spread(entry: dict | None, phase: str) -> float | None:
+    half = None if entry is None else _half_spread(entry, phase)
+    median = None if entry is None else entry.get(f"{phase}_ms_median")
+    return None if half is None or not median else half / median
+
+
+def _delta(entry: dict, base: dict | None, phase: str) -> tuple[float | None, bool]:
+    """(Δ median in %, whether it is within noise) of one phase ('prefill' or 'decode')."""
+    if base is None:
+        return None, False
+    change = relative_change(entry.get(f"{phase}_ms_median"), base.get(f"{phase}_ms_median"))
+    if change is None:
+        return None, False
+    spreads = [s for s in (_relative_spread(entry, phase), _relative_spread(base, phase)) if s is not None]
+    return round(100 * change, 6), bool(spreads) and abs(change) < max(spreads)
+
+
+def _points(rec: dict) -> dict[tuple, dict]:
+    return {point_key(e): e for e in metric(rec, "inference") or []}
+
+
+def latency_rows(records: list[dict]) -> list[dict]:
+    """One flat row per (variant, point) of the scenario's successful inference records, baseline first."""
+    base = baseline_of(records)
+    base_points = _points(base) if is_ok(base) else {}
+    rows = []
+    for rec in records:
+        if not (is_ok(rec) and is_inference(rec)):
+            continue
+        for key, e in _points(rec).items():
+            ref = None if rec is base else base_points.get(key)
+            delta_decode, decode_noise = _delta(e, ref, "decode")
+            delta_prefill, prefill_noise = _delta(e, ref, "prefill")
+            rows.append({
+                "row": "latency", "scenario": rec["scenario"], "variant": rec["variant"], "baseline": rec is base,
+                "layout": layout(rec), "world_size": rec.get("world_size"),
+                "batch": key[0], "prompt": key[1], "gen": key[2], "cuda_graph": key[3], "repeats": e.get("repeats"),
+                "ttft_ms_median": e.get("prefill_ms_median"), "ttft_ms_half_spread": _half_spread(e, "prefill"),
+                "ttft_ms_p99": e.get("prefill_ms_p99"),
+                "decode_ms_median": e.get("decode_ms_median"), "decode_ms_half_spread": _half_spread(e, "decode"),
+                "decode_ms_p90": e.get("decode_ms_p90"), "decode_ms_p99": e.get("decode_ms_p99"),
+                "prefill_tokens_per_s": e.get("prefill_tokens_per_s"),
+                "decode_tokens_per_s": e.get("decode_tokens_per_s"),
+                "decode_bandwidth_fraction": e.get("decode_bandwidth_fraction"), "prefill_mfu": e.get("prefill_mfu"),
+                "same_tokens_as_eager": e.get("same_tokens_as_eager"),
+                "graph_logits_rel_diff": e.get("graph_logits_rel_diff"),
+                "delta_decode_pct": delta_decode, "delta_decode_noise": decode_noise,
+                "delta_prefill_pct": delta_prefill, "delta_prefill_noise": prefill_noise,
+            })
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- markdown
+
+
+def _ms(x: float | None) -> str:
+    return fmt.NA if x is None else fmt.sig(x)
+
+
+def _ttft(r: dict) -> str:
+    if r["ttft_ms_median"] is None:
+        return fmt.NA
+    median, half = _ms(r["ttft_ms_median"]), r["ttft_ms_half_spread"]
+    decimals = len(median.partition(".")[2])  # the spread to the median's precision
+    return median + ("" if half is None else f" ± {fmt.fixed(half, decimals)}")
+
+
+def _graph_check(r: dict) -> str:
+    if not r["cuda_graph"]:
+        return "—"
+    same = {True: "same", False: "differs", None: fmt.NA}[r["same_tokens_as_eager"]]
+    diff = r["graph_logits_rel_diff"]
+    return same if diff is None else f"{same} / {diff:.1e}"
+
+
+def _delta_cell(r: dict, phase: str) -> str:
+    if r["baseline"]:
+        return "—"
+    value = r[f"delta_{phase}_pct"]
+    if value is None:
+        return fmt.NA
+    return fmt.fixed(value, 1, signed=True, unit="%") + (" (noise)" if r[f"delta_{phase}_noise"] else "")
+
+
+COLUMNS = [
+    ("variant", lambda r: r["variant"] + (" (baseline)" if r["baseline"] else "")),
+    ("batch", lambda r: str(r["batch"])),
+    ("prompt", lambda r: str(r["prompt"])),
+    ("gen", lambda r: str(r["gen"])),
+    ("decode", lambda r: "graph" if r["cuda_graph"] else "eager"),
+    ("TTFT (ms)", _ttft),
+    ("TTFT p99", lambda r: _ms(r["ttft_ms_p99"])),
+    ("decode ms/token", lambda r: _ms(r["decode_ms_median"])),
+    ("p90", lambda r: _ms(r["decode_ms_p90"])),
+    ("p99", lambda r: _ms(r["decode_ms_p99"])),
+    ("prefill tokens/s", lambda r: fmt.count(r["prefill_tokens_per_s"])),
+    ("decode tokens/s", lambda r: fmt.count(r["decode_tokens_per_s"])),
+    ("decode BW of copy ceiling", lambda r: fmt.percent(r["decode_bandwidth_fraction"])),
+    ("prefill MFU", lambda r: fmt.percent(r["prefill_mfu"])),
+    ("graph check", _graph_check),
+    ("Δ decode", lambda r: _delta_cell(r, "decode")),
+    ("Δ prefill", lambda r: _delta_cell(r, "prefill")),
+]
+
+
+def _variants_table(records: list[dict]) -> str:
+    """What the latency rows share per variant: layout, GPUs, size, memory; or why the variant failed."""
+    base = baseline_of(records)
+    body = []
+    for rec in records:
+        name = rec["variant"] + (" (baseline)" if rec is base else "")
+        fixed = [name, layout(rec), str(rec.get("world_size"))]
+        if not is_ok(rec):
+            body.append(fixed + [f"**{failure(rec)}**", ""])
+            continue
+        memory = metric(rec, "peak_memory_bytes")
+        body.append(fixed + [fmt.count(metric(rec, "parameters")),
+                             fmt.NA if memory is None else fmt.fixed(memory, 2, 2 ** -30)])
+    return fmt.table(["variant", "layout", "GPUs", "parameters", "peak memory (GiB)"], body, "llrrr")
+
+
+def _cut(r: dict) -> str:
+    """The measured decode cut, −Δ decode, with the Δ's noise mark."""
+    if r["delta_decode_pct"] is None:
+        return fmt.NA
+    return fmt.fixed(-r["delta_decode_pct"], 1, unit="%") + (" (noise)" if r["delta_decode_noise"] else "")
+
+
+def _cqil_lines(records: list[dict], rows: list[dict]) -> list[str]:
+    """Per CQIL variant: its plan, the ideal decode cut 1 − depth/L and the measured one per point."""
+    lines = []
+    for rec in records:
+        plan = metric(rec, "cqil") if is_ok(rec) else None
+        if not plan:
+            continue
+        layers = ((rec.get("config") or {}).get("model") or {}).get("num_layers")
+        ideal = fmt.NA if not layers else fmt.percent(1 - plan["depth"] / layers)
+        measured = ", ".join(
+            f"{_cut(r)} at {point_name((r['batch'], r['prompt'], r['gen'], r['cuda_graph']))}"
+            for r in rows if r["variant"] == rec["variant"] and not r["baseline"]) or fmt.NA
+        lines.append(f"- {rec['variant']}: CQIL degree {plan['degree']}, bypass {plan['bypass']}, "
+                     f"sequential depth {plan['depth']} of {layers} layers ({plan['layers_per_gpu']} per GPU); "
+                     f"ideal decode cut {ideal}, measured {measured}")
+    if not lines:
+        return []
+    return ["Decode cut of CQIL (1 − decode time / baseline's; ideal: 1 − depth / layers):\n" + "\n".join(lines)]
+
+
+def latency_section(records: list[dict]) -> list[str]:
+    """Markdown parts of an inference scenario: variants, latency table, notes, CQIL lines."""
+    rows = latency_rows(records)
+    parts = [_variants_table(records)]
+    if rows:
+        parts += ["### Latency",
+                  fmt.table([h for h, _ in COLUMNS], [[cell(r) for _, cell in COLUMNS] for r in rows],
+                            "lrrrl" + "r" * (len(COLUMNS) - 5)),
+                  NOTE]
+    return parts + _cqil_lines(records, rows)
