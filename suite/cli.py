@@ -1,4 +1,4 @@
-"""Command line: ``python -m suite {run,validate,plan,report,compare,analyze}``.
+"""Command line: ``python -m suite {run,validate,plan,report,compare,data,analyze}``.
 
 User errors (``UserError``) print one line and exit 2; bugs keep their traceback.
 """
@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="allowed absolute increase of the validation (else final) loss")
     cmp_.add_argument("-o", "--output", default=None, help="also write the table here")
 
+    data = sub.add_parser("data", help="corpora: tokenize and cache ahead of a run")
+    data_what = data.add_subparsers(dest="data_command", required=True)
+    prep = data_what.add_parser("prepare", help="tokenize and cache every variant's corpus; print token counts",
+                                description="Tokens go to $SUITE_CACHE (default .cache/suite/tokens/), keyed "
+                                "by the corpus content, the tokenizer and the split; runs then read them.")
+    prep.add_argument("scenario")
+    _add_scenario_args(prep)
+
     analyze = sub.add_parser("analyze", help="analyses that guide a technique's settings")
     what = analyze.add_subparsers(dest="analysis", required=True)
     sim = what.add_parser("similarity", help="cosine similarity of consecutive layers' inputs; CQIL groups",
@@ -98,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
             from suite.report.compare import compare_command
 
             return compare_command(args)
+        if args.command == "data":
+            from suite.data.prepare import prepare_command
+
+            return prepare_command(args)
         if args.command == "analyze":
             from suite.analyze.similarity import similarity_command
 

@@ -7,38 +7,18 @@ held-out tail of the corpus (the last ``valid_fraction`` of tokens) and never ov
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
+from suite.data.sources import BUILTIN, resolve_path  # noqa: F401  (re-exported: older imports)
 from suite.errors import UserError
-
-BUILTIN = {"shakespeare": Path(__file__).parent / "corpus" / "shakespeare.txt"}
-
-
-def resolve_path(spec) -> Path:
-    path = spec.data.path
-    if path.startswith("builtin:"):
-        name = path.split(":", 1)[1]
-        if name not in BUILTIN:
-            raise UserError(f"no builtin corpus '{name}'.", file=spec.file, variant=spec.name,
-                            key="data.path", fix=f"use one of: {', '.join('builtin:' + b for b in BUILTIN)}.")
-        return BUILTIN[name]
-    return (Path(spec.file).parent / path).resolve()
 
 
 def load_tokens(spec) -> torch.Tensor:
-    """The whole corpus as a 1-D int64 tensor (byte-level: each UTF-8 byte is a token)."""
-    path = resolve_path(spec)
-    try:
-        data = path.read_bytes()
-    except OSError as e:
-        raise UserError(f"cannot read the corpus {path} ({e.strerror}).", file=spec.file, variant=spec.name,
-                        key="data.path", fix="point data.path at a readable UTF-8 text file.") from None
-    if not data:
-        raise UserError(f"the corpus {path} is empty.", file=spec.file, variant=spec.name, key="data.path",
-                        fix="point data.path at a non-empty text file.")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).to(torch.int64)
+    """The whole corpus as a 1-D int64 tensor (tokenized once, then read from the token cache)."""
+    from suite.data.prepare import corpus_tokens
+
+    tokens, _ = corpus_tokens(spec)
+    return torch.from_numpy(tokens.astype("int64"))
 
 
 class TokenSource:

@@ -101,11 +101,17 @@ class WorkloadConfig:
 class DataConfig:
     """[data]: where tokens come from."""
 
-    source: str = doc("'synthetic' (uniform random tokens, for speed) or 'text' (a UTF-8 file).",
-                      "synthetic", choices=("synthetic", "text"))
-    path: str | None = doc("Text file for source='text', relative to the scenario file; "
+    source: str = doc("'synthetic' (uniform random tokens, for speed), 'text' (a UTF-8 file), 'jsonl' (one JSON "
+                      "object per line, the text under text_key) or 'megatron' (a megatron indexed dataset, "
+                      "already tokenized: path = the PREFIX of PREFIX.bin/PREFIX.idx).", "synthetic",
+                      choices=("synthetic", "text", "jsonl", "megatron"))
+    path: str | None = doc("Corpus file (or indexed-dataset prefix), relative to the scenario file; "
                            "'builtin:shakespeare' is a small corpus shipped with suite.")
-    tokenizer: str = doc("Tokenizer for text.", "byte", choices=("byte",))
+    tokenizer: str = doc("Tokenizer for text and jsonl: 'byte' (each UTF-8 byte), 'bpe' (a byte-level BPE trained "
+                         "on the training split, bpe_vocab_size ids) or 'hf:PATH' (a local Hugging Face tokenizer "
+                         "folder, relative to the scenario file). Tokens are cached (`suite data prepare`).", "byte")
+    text_key: str = doc("jsonl: the key of each line's text.", "text")
+    bpe_vocab_size: int = doc("bpe: vocabulary size (at most [model] vocab_size).", 1024)
     valid_fraction: float = doc("Tail fraction of the corpus held out for validation.", 0.05)
 
 

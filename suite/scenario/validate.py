@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
+from suite.data.sources import check_data
 from suite.errors import UserError
 from suite.parallel.cqil import plan_of
 
@@ -93,20 +93,7 @@ def check_variant(spec) -> None:
     if m.init != "random" and not m.init.startswith(("checkpoint:", "hf:")):
         _fail(spec, "model.init", f"init '{m.init}' is not 'random', 'checkpoint:PATH' or 'hf:PATH'.",
               'set init = "random" or prefix the path with checkpoint: or hf:.')
-    if d.source == "text" and not d.path:
-        _fail(spec, "data.path", "source = 'text' needs a path.",
-              "set path = \"builtin:shakespeare\" or a text file relative to the scenario.")
-    if d.source == "text" and d.path and not d.path.startswith("builtin:"):
-        text = Path(spec.file).parent / d.path  # relative to the scenario file, as documented
-        if not text.is_file():
-            _fail(spec, "data.path", f"text file '{d.path}' does not exist (looked for {text}).",
-                  "give a path relative to the scenario file, or builtin:shakespeare.")
-    if not 0 < d.valid_fraction < 1:
-        _fail(spec, "data.valid_fraction", f"must be between 0 and 1, got {d.valid_fraction}.",
-              "use e.g. 0.05.")
-    if d.source == "text" and d.tokenizer == "byte" and m.vocab_size < 256:
-        _fail(spec, "model.vocab_size", f"the byte tokenizer needs vocab_size >= 256, got {m.vocab_size}.",
-              "set vocab_size = 256 or more.")
+    check_data(spec)  # sources, files, JSON lines, tokenizer vocabulary sizes (suite.data.sources)
     if w.kind == "inference":
         check_inference(spec)
     plan_of(spec)  # CQIL groups (suite.parallel.cqil); None without [parallel] cqil
