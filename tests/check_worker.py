@@ -61,3 +61,9 @@ def worker_main(checks, out_path: str, folder: str) -> int:
     ps.destroy_model_parallel()
     dist.destroy_process_group()
     return 0
+
+
+def torchrun(*args: str, nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    """A real multi-process run of a script or module (`python -m torch.distributed.run ...`)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from check_worker import result, run_worker, subprocess_env, worker_main
+from check_worker import result, run_worker, subprocess_env, torchrun, worker_main
 
 from suite.metrics import flops as F
 from suite.tricks.multilevel import (MultilevelConfig, coalesced, factors, level_models, phase_flops,
@@ -445,11 +445,6 @@ for name, tp, pp in [("tp1", 1, 1), ("tp2", 2, 1), ("pp2", 1, 2)]:
     ps.destroy_model_parallel()
 dist.destroy_process_group()
 '''
-
-
-def torchrun(*args, nproc=2, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from check_worker import result, run_worker, subprocess_env, worker_main
+from check_worker import result, run_worker, subprocess_env, torchrun, worker_main
 
 from suite.metrics import flops as F
 from suite.tricks.random_ltd import (RandomLTDConfig, dropping_layers, kept_length, layer_tokens,
@@ -705,11 +705,6 @@ if rank == 0:
 ps.destroy_model_parallel()
 dist.destroy_process_group()
 '''
-
-
-def torchrun(*args, nproc=2, timeout=240):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.slow
