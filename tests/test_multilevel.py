@@ -20,12 +20,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from check_worker import result, run_worker, subprocess_env, torchrun, worker_main
+from check_worker import result, run_worker, torchrun, worker_main
 
 from suite.metrics import flops as F
 from suite.tricks.multilevel import (MultilevelConfig, coalesced, factors, level_models, phase_flops,

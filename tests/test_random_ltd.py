@@ -21,13 +21,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import subprocess
 import sys
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
-from check_worker import result, run_worker, subprocess_env, torchrun, worker_main
+from check_worker import result, run_worker, torchrun, worker_main
 
 from suite.metrics import flops as F
 from suite.tricks.random_ltd import (RandomLTDConfig, dropping_layers, kept_length, layer_tokens,
