@@ -126,7 +126,6 @@ class Trainer:
         w = spec.workload
         self.cuda = torch.cuda.is_available()
         self.dp = ps.get_data_parallel_world_size()
-        self.num_micro = w.global_batch // (w.micro_batch * self.dp)
         self.config = gpt.transformer_config(spec)
         self.tricks = [TRICKS[name].runtime(spec, cfg) for name, cfg in spec.tricks.items()
                        if TRICKS[name].runtime]
