@@ -26,6 +26,11 @@ class UserError(Exception):
         return text
 
 
+def fail(spec, key: str, message: str, fix: str):
+    """Raise the UserError for one key of one scenario variant (``spec``: a VariantSpec)."""
+    raise UserError(message, file=spec.file, variant=spec.name, key=key, fix=fix)
+
+
 def did_you_mean(word: str, choices) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     # str(): a wrongly typed value (baseline = 3) must still get a message, not a TypeError.

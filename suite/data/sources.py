@@ -10,7 +10,7 @@ import json
 import struct
 from pathlib import Path
 
-from suite.errors import UserError
+from suite.errors import fail
 
 BUILTIN = {"shakespeare": Path(__file__).parent / "corpus" / "shakespeare.txt"}
 BPE_END = "<|endoftext|>"  # separates JSON-lines documents in the trained BPE vocabulary
@@ -19,16 +19,12 @@ IDX_MAGIC = b"MMIDIDX\x00\x00"
 IDX_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64", 7: "float32", 8: "uint16"}
 
 
-def _fail(spec, key: str, message: str, fix: str):
-    raise UserError(message, file=spec.file, variant=spec.name, key=key, fix=fix)
-
-
 def resolve_path(spec) -> Path:
     path = spec.data.path
     if path.startswith("builtin:"):
         name = path.split(":", 1)[1]
         if name not in BUILTIN:
-            _fail(spec, "data.path", f"no builtin corpus '{name}'.",
+            fail(spec, "data.path", f"no builtin corpus '{name}'.",
                   f"use one of: {', '.join('builtin:' + b for b in BUILTIN)}.")
         return BUILTIN[name]
     return (Path(spec.file).parent / path).resolve()
@@ -46,10 +42,10 @@ def read_bytes(spec, path: Path) -> bytes:
     try:
         data = path.read_bytes()
     except OSError as e:
-        _fail(spec, "data.path", f"cannot read the corpus {path} ({e.strerror}).",
+        fail(spec, "data.path", f"cannot read the corpus {path} ({e.strerror}).",
               "point data.path at a readable, non-empty file (relative to the scenario file).")
     if not data:
-        _fail(spec, "data.path", f"the corpus {path} is empty.", "point data.path at a non-empty file.")
+        fail(spec, "data.path", f"the corpus {path} is empty.", "point data.path at a non-empty file.")
     return data
 
 
@@ -57,7 +53,7 @@ def _decode(spec, path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        _fail(spec, "data.path", f"the corpus {path} is not UTF-8 (byte {e.start}).",
+        fail(spec, "data.path", f"the corpus {path} is not UTF-8 (byte {e.start}).",
               "convert the file to UTF-8.")
 
 
@@ -75,14 +71,14 @@ def read_documents(spec) -> list:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            _fail(spec, "data.path", f"line {number} of {path} is not JSON ({e.msg}).",
+            fail(spec, "data.path", f"line {number} of {path} is not JSON ({e.msg}).",
                   "write one JSON object per line.")
         if not isinstance(row, dict) or not isinstance(row.get(d.text_key), str):
-            _fail(spec, "data.text_key", f"line {number} of {path} has no string under '{d.text_key}'.",
+            fail(spec, "data.text_key", f"line {number} of {path} has no string under '{d.text_key}'.",
                   f"give every line a \"{d.text_key}\" string, or set text_key to the key that holds the text.")
         docs.append(row[d.text_key])
     if not any(docs):
-        _fail(spec, "data.path", f"the corpus {path} has no text.", "add documents with non-empty text.")
+        fail(spec, "data.path", f"the corpus {path} has no text.", "add documents with non-empty text.")
     return docs
 
 
@@ -90,7 +86,7 @@ def megatron_dtype(spec) -> str:
     idx = corpus_files(spec)[0]
     head = read_bytes(spec, idx)[:len(IDX_MAGIC) + 9]
     if len(head) < len(IDX_MAGIC) + 9 or not head.startswith(IDX_MAGIC):
-        _fail(spec, "data.path", f"{idx} is not a megatron indexed dataset index.",
+        fail(spec, "data.path", f"{idx} is not a megatron indexed dataset index.",
               "set path to the PREFIX of PREFIX.bin/PREFIX.idx written by megatron's IndexedDatasetBuilder.")
     code = struct.unpack("<B", head[len(IDX_MAGIC) + 8:])[0]
     return IDX_DTYPES.get(code, "int64")
@@ -100,7 +96,7 @@ def check_vocab(spec, largest: int, what: str) -> None:
     """Token ids must be < [model] vocab_size, else the embedding lookup fails deep inside a run."""
     vocab = spec.model.vocab_size
     if largest >= vocab:
-        _fail(spec, "model.vocab_size", f"{what} gives token id {largest}, but the model's vocab_size is {vocab}.",
+        fail(spec, "model.vocab_size", f"{what} gives token id {largest}, but the model's vocab_size is {vocab}.",
               f"set [model] vocab_size = {largest + 1} or more, or use a smaller tokenizer.")
 
 
@@ -112,18 +108,18 @@ def check_data(spec) -> None:
     """Every data check that needs no torch: sources, tokenizers, files, JSON lines, vocabulary sizes."""
     d, m = spec.data, spec.model
     if not 0 < d.valid_fraction < 1:
-        _fail(spec, "data.valid_fraction", f"must be between 0 and 1, got {d.valid_fraction}.", "use e.g. 0.05.")
+        fail(spec, "data.valid_fraction", f"must be between 0 and 1, got {d.valid_fraction}.", "use e.g. 0.05.")
     if d.source == "synthetic":
         return
     if not d.path:
-        _fail(spec, "data.path", f"source = '{d.source}' needs a path.",
+        fail(spec, "data.path", f"source = '{d.source}' needs a path.",
               "set path = \"builtin:shakespeare\" or a file relative to the scenario.")
     if d.tokenizer not in ("byte", "bpe") and not d.tokenizer.startswith("hf:"):
-        _fail(spec, "data.tokenizer", f"unknown tokenizer '{d.tokenizer}'.", 'use "byte", "bpe" or "hf:PATH".')
+        fail(spec, "data.tokenizer", f"unknown tokenizer '{d.tokenizer}'.", 'use "byte", "bpe" or "hf:PATH".')
     for path in corpus_files(spec):
         if not path.is_file():
             kind = {"text": "text file", "jsonl": "JSON-lines file", "megatron": "indexed dataset file"}[d.source]
-            _fail(spec, "data.path", f"{kind} '{d.path}' does not exist (looked for {path}).",
+            fail(spec, "data.path", f"{kind} '{d.path}' does not exist (looked for {path}).",
                   "give a path relative to the scenario file" +
                   (" (the PREFIX of PREFIX.bin/PREFIX.idx)." if d.source == "megatron" else ", or builtin:shakespeare."))
     if d.source == "megatron":
@@ -131,7 +127,7 @@ def check_data(spec) -> None:
 
         dtype, bin_path = megatron_dtype(spec), corpus_files(spec)[1]
         if bin_path.stat().st_size == 0:
-            _fail(spec, "data.path", f"the corpus {bin_path} is empty.", "point data.path at a non-empty dataset.")
+            fail(spec, "data.path", f"the corpus {bin_path} is empty.", "point data.path at a non-empty dataset.")
         tokens = np.memmap(bin_path, dtype=dtype, mode="r")  # mapped, not read: datasets can be large
         check_vocab(spec, int(tokens.max()), f"the indexed dataset {d.path}")
         return
@@ -140,17 +136,17 @@ def check_data(spec) -> None:
     else:
         read_bytes(spec, corpus_files(spec)[0])
     if d.tokenizer == "byte" and m.vocab_size < 256:
-        _fail(spec, "model.vocab_size", f"the byte tokenizer needs vocab_size >= 256, got {m.vocab_size}.",
+        fail(spec, "model.vocab_size", f"the byte tokenizer needs vocab_size >= 256, got {m.vocab_size}.",
               "set vocab_size = 256 or more.")
     if d.tokenizer == "bpe":
         if d.bpe_vocab_size < 257:  # 256 byte symbols + the end-of-text token
-            _fail(spec, "data.bpe_vocab_size", f"bpe_vocab_size must be at least 257, got {d.bpe_vocab_size}.",
+            fail(spec, "data.bpe_vocab_size", f"bpe_vocab_size must be at least 257, got {d.bpe_vocab_size}.",
                   "use e.g. bpe_vocab_size = 1024.")
         check_vocab(spec, d.bpe_vocab_size - 1, f"the BPE tokenizer (bpe_vocab_size {d.bpe_vocab_size})")
     if d.tokenizer.startswith("hf:"):
         folder = hf_dir(spec)
         if not folder.is_dir():
-            _fail(spec, "data.tokenizer", f"tokenizer folder {folder} does not exist.",
+            fail(spec, "data.tokenizer", f"tokenizer folder {folder} does not exist.",
                   "give hf:PATH to a local Hugging Face tokenizer folder, relative to the scenario file.")
         if (folder / "tokenizer.json").is_file():  # fast tokenizers: sized without transformers (or torch)
             from tokenizers import Tokenizer

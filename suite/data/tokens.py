@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from suite.data.sources import BUILTIN, resolve_path  # noqa: F401  (re-exported: older imports)
 from suite.errors import UserError
 
 

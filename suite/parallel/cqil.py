@@ -35,7 +35,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from suite.errors import UserError, did_you_mean
+from suite import errors
+from suite.errors import did_you_mean
 
 KEYS = ("groups", "start", "end", "degree", "bypass")
 
@@ -87,7 +88,7 @@ def plan_of(spec) -> CQILPlan | None:
         return None
 
     def fail(message: str, fix: str, key: str = "parallel.cqil"):
-        raise UserError(message, file=spec.file, variant=spec.name, key=key, fix=fix)
+        errors.fail(spec, key, message, fix)
 
     example = "write cqil = { start = 12, end = 30, degree = 2, bypass = 0 } or cqil = { groups = [[12, 13]] }."
     for key, value in table.items():

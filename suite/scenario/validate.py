@@ -4,12 +4,8 @@ from __future__ import annotations
 import math
 
 from suite.data.sources import check_data
-from suite.errors import UserError
+from suite.errors import fail
 from suite.parallel.cqil import plan_of
-
-
-def _fail(spec, key: str, message: str, fix: str):
-    raise UserError(message, file=spec.file, variant=spec.name, key=key, fix=fix)
 
 
 def _divisors(n: int, most: int = 12) -> str:
@@ -19,7 +15,7 @@ def _divisors(n: int, most: int = 12) -> str:
 
 
 def check_variant(spec) -> None:
-    m, p, w, d = spec.model, spec.parallel, spec.workload, spec.data
+    m, p, w = spec.model, spec.parallel, spec.workload
     for key, value in [("model.num_layers", m.num_layers), ("model.hidden_size", m.hidden_size),
                        ("model.num_attention_heads", m.num_attention_heads),
                        ("model.num_query_groups", m.num_query_groups),
@@ -30,68 +26,68 @@ def check_variant(spec) -> None:
                        ("workload.seq_length", w.seq_length), ("workload.log_interval", w.log_interval),
                        ("workload.eval_batches", w.eval_batches), ("workload.timeout_s", w.timeout_s)]:
         if value < 1:
-            _fail(spec, key, f"must be at least 1, got {value}.", f"set {key.split('.')[1]} to a positive integer.")
+            fail(spec, key, f"must be at least 1, got {value}.", f"set {key.split('.')[1]} to a positive integer.")
     for key, value in [("parallel.dp", p.dp), ("parallel.vpp", p.vpp)]:
         if value is not None and value < 1:
-            _fail(spec, key, f"must be at least 1, got {value}.", "set a positive integer or remove the key.")
+            fail(spec, key, f"must be at least 1, got {value}.", "set a positive integer or remove the key.")
     if m.hidden_size % m.num_attention_heads:
-        _fail(spec, "model.hidden_size", f"hidden_size {m.hidden_size} is not divisible by "
+        fail(spec, "model.hidden_size", f"hidden_size {m.hidden_size} is not divisible by "
               f"num_attention_heads {m.num_attention_heads}.",
               f"use heads among {_divisors(m.hidden_size)} or change hidden_size.")
     if m.num_attention_heads % m.num_query_groups:
-        _fail(spec, "model.num_query_groups", f"num_attention_heads {m.num_attention_heads} is not divisible "
+        fail(spec, "model.num_query_groups", f"num_attention_heads {m.num_attention_heads} is not divisible "
               f"by num_query_groups {m.num_query_groups}.",
               f"use num_query_groups among {_divisors(m.num_attention_heads)}.")
     if m.num_attention_heads % p.tp:
-        _fail(spec, "parallel.tp", f"num_attention_heads {m.num_attention_heads} is not divisible by tp {p.tp}.",
+        fail(spec, "parallel.tp", f"num_attention_heads {m.num_attention_heads} is not divisible by tp {p.tp}.",
               f"choose tp among {_divisors(m.num_attention_heads)}.")
     if m.num_query_groups % p.tp:
-        _fail(spec, "parallel.tp", f"num_query_groups {m.num_query_groups} is not divisible by tp {p.tp}.",
+        fail(spec, "parallel.tp", f"num_query_groups {m.num_query_groups} is not divisible by tp {p.tp}.",
               f"choose tp among {_divisors(m.num_query_groups)} or raise num_query_groups.")
     if m.ffn_hidden_size % p.tp:
         rounded = -(-m.ffn_hidden_size // p.tp) * p.tp
         fits = math.gcd(m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size)  # tp divides all 3
-        _fail(spec, "parallel.tp", f"ffn_hidden_size {m.ffn_hidden_size} is not divisible by tp {p.tp}.",
+        fail(spec, "parallel.tp", f"ffn_hidden_size {m.ffn_hidden_size} is not divisible by tp {p.tp}.",
               f"set ffn_hidden_size to a multiple of {p.tp} (e.g. {rounded}) "
               f"or choose tp among {_divisors(fits)}.")
     # Before the layer split: with pp = 1 "layers not divisible by vpp" would hide the real problem.
     if p.vpp is not None and p.vpp > 1 and p.pp < 2:
-        _fail(spec, "parallel.vpp", "virtual pipeline stages need pp > 1.", "set pp >= 2 or remove vpp.")
+        fail(spec, "parallel.vpp", "virtual pipeline stages need pp > 1.", "set pp >= 2 or remove vpp.")
     stages = p.pp * (p.vpp or 1)
     if m.num_layers % stages:
         what = f"pp {p.pp}" + (f" x vpp {p.vpp}" if p.vpp else "")
-        _fail(spec, "parallel.pp", f"num_layers {m.num_layers} is not divisible by {what}.",
+        fail(spec, "parallel.pp", f"num_layers {m.num_layers} is not divisible by {what}.",
               f"choose pp (x vpp) among {_divisors(m.num_layers)}.")
     if p.sequence_parallel and p.tp < 2:
-        _fail(spec, "parallel.sequence_parallel", "sequence parallelism needs tp > 1.",
+        fail(spec, "parallel.sequence_parallel", "sequence parallelism needs tp > 1.",
               "set tp >= 2 or sequence_parallel = false.")
     if w.seq_length > m.max_sequence_length:
-        _fail(spec, "workload.seq_length", f"seq_length {w.seq_length} exceeds the model's "
+        fail(spec, "workload.seq_length", f"seq_length {w.seq_length} exceeds the model's "
               f"max_sequence_length {m.max_sequence_length}.",
               f"set seq_length <= {m.max_sequence_length} or raise model.max_sequence_length.")
     if p.sequence_parallel and w.seq_length % p.tp:
-        _fail(spec, "workload.seq_length", f"with sequence parallelism seq_length {w.seq_length} must be "
+        fail(spec, "workload.seq_length", f"with sequence parallelism seq_length {w.seq_length} must be "
               f"divisible by tp {p.tp}.", "round seq_length to a multiple of tp.")
     if w.global_batch % w.micro_batch:
-        _fail(spec, "workload.global_batch", f"global_batch {w.global_batch} is not divisible by micro_batch "
+        fail(spec, "workload.global_batch", f"global_batch {w.global_batch} is not divisible by micro_batch "
               f"{w.micro_batch}.", f"use a global_batch that is a multiple of {w.micro_batch}.")
     if p.dp is not None:
         check_batch(spec, p.dp)
     check_target(spec)
     for key in ("warmup_steps", "lr_warmup_steps", "eval_interval", "weight_decay", "clip_grad"):
         if getattr(w, key) < 0:
-            _fail(spec, f"workload.{key}", f"{key} cannot be negative, got {getattr(w, key)}.",
+            fail(spec, f"workload.{key}", f"{key} cannot be negative, got {getattr(w, key)}.",
                   f"set {key} = 0 or more.")
     if w.warmup_steps >= w.steps:
-        _fail(spec, "workload.warmup_steps", f"warmup_steps {w.warmup_steps} leaves no timed step of "
+        fail(spec, "workload.warmup_steps", f"warmup_steps {w.warmup_steps} leaves no timed step of "
               f"{w.steps}.", f"set warmup_steps below {w.steps} or raise steps.")
     if w.lr <= 0:
-        _fail(spec, "workload.lr", f"lr must be positive, got {w.lr}.", "set e.g. lr = 3e-4.")
+        fail(spec, "workload.lr", f"lr must be positive, got {w.lr}.", "set e.g. lr = 3e-4.")
     if not 0 <= w.min_lr <= w.lr:
-        _fail(spec, "workload.min_lr", f"min_lr {w.min_lr} is not between 0 and lr {w.lr}.",
+        fail(spec, "workload.min_lr", f"min_lr {w.min_lr} is not between 0 and lr {w.lr}.",
               f"set min_lr between 0 and {w.lr}, e.g. {w.lr / 10:g}.")
     if m.init != "random" and not m.init.startswith(("checkpoint:", "hf:")):
-        _fail(spec, "model.init", f"init '{m.init}' is not 'random', 'checkpoint:PATH' or 'hf:PATH'.",
+        fail(spec, "model.init", f"init '{m.init}' is not 'random', 'checkpoint:PATH' or 'hf:PATH'.",
               'set init = "random" or prefix the path with checkpoint: or hf:.')
     check_data(spec)  # sources, files, JSON lines, tokenizer vocabulary sizes (suite.data.sources)
     if w.kind == "inference":
@@ -104,42 +100,42 @@ def check_inference(spec) -> None:
     for key in ("batch_sizes", "prompt_lengths", "gen_lengths"):
         values, least = getattr(w, key), 0 if key == "gen_lengths" else 1
         if not values or min(values) < least:
-            _fail(spec, f"workload.{key}", f"{key} must be a non-empty list of integers >= {least}, got {values}.",
+            fail(spec, f"workload.{key}", f"{key} must be a non-empty list of integers >= {least}, got {values}.",
                   f"write e.g. {key} = [{max(least, 1)}].")
     longest = max(w.prompt_lengths) + max(w.gen_lengths)
     if longest > m.max_sequence_length:
-        _fail(spec, "workload.prompt_lengths", f"prompt {max(w.prompt_lengths)} + generated {max(w.gen_lengths)} "
+        fail(spec, "workload.prompt_lengths", f"prompt {max(w.prompt_lengths)} + generated {max(w.gen_lengths)} "
               f"tokens exceed the model's max_sequence_length {m.max_sequence_length}.",
               f"shorten the grid or raise model.max_sequence_length to {longest} (RoPE has no fixed length).")
     if w.repeats < 1 or w.warmup_repeats < 0:
-        _fail(spec, "workload.repeats", f"repeats must be >= 1 and warmup_repeats >= 0, got {w.repeats} and "
+        fail(spec, "workload.repeats", f"repeats must be >= 1 and warmup_repeats >= 0, got {w.repeats} and "
               f"{w.warmup_repeats}.", "set e.g. repeats = 10, warmup_repeats = 2.")
     if p.dp is not None and p.cqil is None and p.dp != 1:
-        _fail(spec, "parallel.dp", f"inference measures one model replica; dp {p.dp} would run copies.",
+        fail(spec, "parallel.dp", f"inference measures one model replica; dp {p.dp} would run copies.",
               "remove dp.")
     if (p.vpp or 1) > 1 or p.sequence_parallel:
-        _fail(spec, "parallel.vpp" if (p.vpp or 1) > 1 else "parallel.sequence_parallel",
+        fail(spec, "parallel.vpp" if (p.vpp or 1) > 1 else "parallel.sequence_parallel",
               "inference runs plain pipeline stages without sequence parallelism (a decode step has one token).",
               "remove vpp and set sequence_parallel = false.")
     if spec.tricks:
-        _fail(spec, "tricks", f"techniques {', '.join(spec.tricks)} change training; inference runs the plain "
+        fail(spec, "tricks", f"techniques {', '.join(spec.tricks)} change training; inference runs the plain "
               "model.", "remove the [tricks.*] sections from inference variants.")
 
 
 def check_target(spec) -> None:
     w = spec.workload
     if w.target_loss is not None and w.eval_interval < 1:
-        _fail(spec, "workload.target_loss", "a target loss is checked at validations, and eval_interval is 0.",
+        fail(spec, "workload.target_loss", "a target loss is checked at validations, and eval_interval is 0.",
               "set eval_interval to a number of steps, e.g. 50.")
     if w.target_loss is not None and not spec.eval.validation:
-        _fail(spec, "workload.target_loss", "a target loss needs validation, and eval.validation is false.",
+        fail(spec, "workload.target_loss", "a target loss needs validation, and eval.validation is false.",
               "set [eval] validation = true.")
 
 
 def check_batch(spec, dp: int) -> None:
     w = spec.workload
     if w.global_batch % (w.micro_batch * dp):
-        _fail(spec, "workload.global_batch", f"global_batch {w.global_batch} is not divisible by micro_batch "
+        fail(spec, "workload.global_batch", f"global_batch {w.global_batch} is not divisible by micro_batch "
               f"{w.micro_batch} x dp {dp}.",
               f"use a global_batch that is a multiple of {w.micro_batch * dp}.")
 
@@ -150,14 +146,14 @@ def check_world(spec, world: int) -> None:
     if spec.workload.kind == "inference":
         need = spec.world_size()
         if world != need:
-            _fail(spec, "parallel", f"inference runs one model on tp x pp x CQIL degree = {need} process(es), "
+            fail(spec, "parallel", f"inference runs one model on tp x pp x CQIL degree = {need} process(es), "
                   f"but {world} were launched.", f"launch {need} (`python -m suite run` sizes each variant itself).")
         return
     if p.dp is not None and p.tp * p.pp * p.dp != world:
-        _fail(spec, "parallel.dp", f"tp {p.tp} x pp {p.pp} x dp {p.dp} = {p.tp * p.pp * p.dp} GPUs, "
+        fail(spec, "parallel.dp", f"tp {p.tp} x pp {p.pp} x dp {p.dp} = {p.tp * p.pp * p.dp} GPUs, "
               f"but {world} processes were launched.",
               f"launch {p.tp * p.pp * p.dp} processes, or remove dp so it is derived.")
     if world % (p.tp * p.pp):
-        _fail(spec, "parallel", f"world size {world} is not divisible by tp {p.tp} x pp {p.pp}.",
+        fail(spec, "parallel", f"world size {world} is not divisible by tp {p.tp} x pp {p.pp}.",
               f"launch a multiple of {p.tp * p.pp} processes.")
     check_batch(spec, world // (p.tp * p.pp))

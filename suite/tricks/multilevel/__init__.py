@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from suite.errors import UserError
+from suite import errors
 from suite.metrics import flops as F
 from suite.scenario.schema import doc
 from suite.tricks.registry import Trick, register
@@ -98,11 +98,10 @@ def phase_flops(spec, cfg: MultilevelConfig, steps: list[int] | None = None) -> 
 
 
 def validate(spec, cfg: MultilevelConfig) -> None:
-    where = dict(file=spec.file, variant=spec.name)
     key = "tricks.multilevel."  # prefix of this section's keys
 
     def fail(k, message, fix):
-        raise UserError(message, key=k, fix=fix, **where)
+        errors.fail(spec, k, message, fix)
 
     if spec.workload.kind != "train":
         fail("workload.kind", f"multilevel is a training schedule; workload.kind is '{spec.workload.kind}'.",
