@@ -1,9 +1,9 @@
 """Distributed checkpoints (suite.models.checkpoint): save at one TP/PP layout, load at another.
 
 * ``test_reshard_round_trip``: one ``torchrun --nproc-per-node 2`` of this file's ``worker``: a random
-  tiny model saved at TP=1 (x DP=2) loads at TP=2 and at PP=2, is saved again from PP=2 and loads back
-  at TP=1; every load gives the saved model's log-probs (fp32; measured: TP=2 within 2e-6, PP=2 and TP=1
-  bit-identical; asserted 1e-5);
+  tiny model saved at TP=1 (x DP=2) loads at TP=2, at PP=2 and at PP=2 x VPP=2 (the interleaved
+  schedule), is saved again from PP=2 and loads back at TP=1; every load gives the saved model's
+  log-probs (fp32; measured: TP=2 within 2e-6, PP=2 and TP=1 bit-identical; asserted 1e-5);
 * ``test_runner_saves_and_loads``: the runner end to end: ``[workload] save_checkpoint`` after training,
   ``[model] init = "checkpoint:..."`` (relative to the scenario file) at TP=2 and PP=2, and the user
   errors for a shape mismatch and a missing checkpoint, recorded as failed variants.
@@ -39,6 +39,8 @@ STEPS = [
     ("tp2", 2, 1, ['model.init="checkpoint:ck_tp1"', "workload.seed=99"], False),
     ("pp2", 1, 2, ['model.init="checkpoint:ck_tp1"', "workload.seed=99", 'workload.save_checkpoint="ck_pp2"'], True),
     ("back_to_tp1", 1, 1, ['model.init="checkpoint:ck_pp2"', "workload.seed=99"], False),
+    # interleaved schedule: 2 chunks a rank, and the evaluator splits its rows into pp micro-batches
+    ("pp2_vpp2", 1, 2, ['model.init="checkpoint:ck_tp1"', "workload.seed=99", "parallel.vpp=2"], False),
     ("other_seed", 1, 1, ["workload.seed=99"], False),  # what the loads start from before loading
 ]
 
@@ -57,8 +59,8 @@ def worker(scenario: str, out: str) -> None:
     tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     results, logs = {}, []
     for name, tp, pp, overrides, save in STEPS:
-        ps.initialize_model_parallel(tp, pp)
         (spec,) = load_scenario(scenario, [f"parallel.tp={tp}", f"parallel.pp={pp}", *overrides])
+        ps.initialize_model_parallel(tp, pp, virtual_pipeline_model_parallel_size=spec.parallel.vpp)
         lm = build(spec, log=logs.append)
         results[name] = lm(tokens)
         if save:
@@ -91,7 +93,7 @@ def test_reshard_round_trip(tmp_path):
     lp = out["logprobs"]
     ref = lp["tp1"]
     assert ref.shape == (2, 32, 256)
-    for name in ("tp2", "pp2", "back_to_tp1"):
+    for name in ("tp2", "pp2", "back_to_tp1", "pp2_vpp2"):
         assert (lp[name] - ref).abs().max() < TOL, name
     assert (lp["other_seed"] - ref).abs().max() > 0.01, "the loads must have replaced other weights"
     assert (tmp_path / "ck_tp1" / "metadata.json").is_file() and (tmp_path / "ck_pp2" / "common.pt").is_file()

@@ -3,7 +3,8 @@
 Every rank calls the model with the same tokens (SPMD, like training) and gets the same log-probs:
 one forward-only pass through megatron's schedule (pipeline stages included), the vocab-parallel
 logits gathered over TP on the last stage, cut to the real vocabulary (suite pads it to a multiple
-of 128; padded rows must not take probability mass) and broadcast to the other pipeline stages.
+of 128; padded rows must not take probability mass) and broadcast to the other pipeline stages. The
+interleaved schedule (vpp) needs at least pp micro-batches: the rows are split into pp of them.
 Data-parallel replicas each compute the same thing. The full [batch, length, vocab] log-probs are
 materialised, so keep ``batch_size`` of the evaluators modest for large vocabularies.
 """
@@ -27,7 +28,12 @@ class MegatronLM:
         tp = ps.get_tensor_model_parallel_world_size()
         pad = -length % tp if self.config.sequence_parallel else 0  # sequence parallelism splits the length
         tokens = torch.nn.functional.pad(tokens, (0, pad)).to(self.device or "cpu")
-        result = {}
+        interleaved = len(self.chunks) > 1
+        n = ps.get_pipeline_model_parallel_world_size() if interleaved else 1
+        rows = -(-batch // n)  # per micro-batch; zero rows fill the last one
+        tokens = torch.nn.functional.pad(tokens, (0, 0, 0, n * rows - batch))
+        micro = list(tokens.split(rows))
+        result = []
 
         def forward_step(data_iterator, model):
             x = next(data_iterator)
@@ -36,24 +42,24 @@ class MegatronLM:
 
             def keep(logits):
                 full = gather_from_tensor_model_parallel_region(logits)[..., :self.vocab]
-                result["logprobs"] = torch.log_softmax(full.float(), dim=-1)
+                result.append(torch.log_softmax(full.float(), dim=-1))  # micro-batches in order
                 return torch.zeros((), device=logits.device), {}
 
             return logits, keep
 
         for chunk in self.chunks:
             chunk.eval()
-        data = iter([tokens]) if len(self.chunks) == 1 else [iter([tokens]) for _ in self.chunks]
+        data = [iter(micro) for _ in self.chunks] if interleaved else iter(micro)
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=data, model=self.chunks,
-                                    num_microbatches=1, seq_length=tokens.shape[1], micro_batch_size=batch,
+                                    num_microbatches=n, seq_length=tokens.shape[1], micro_batch_size=rows,
                                     forward_only=True)
-        logprobs = result.get("logprobs")
+        logprobs = torch.cat(result) if result else None
         if ps.get_pipeline_model_parallel_world_size() > 1:
             if logprobs is None:  # not the last stage
-                logprobs = torch.empty(batch, tokens.shape[1], self.vocab, device=tokens.device)
+                logprobs = torch.empty(len(tokens), tokens.shape[1], self.vocab, device=tokens.device)
             dist.broadcast(logprobs, src=ps.get_pipeline_model_parallel_last_rank(),
                            group=ps.get_pipeline_model_parallel_group())
-        return logprobs[:, :length]
+        return logprobs[:batch, :length]
 
 
 def build(spec, log=print) -> MegatronLM:
