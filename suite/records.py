@@ -32,6 +32,10 @@ Schema version 1 (``"schema": 1``). Keys (``null`` where a value could not be me
         validation_curve          [[step, loss, training walltime so far (s), FLOPs so far], ...]
         walltime_s                sum of all step times (warm-up included, validation excluded)
         energy_j, avg_power_w     NVML energy over the timed steps, summed over GPUs (null without NVML)
+        heldout                   held-out text metrics of the final model (eval.heldout_text, text and
+                                  jsonl corpora; null otherwise; suite.eval.metrics.heldout_text):
+                                  {"loss" (nats/token), "perplexity" (exp(loss)), "bpb" (bits per UTF-8
+                                  byte), "tokens" (scored), "bytes" (their UTF-8 bytes), "seq_length"}
         target                    time-to-quality block when workload.target_loss is set (tricks)
         extra                     technique-specific measurements, keyed by technique name
     env               GPU name and count, driver, CUDA, torch, megatron-core, NCCL, python, host,

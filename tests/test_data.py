@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from suite.data.prepare import cache_key, corpus_tokens, tokenize, train_bpe
+from suite.data.prepare import cache_key, corpus_tokens, text_bytes, tokenize, train_bpe
 from suite.data.sources import read_documents
 from suite.data.tokens import TokenSource
 from suite.errors import UserError
@@ -101,6 +101,25 @@ def test_bpe_is_deterministic_and_within_its_vocabulary(tmp_path):
     assert a.decode([t for t in tokens.tolist() if t != end]).startswith(docs[0])
 
 
+def test_text_bytes_are_the_utf8_bytes_the_tokens_stand_for(tmp_path, cache):
+    """The denominator of bits per byte. docs.jsonl has multi-byte characters (Über café naïve —)."""
+    docs = read_documents(jsonl_spec(tmp_path))
+    text = sum(len(d.encode()) for d in docs)
+    assert text > sum(len(d) for d in docs)
+    byte = jsonl_spec(tmp_path)
+    assert text_bytes(byte, tokenize(byte)) == text + len(docs)  # the newline after each document is a byte
+    bpe = jsonl_spec(tmp_path, "bpe", "bpe_vocab_size = 300")
+    tokens, _ = corpus_tokens(bpe)
+    saved = cache / f"{cache_key(bpe)}.bpe.json"
+    assert saved.is_file()  # the trained BPE is kept beside its tokens
+    assert text_bytes(bpe, tokens) == text  # end-of-text tokens stand for no text
+    unicode = docs[2]
+    assert unicode.startswith("Über") and len(unicode.encode()) > len(unicode)
+    assert text_bytes(bpe, train_bpe(bpe, docs).encode(unicode).ids) == len(unicode.encode())
+    saved.unlink()  # a cache from before tokenizers were kept: trained again, the same
+    assert text_bytes(bpe, tokens) == text and saved.is_file()
+
+
 def test_hf_tokenizer_from_a_local_folder(tmp_path):
     transformers = pytest.importorskip("transformers")
     spec = jsonl_spec(tmp_path, "bpe", "bpe_vocab_size = 300")
@@ -110,6 +129,7 @@ def test_hf_tokenizer_from_a_local_folder(tmp_path):
     spec = jsonl_spec(tmp_path, "hf:tok")
     tokens = tokenize(spec)
     assert tokens.tolist() == [t for d in read_documents(spec) for t in bpe.encode(d).ids + [hf.eos_token_id]]
+    assert text_bytes(spec, tokens) == sum(len(d.encode()) for d in read_documents(spec))  # eos: no bytes
     # a tokenizer larger than the model's vocabulary: caught when the scenario is loaded
     with pytest.raises(UserError, match=r"the tokenizer hf:tok \(300 tokens\) gives token id 299, but the "
                                         r"model's vocab_size is 256") as e:

@@ -154,6 +154,40 @@ def test_greedy_generation_follows_the_argmax_and_stops():
     assert greedy_generate(bigram, tok, "Q", until=["\n", "zz"], max_new_tokens=3, max_length=1) == "abb"
 
 
+def test_heldout_text_scores_the_start_of_the_validation_tail(tmp_path, monkeypatch):
+    """metrics.heldout: heldout_max_tokens scored tokens in rolling windows over the validation tail."""
+    from dataclasses import replace
+
+    from suite.data.tokens import TokenSource
+    from suite.eval.metrics import heldout_max_tokens, heldout_text, measures_heldout
+    from suite.scenario import load_scenario
+
+    monkeypatch.setenv("SUITE_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "s.toml"
+    path.write_text('[model]\npreset = "tiny"\n[workload]\nseq_length = 16\n'
+                    '[data]\nsource = "text"\npath = "builtin:shakespeare"\n[eval]\nheldout_max_tokens = 40\n')
+    (spec,) = load_scenario(path)
+    seen = []
+
+    def uniform(tokens):
+        seen.append(tokens.clone())
+        return torch.full((*tokens.shape, 256), -math.log(256))
+
+    m = heldout_text(spec, uniform)
+    assert m == {"loss": pytest.approx(math.log(256)), "perplexity": pytest.approx(256), "bpb": pytest.approx(8.0),
+                 "tokens": 40, "bytes": 40, "seq_length": 16}
+    valid = TokenSource(spec).valid
+    (inputs,) = seen  # windows of 17 scoring 16, 16, then the last 8 with 8 tokens of earlier context
+    assert torch.equal(inputs, torch.stack([valid[0:16], valid[16:32], valid[24:40]]))
+    # the default: as many tokens as one validation reads; only text corpora, only when asked
+    default = replace(spec, eval=replace(spec.eval, heldout_max_tokens=None))
+    assert heldout_max_tokens(default) == 4 * 8 * 16 and heldout_max_tokens(spec) == 40
+    assert measures_heldout(spec) and measures_heldout(replace(spec, data=replace(spec.data, source="jsonl")))
+    assert not measures_heldout(replace(spec, eval=replace(spec.eval, heldout_text=False)))
+    for source in ("synthetic", "megatron"):
+        assert not measures_heldout(replace(spec, data=replace(spec.data, source=source)))
+
+
 @pytest.mark.parametrize("line, words", [
     ('{"context": "x", "choices": ["a"], "label": 0}', "2 or more"),
     ('{"context": "x", "choices": ["a", "b"], "label": 2}', "label 2"),

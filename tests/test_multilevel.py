@@ -547,6 +547,21 @@ def test_vcycle_layouts_train_the_same_function(records):
 
 
 @pytest.mark.slow
+def test_heldout_text_scores_the_final_full_size_model(records):
+    """metrics.heldout comes from the model the V-cycle ends with: on the default token count (one
+    validation's windows) its loss is the final validation loss, at every layout."""
+    for name, rec in records.items():
+        m = rec["metrics"]
+        held = m["heldout"]
+        assert held is not None and (held["tokens"], held["bytes"], held["seq_length"]) == (256, 256, 32), name
+        assert held["loss"] == pytest.approx(m["validation_loss"], rel=1e-5), name
+        assert held["perplexity"] == pytest.approx(math.exp(held["loss"]), rel=1e-12)
+    want = records["vcycle"]["metrics"]["heldout"]["loss"]
+    for name in ("vcycle_tp2", "vcycle_pp2"):
+        assert records[name]["metrics"]["heldout"]["loss"] == pytest.approx(want, rel=1e-5), name
+
+
+@pytest.mark.slow
 def test_three_level_vcycle(records):
     m = records["vcycle3"]["metrics"]
     phases = m["extra"]["multilevel"]["phases"]

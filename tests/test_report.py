@@ -24,6 +24,7 @@ import csv
 import difflib
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -198,6 +199,46 @@ def test_optional_columns_only_where_present():
     header = cells(table_line(gpu_part, "variant"))
     for column in ("target.reached", "target.tokens", "target.walltime_s", "target.flops", "extra.fp8.recipe"):
         assert column in header
+
+
+def heldout(loss: float, bytes_per_token: float = 1.0, tokens: int = 1024) -> dict:
+    """A metrics.heldout block (loss of a real CPU run of tests/scenarios/runner/equivalence.toml)."""
+    return {"loss": loss, "perplexity": math.exp(loss), "bpb": loss / (bytes_per_token * math.log(2)),
+            "tokens": tokens, "bytes": round(tokens * bytes_per_token), "seq_length": 64}
+
+
+def test_heldout_columns_follow_val_loss_where_measured(tmp_path):
+    cpu = read_jsonl(CPU / "records.jsonl")
+    for rec in cpu:
+        if rec["variant"] in ("dp", "tp2"):  # pp2 has none: n/a
+            rec["metrics"]["heldout"] = heldout(4.598555006086826 if rec["variant"] == "dp" else 4.7)
+    gpu = read_jsonl(GPU)
+    by_variant(gpu)["bf16"]["metrics"]["heldout"] = heldout(2.5, bytes_per_token=4.2, tokens=65536)
+    out = run_cli("report", write_jsonl(tmp_path / "cpu.jsonl", cpu), write_jsonl(tmp_path / "gpu.jsonl", gpu)).stdout
+    cpu_part, gpu_part = out.split("## gpt-1b")
+    header = cells(table_line(cpu_part, "variant"))
+    at = header.index("val loss") + 1
+    assert header[at:at + 3] == ["held-out ppl", "bits/byte", "energy (kJ)"]
+    dp, tp2, pp2 = (cells(table_line(cpu_part, name)) for name in ("dp (baseline)", "tp2", "pp2"))
+    assert dp[at:at + 2] == [f"{math.exp(4.598555006086826):.2f}", f"{4.598555006086826 / math.log(2):.4f}"] \
+        == ["99.34", "6.6343"]
+    assert tp2[at:at + 2] == [f"{math.exp(4.7):.2f}", f"{4.7 / math.log(2):.4f}"]
+    assert pp2[at:at + 2] == ["n/a", "n/a"]
+    assert len(dp) == len(pp2) == len(header)
+    assert "Held-out ppl and bits/byte: the final model on the start of the validation tail (1,024 tokens" in cpu_part
+    # a bits-per-byte of 4.2 bytes a token (a BPE); the failed row keeps its width
+    gpu_header = cells(table_line(gpu_part, "variant"))
+    bf16 = cells(table_line(gpu_part, "bf16 (baseline)"))
+    at = gpu_header.index("held-out ppl")
+    assert bf16[at:at + 2] == [f"{math.exp(2.5):.2f}", f"{2.5 / 4.2 / math.log(2):.4f}"] == ["12.18", "0.8587"]
+    assert len(cells(table_line(gpu_part, "fp8-blockwise"))) == len(gpu_header)
+    assert "(65,536 tokens" in gpu_part
+    # without any heldout block: no columns, no note (tests/data/report's records)
+    plain = run_cli("report", CPU).stdout
+    assert "held-out ppl" not in plain and "bits/byte" not in plain and "Held-out" not in plain
+    rows = {r["variant"]: r for r in build_rows(load_latest([tmp_path / "cpu.jsonl"]))}
+    assert rows["dp"]["heldout.perplexity"] == pytest.approx(99.34066, rel=1e-6)
+    assert rows["dp"]["heldout.tokens"] == 1024 and "heldout.bpb" not in rows["pp2"]
 
 
 def test_null_metrics_render_as_na():

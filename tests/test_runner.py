@@ -145,6 +145,26 @@ def test_validation_losses_match(equivalence):
         assert got["metrics"]["validation_loss"] == pytest.approx(ref, rel=1e-3), got["variant"]
 
 
+def test_heldout_text_metrics_are_the_validation_loss_computed_another_way(equivalence):
+    """metrics.heldout of every layout: the final model scored on the validation tail in rolling windows
+    (suite.eval: logits gathered over TP, log-softmax, broadcast over PP). By default it scores as many
+    tokens as one validation, and rolling windows of seq_length over the tail's start are exactly the
+    windows validation reads, so its loss must be the validation loss (megatron's vocab-parallel
+    cross-entropy of the same model on the same tokens; measured equal to 2e-8 relative)."""
+    recs = {**equivalence["recs"], "single": equivalence["single"]["dp"]}
+    for name, rec in recs.items():
+        w, m = rec["config"]["workload"], rec["metrics"]
+        held = m["heldout"]
+        assert held is not None, name
+        scored = w["eval_batches"] * w["global_batch"] * w["seq_length"]
+        assert (held["tokens"], held["bytes"], held["seq_length"]) == (scored, scored, 64) == (1024, 1024, 64)
+        assert held["loss"] == pytest.approx(m["validation_loss"], rel=1e-5), name
+        assert held["perplexity"] == pytest.approx(math.exp(held["loss"]), rel=1e-12)
+        assert held["bpb"] == pytest.approx(held["loss"] / math.log(2), rel=1e-12)  # bytes: 1 a token
+        assert held["loss"] == pytest.approx(recs["dp"]["metrics"]["heldout"]["loss"], rel=1e-5), name
+    assert recs["dp"]["metrics"]["heldout"]["loss"] < math.log(256) - 0.5  # the trained model, not the initial one
+
+
 def test_gqa_model_actually_trains(equivalence):
     """The curve starts at the uniform-prediction loss ln(vocab) (within 2%) and clearly decreases."""
     rec = equivalence["recs"]["dp"]
@@ -274,6 +294,7 @@ def test_launcher_survives_a_fault_on_one_rank(launched):
     # the record names rank 1's own error, not rank 0's timeout (rank 1 left it in errors/)
     assert "injected fault" in recs["v"]["error"]["message"] and recs["v"]["error"]["rank"] == 1
     assert recs["after"]["status"] == "ok" and recs["after"]["world_size"] == 1
+    assert recs["after"]["metrics"]["heldout"] is None  # synthetic tokens: no text to score
     assert proc.stdout.index("launching variant 'after'") > proc.stdout.index("launching variant 'v'")
 
 

@@ -72,6 +72,44 @@ def _train_split(spec, docs: list[str]) -> list[str]:
     return docs[:max(1, int(len(docs) * keep))]
 
 
+def bpe_tokenizer(spec, docs: list[str] | None = None):
+    """The variant's trained BPE, kept beside its tokens in the cache (``<key>.bpe.json``) so that
+    evaluation can map token ids back to bytes; trained again (deterministic) when missing."""
+    from tokenizers import Tokenizer
+
+    path = cache_dir() / f"{cache_key(spec)}.bpe.json"
+    if path.is_file():
+        return Tokenizer.from_file(str(path))
+    bpe = train_bpe(spec, docs if docs is not None else _texts(spec))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.json")  # ranks may race: write whole, then rename
+    bpe.save(str(tmp))
+    os.replace(tmp, path)
+    return bpe
+
+
+def text_bytes(spec, ids) -> int:
+    """UTF-8 bytes of the text that the variant's token ids stand for (the denominator of bits per byte).
+
+    byte: one byte a token. bpe: a byte-level token's symbols are one byte each, the end-of-text token
+    none (exact). hf:PATH: the bytes of the decoded ids, special tokens skipped (a character split at
+    either end of the ids decodes to U+FFFD: a few bytes off at most).
+    """
+    ids = [int(i) for i in ids]
+    t = spec.data.tokenizer
+    if t == "byte":
+        return len(ids)
+    if t == "bpe":
+        bpe = bpe_tokenizer(spec)
+        special = set(bpe.get_added_tokens_decoder())
+        lengths = {i: 0 if i in special else len(bpe.id_to_token(i)) for i in set(ids)}
+        return sum(lengths[i] for i in ids)
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(hf_dir(spec)), local_files_only=True)
+    return len(hf.decode(ids, skip_special_tokens=True).encode("utf-8"))
+
+
 def train_bpe(spec, docs: list[str]):
     """A byte-level BPE with bpe_vocab_size ids (the end-of-text token included); deterministic."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -103,23 +141,31 @@ def _progress(total: int, label: str, show: bool):
         return update, print
 
 
-def tokenize(spec, show: bool = False) -> np.ndarray:
-    """The whole corpus as token ids (no cache): documents of a JSON-lines file end with an end token."""
-    d = spec.data
+def _texts(spec) -> list[str]:
+    """The corpus's documents as text (a 'text' corpus is one document)."""
     docs = read_documents(spec)
-    jsonl = d.source == "jsonl"
-    if d.tokenizer == "byte":
-        data = b"".join(doc.encode() + b"\n" for doc in docs) if jsonl else docs[0]
-        return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
-    if d.source == "text":
+    if spec.data.source == "text":
         try:
             docs = [docs[0].decode("utf-8")]
         except UnicodeDecodeError as e:
             from suite.errors import UserError
             raise UserError(f"the corpus {resolve_path(spec)} is not UTF-8 (byte {e.start}).", file=spec.file,
                             variant=spec.name, key="data.path", fix="convert the file to UTF-8.") from None
+    return docs
+
+
+def tokenize(spec, show: bool = False) -> np.ndarray:
+    """The whole corpus as token ids (not read from the token cache; a trained BPE is saved there):
+    documents of a JSON-lines file end with an end token."""
+    d = spec.data
+    jsonl = d.source == "jsonl"
+    if d.tokenizer == "byte":
+        docs = read_documents(spec)
+        data = b"".join(doc.encode() + b"\n" for doc in docs) if jsonl else docs[0]
+        return np.frombuffer(data, dtype=np.uint8).astype(np.int32)
+    docs = _texts(spec)
     if d.tokenizer == "bpe":
-        bpe = train_bpe(spec, docs)
+        bpe = bpe_tokenizer(spec, docs)
         end = bpe.token_to_id(BPE_END)
         encode = lambda texts: [e.ids for e in bpe.encode_batch(texts)]  # noqa: E731
     else:

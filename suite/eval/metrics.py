@@ -27,18 +27,54 @@ def text_metrics(model: Model, tokens: Sequence[int] | torch.Tensor, seq_length:
         raise ValueError("a text of fewer than 2 tokens has nothing to score")
     num_bytes = n if num_bytes is None else num_bytes
     loss = -ll / n
-    return {"loss": loss, "perplexity": math.exp(loss), "bpb": -ll / (num_bytes * math.log(2)),
-            "tokens": n, "bytes": num_bytes}
+    bpb = -ll / (num_bytes * math.log(2)) if num_bytes else None  # None: tokens that stand for no text
+    return {"loss": loss, "perplexity": math.exp(loss), "bpb": bpb, "tokens": n, "bytes": num_bytes}
+
+
+TEXT_SOURCES = ("text", "jsonl")  # corpora whose tokens stand for known text, so bytes can be counted
 
 
 def heldout_tokens(spec) -> torch.Tensor:
     """The variant's validation tail of its text corpus (the windows validation loss also reads)."""
     from suite.data.tokens import TokenSource
 
-    if spec.data.source != "text":
+    if spec.data.source not in TEXT_SOURCES:
         raise UserError("held-out text metrics need a text corpus.", file=spec.file, variant=spec.name,
-                        key="data.source", fix='set source = "text" and a path.')
+                        key="data.source", fix='set source = "text" (or "jsonl") and a path.')
     return TokenSource(spec).valid
+
+
+def measures_heldout(spec) -> bool:
+    """Whether a training variant ends with ``heldout_text``: ``[eval] heldout_text`` on a text corpus."""
+    return spec.eval.heldout_text and spec.data.source in TEXT_SOURCES
+
+
+def heldout_max_tokens(spec) -> int:
+    """``[eval] heldout_max_tokens``, by default the tokens one validation scores."""
+    w = spec.workload
+    given = spec.eval.heldout_max_tokens
+    return given if given is not None else w.eval_batches * w.global_batch * w.seq_length
+
+
+def heldout_text(spec, model: Model, valid: torch.Tensor | None = None, batch_size: int = 8) -> dict:
+    """The record's ``metrics.heldout``: ``text_metrics`` of ``model`` on the start of the validation tail
+    (``valid``, default ``heldout_tokens(spec)``), at most ``heldout_max_tokens(spec)`` scored tokens in
+    rolling windows of ``seq_length``; bytes from the variant's tokenizer (``suite.data.prepare.text_bytes``).
+
+    Rolling windows of seq_length over the tail's start are the windows validation loss reads
+    (``TokenSource.valid_batch``): with the default token count, the loss is the validation loss,
+    computed another way (log-softmax of the gathered logits instead of megatron's vocab-parallel
+    cross-entropy).
+
+    {loss (nats/token), perplexity, bpb, tokens (scored), bytes (theirs, UTF-8), seq_length}
+    """
+    from suite.data.prepare import text_bytes
+
+    valid = heldout_tokens(spec) if valid is None else valid
+    tokens = valid[:heldout_max_tokens(spec) + 1]  # the first token is context only
+    seq = spec.workload.seq_length
+    m = text_metrics(model, tokens, seq, text_bytes(spec, tokens[1:].tolist()), batch_size)
+    return {**m, "seq_length": seq}
 
 
 @dataclass(frozen=True)

@@ -60,5 +60,5 @@ def training_metrics(r: dict, v, ctx) -> dict:
         "final_loss": sum(tail) / len(tail),
         "validation_loss": r["validation"], "validation_curve": r["validation_curve"],
         "energy_j": energy, "avg_power_w": energy / timed_s if energy is not None and timed_s else None,
-        "target": r["target"], "extra": r["extra"],
+        "heldout": r.get("heldout"), "target": r["target"], "extra": r["extra"],
     }

@@ -20,6 +20,9 @@ NOISE_NOTE = ("Step time: median ± half the p10–p90 spread of the timed steps
               "differences smaller than the step-time spread are noise. "
               "Δ columns are relative to the baseline variant.")
 RSS_NOTE = "† host peak RSS (CPU run), not device memory."
+HELDOUT_NOTE = ("Held-out ppl and bits/byte: the final model on the start of the validation tail ({tokens} tokens, "
+                "rolling windows of the sequence length); perplexity = exp(loss in nats/token), bits per UTF-8 "
+                "byte of the scored text compare across tokenizers.")
 
 
 def flatten(prefix: str, value) -> dict:
@@ -64,6 +67,7 @@ def variant_row(rec: dict, base: dict) -> dict:
         "machine": machine(rec.get("env")), "torch": env.get("torch"), "megatron_core": env.get("megatron_core"),
         "git_commit": env.get("git_commit"), "date": (rec.get("finished_at") or rec.get("started_at") or "")[:10],
     }
+    row.update(flatten("heldout", metric(rec, "heldout") or {}))  # only where measured, as target.* / extra.*
     row.update(flatten("target", metric(rec, "target") or {}))
     row.update(flatten("extra", metric(rec, "extra") or {}))
     return row
@@ -121,6 +125,19 @@ COLUMNS = [
     ("Δ val loss", _delta("delta_validation_loss", lambda v: fmt.fixed(v, 4, signed=True))),
 ]
 FIXED_CELLS_OF_FAILED = 3  # variant, parallelism, GPUs: known from the record even when it failed
+# after "val loss", in tables where some record measured them (metrics.heldout)
+HELDOUT_COLUMNS = [
+    ("held-out ppl", lambda r: fmt.fixed(r.get("heldout.perplexity"), 2)),
+    ("bits/byte", lambda r: fmt.fixed(r.get("heldout.bpb"), 4)),
+]
+
+
+def _columns(rows: list[dict]) -> list:
+    """The fixed columns, with the held-out ones when any row has them."""
+    if not any(r.get("heldout.perplexity") is not None for r in rows):
+        return COLUMNS
+    at = [h for h, _ in COLUMNS].index("val loss") + 1
+    return COLUMNS[:at] + HELDOUT_COLUMNS + COLUMNS[at:]
 
 
 def _optional_columns(rows: list[dict]) -> list[str]:
@@ -129,12 +146,12 @@ def _optional_columns(rows: list[dict]) -> list[str]:
     return sorted(keys, key=lambda k: not k.startswith("target."))
 
 
-def _cells(row: dict, optional: list[str]) -> list[str]:
+def _cells(row: dict, columns: list, optional: list[str]) -> list[str]:
     if row["error"] is not None:
-        known = [cell(row) for _, cell in COLUMNS[:FIXED_CELLS_OF_FAILED]]
-        blanks = len(COLUMNS) + len(optional) - FIXED_CELLS_OF_FAILED - 1
+        known = [cell(row) for _, cell in columns[:FIXED_CELLS_OF_FAILED]]
+        blanks = len(columns) + len(optional) - FIXED_CELLS_OF_FAILED - 1
         return known + [f"**{row['error']}**"] + [""] * blanks
-    return [cell(row) for _, cell in COLUMNS] + [fmt.scalar(row.get(k)) for k in optional]
+    return [cell(row) for _, cell in columns] + [fmt.scalar(row.get(k)) for k in optional]
 
 
 def _distinct(rows: list[dict], key: str, show=str) -> str:
@@ -162,10 +179,13 @@ def _section(scenario: str, rows: list[dict], records: list[dict]) -> list[str]:
     """Heading, header line, table and notes of one scenario (inference: the latency tables instead)."""
     if any(is_inference(r) for r in records):
         return [f"## {scenario}", _header(rows)] + latency_section(records)
-    optional = _optional_columns(rows)
-    headers = [h for h, _ in COLUMNS] + optional
-    table = fmt.table(headers, [_cells(r, optional) for r in rows], "ll" + "r" * (len(headers) - 2))
+    columns, optional = _columns(rows), _optional_columns(rows)
+    headers = [h for h, _ in columns] + optional
+    table = fmt.table(headers, [_cells(r, columns, optional) for r in rows], "ll" + "r" * (len(headers) - 2))
     notes = [NOISE_NOTE] + ([RSS_NOTE] if any(r["memory_kind"] == "cpu_max_rss" for r in rows) else [])
+    if columns is not COLUMNS:
+        scored = dict.fromkeys(f"{r['heldout.tokens']:,}" for r in rows if r.get("heldout.tokens") is not None)
+        notes.append(HELDOUT_NOTE.format(tokens=" / ".join(scored) or "n/a"))
     return [f"## {scenario}", _header(rows), table, "\n".join(notes)] + quality_section(records)
 
 

@@ -120,6 +120,14 @@ class EvalConfig:
     """[eval]: accuracy measurements next to speed."""
 
     validation: bool = doc("Measure held-out loss at the end of the variant.", True)
+    heldout_text: bool = doc("Training on a text or jsonl corpus: score the final model on the validation tail "
+                             "(rolling windows of seq_length, suite.eval) and record its loss, perplexity and "
+                             "bits per byte as metrics.heldout.", True)
+    heldout_max_tokens: int | None = doc("heldout_text: score at most this many tokens from the start of the "
+                                         "validation tail; default: as many as one validation reads (eval_batches "
+                                         "x global_batch x seq_length: the same windows when the tail holds them, "
+                                         "so its loss is the validation loss). The record says how many were "
+                                         "scored.")
 
 
 @dataclass

@@ -27,7 +27,8 @@ def check_variant(spec) -> None:
                        ("workload.eval_batches", w.eval_batches), ("workload.timeout_s", w.timeout_s)]:
         if value < 1:
             fail(spec, key, f"must be at least 1, got {value}.", f"set {key.split('.')[1]} to a positive integer.")
-    for key, value in [("parallel.dp", p.dp), ("parallel.vpp", p.vpp)]:
+    for key, value in [("parallel.dp", p.dp), ("parallel.vpp", p.vpp),
+                       ("eval.heldout_max_tokens", spec.eval.heldout_max_tokens)]:
         if value is not None and value < 1:
             fail(spec, key, f"must be at least 1, got {value}.", "set a positive integer or remove the key.")
     if m.hidden_size % m.num_attention_heads:

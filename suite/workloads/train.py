@@ -212,6 +212,22 @@ class Trainer:
                   for i in range(w.eval_batches)]
         return float(torch.stack(losses).mean())
 
+    def heldout(self) -> dict | None:
+        """Held-out text metrics of the model as it is now (``suite.eval.metrics.heldout_text``), or None
+        when ``[eval] heldout_text`` is off or the data is not a text corpus. Every rank takes part."""
+        from suite.eval.megatron_lm import MegatronLM
+        from suite.eval.metrics import heldout_text, measures_heldout
+
+        if not measures_heldout(self.spec):
+            return None
+        started = time.perf_counter()
+        lm = MegatronLM(self.model, self.config, self.spec.model.vocab_size)
+        m = heldout_text(self.spec, lm, self.data.valid, batch_size=self.spec.workload.micro_batch)
+        bpb = "n/a" if m["bpb"] is None else f"{m['bpb']:.4f}"
+        self.ctx.log(f"held-out text: loss {m['loss']:.4f} perplexity {m['perplexity']:.2f} bits/byte {bpb} "
+                     f"over {m['tokens']:,} tokens ({time.perf_counter() - started:.1f} s)")
+        return m
+
     def step_flops(self, step: int) -> int:
         w = self.spec.workload
         for t in self.tricks:
@@ -226,6 +242,9 @@ class Trainer:
 
 def run(spec, ctx, fault=lambda step: None) -> dict:
     """Train one variant on this rank; returns raw measurements (spmd assembles the record).
+
+    At the end, ``Trainer.heldout`` scores the final model on the held-out text (``[eval] heldout_text``);
+    like validation, it is not part of the walltime.
 
     With ``workload.target_loss`` the variant stops at the first validation (every
     ``eval_interval`` steps) whose loss is at or below the target, MLPerf style: the record's
@@ -274,6 +293,7 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
     if w.target_loss is not None and target is None:
         reached = validation is not None and validation <= w.target_loss
         target = _target_block(w, reached, steps_run, flops_total, clock)
+    heldout = trainer.heldout()
     if w.save_checkpoint:
         checkpoint.save(spec, trainer.model, ctx.log)
     extra = {}
@@ -286,7 +306,8 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         "timed_step_flops": step_flops[w.warmup_steps:],
         "tokens": w.global_batch * w.seq_length * steps_run,
         "parameters": F.parameters(trainer.shape)["total"],
-        "summary": summarize(timed), "walltime_s": sum(times), "target": target, "extra": extra,
+        "summary": summarize(timed), "walltime_s": sum(times), "target": target, "heldout": heldout,
+        "extra": extra,
     }
 
 

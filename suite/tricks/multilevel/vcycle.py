@@ -130,6 +130,7 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
     if w.target_loss is not None and target is None:
         end = [steps_run, validation, sum(times) + transitions, sum(step_flops)]
         target = _target_block(w, validation is not None and validation <= w.target_loss, steps_run, end)
+    heldout = trainer.heldout()  # the full-size model the V-cycle ends with
     timed_times = [t for t, keep in zip(times, timed) if keep]
     extra = {"levels": cfg.levels, "alpha": cfg.alpha, "transition_s": transitions,
              "width_factors": [wf for wf, _ in factors(cfg)], "depth_factors": [df for _, df in factors(cfg)],
@@ -143,7 +144,7 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         "tokens": w.global_batch * w.seq_length * steps_run,
         "parameters": F.parameters(F.Shape.of(spec.model))["total"],
         "summary": summarize(timed_times), "walltime_s": sum(times) + transitions, "target": target,
-        "extra": {"multilevel": extra},
+        "heldout": heldout, "extra": {"multilevel": extra},
     }
 
 
