@@ -14,6 +14,10 @@ def plan_rows(variants) -> list[dict]:
                "gpus": v.world_size(), "parameters": flops.parameters(shape)["total"]}
         if w.kind == "inference":
             row.update(_inference_row(v, shape))
+        elif w.kind == "accuracy":  # forward passes over held-out text, and the fine-tune's steps
+            row.update(layout="1 process", tokens_per_step=w.seq_length,
+                       flops_per_step=flops.forward_flops(shape, 1, w.seq_length),
+                       memory_per_gpu=flops.parameters(shape)["total"] * (2 if w.precision == "bf16" else 4))
         else:
             row.update(layout=f"tp{v.parallel.tp} pp{v.parallel.pp} dp{v.parallel.dp or '*'}",
                        tokens_per_step=w.global_batch * w.seq_length,

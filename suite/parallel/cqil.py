@@ -38,7 +38,8 @@ from dataclasses import dataclass
 from suite import errors
 from suite.errors import did_you_mean
 
-KEYS = ("groups", "start", "end", "degree", "bypass")
+KEYS = ("groups", "start", "end", "degree", "bypass", "finetune")
+FINETUNE_KEYS = ("steps", "rank", "alpha", "lr", "batch", "weight_decay")
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def plan_of(spec) -> CQILPlan | None:
         if key not in KEYS:
             fail(f"unknown key '{key}'{did_you_mean(key, KEYS)}.", f"valid keys are: {', '.join(KEYS)}.",
                  f"parallel.cqil.{key}")
-        if key != "groups" and (not isinstance(value, int) or isinstance(value, bool)):
+        if key not in ("groups", "finetune") and (not isinstance(value, int) or isinstance(value, bool)):
             fail(f"expected an integer, got {value!r}.", example, f"parallel.cqil.{key}")
     L = spec.model.num_layers
     bypass = table.get("bypass", 0)
@@ -146,16 +147,51 @@ def plan_of(spec) -> CQILPlan | None:
         fail(f"bypass {bypass} must be between 0 and degree - 1 = {degree - 1}.",
              "use bypass = 0 (the authors' recommendation) or 1.", "parallel.cqil.bypass")
     p = spec.parallel
-    if spec.workload.kind != "inference":
-        fail("CQIL runs in the inference workload (fine-tuning under CQIL is not implemented).",
-             'set [workload] kind = "inference".', "workload.kind")
+    kind = spec.workload.kind
+    if kind not in ("inference", "accuracy"):
+        fail("CQIL runs in the inference workload (latency) and the accuracy workload (quality and its "
+             "recovery); training under CQIL is not implemented.",
+             'set [workload] kind = "inference" or "accuracy".', "workload.kind")
+    if "finetune" in table and kind != "accuracy":
+        fail("the CQIL fine-tune runs in the accuracy workload.",
+             'set [workload] kind = "accuracy", or remove finetune.', "parallel.cqil.finetune")
+    if kind == "accuracy":  # one process computes the concurrent model's function
+        finetune_of(spec)
+        return CQILPlan(groups=tuple(groups), bypass=bypass, num_layers=L)
     if p.pp != 1 or (p.vpp or 1) != 1:
         fail("CQIL replaces pipeline parallelism over the grouped layers; it runs with pp = 1.",
              "set pp = 1 and remove vpp.", "parallel.pp")
     if spec.model.init != "random":
-        fail("CQIL runs on random weights for now: megatron's checkpoint keys follow the position in the "
-             "layer list, which CQIL shortens on every rank.", 'set [model] init = "random".', "model.init")
+        fail("CQIL latency runs on random weights for now: megatron's checkpoint keys follow the position in the "
+             "layer list, which CQIL shortens on every rank.",
+             'set [model] init = "random" (measure accuracy with kind = "accuracy", which loads checkpoints).',
+             "model.init")
     if p.dp is not None and p.dp != degree:
         fail(f"CQIL takes megatron's data-parallel dimension: dp must be the CQIL degree {degree}, got {p.dp}.",
              "remove dp (it is derived as tp x degree processes).", "parallel.dp")
     return CQILPlan(groups=tuple(groups), bypass=bypass, num_layers=L)
+
+
+def finetune_of(spec):
+    """The variant's ``[parallel.cqil.finetune]`` as ``cqil_finetune.Finetune``, or None (raises UserError)."""
+    table = (spec.parallel.cqil or {}).get("finetune")
+    if table is None:
+        return None
+    from suite.parallel.cqil_finetune import Finetune
+
+    key = "parallel.cqil.finetune"
+    if not isinstance(table, dict):
+        errors.fail(spec, key, f"expected a table, got {table!r}.", "write finetune = { steps = 200, rank = 32 }.")
+    for name, value in table.items():
+        if name not in FINETUNE_KEYS:
+            errors.fail(spec, f"{key}.{name}", f"unknown key '{name}'{did_you_mean(name, FINETUNE_KEYS)}.",
+                        f"valid keys are: {', '.join(FINETUNE_KEYS)}.")
+        integer = name in ("steps", "rank", "batch")
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or value < 0 \
+                or (value == 0 and name != "weight_decay"):
+            errors.fail(spec, f"{key}.{name}", f"expected a positive {'integer' if integer else 'number'}, "
+                        f"got {value!r}.", f"set e.g. {name} = {getattr(Finetune(), name)!r}.")
+    if spec.workload.seq_length < 2:
+        errors.fail(spec, "workload.seq_length", "the fine-tune needs windows of at least 2 tokens.",
+                    "set seq_length = 512 or so.")
+    return Finetune(**table)

@@ -66,8 +66,10 @@ class CQILLayer(TransformerLayer):
         gathered = torch.empty((role.size * mine.shape[0], *mine.shape[1:]), dtype=mine.dtype, device=mine.device)
         dist.all_gather_into_tensor(gathered, mine, group=role.group)  # every rank joins, even k = 0
         gathered = gathered.view(role.size, *mine.shape)
-        sources = list(range(max(0, role.position - role.bypass), role.position))
-        return gathered[sources].sum(dim=0) if sources else None
+        first = max(0, role.position - role.bypass)
+        # a slice, not a list index: indexing by a list copies the index to the GPU, which a CUDA
+        # graph capture forbids (the capturing rank failed and its peers hung in the next all-reduce)
+        return gathered[first:role.position].sum(dim=0) if role.position else None
 
 
 def new_groups(tp: int, degree: int) -> tuple[dist.ProcessGroup, int, list]:

@@ -59,8 +59,9 @@ class ParallelConfig:
 class WorkloadConfig:
     """[workload]: what is run and measured."""
 
-    kind: str = doc("What to measure: training, or inference latency (suite.workloads.inference).", "train",
-                    choices=("train", "inference"))
+    kind: str = doc("What to measure: training, inference latency (suite.workloads.inference), or held-out "
+                    "accuracy of a model and its CQIL form before and after recovery (suite.workloads.accuracy).",
+                    "train", choices=("train", "inference", "accuracy"))
     steps: int = doc("Optimizer steps, warm-up included.", 20)
     warmup_steps: int = doc("First steps excluded from timing (compilation, allocator warm-up).", 3)
     global_batch: int = doc("Sequences per optimizer step, over all data-parallel ranks.", 8)
@@ -169,6 +170,8 @@ class VariantSpec:
         """GPUs this variant needs: tp*pp*dp, with dp taken from the launch (or 1) when omitted;
         inference: tp*pp*CQIL degree."""
         p = self.parallel
+        if self.workload.kind == "accuracy":  # one process (validated: tp = pp = 1)
+            return 1
         if self.workload.kind == "inference":  # one model: tp x pp x CQIL degree, never replicated
             return p.tp * p.pp * degree_of(p.cqil)
         if p.dp is not None:

@@ -93,6 +93,8 @@ def check_variant(spec) -> None:
     check_data(spec)  # sources, files, JSON lines, tokenizer vocabulary sizes (suite.data.sources)
     if w.kind == "inference":
         check_inference(spec)
+    if w.kind == "accuracy":
+        check_accuracy(spec)
     plan_of(spec)  # CQIL groups (suite.parallel.cqil); None without [parallel] cqil
 
 
@@ -123,6 +125,20 @@ def check_inference(spec) -> None:
               "model.", "remove the [tricks.*] sections from inference variants.")
 
 
+def check_accuracy(spec) -> None:
+    p = spec.parallel
+    for key, value, ok in (("tp", p.tp, 1), ("pp", p.pp, 1), ("dp", p.dp or 1, 1), ("vpp", p.vpp or 1, 1)):
+        if value != ok:
+            fail(spec, f"parallel.{key}", f"the accuracy workload runs on one process (the CQIL model's "
+                  f"function is computed on one device); {key} = {value}.", f"remove {key}.")
+    if spec.data.source not in ("text", "jsonl"):
+        fail(spec, "data.source", f"the accuracy workload scores held-out real text; source is "
+              f"'{spec.data.source}'.", 'set [data] source = "text" (or "jsonl") and a path.')
+    if spec.tricks:
+        fail(spec, "tricks", f"techniques {', '.join(spec.tricks)} change training; the accuracy workload "
+              "evaluates a model.", "remove the [tricks.*] sections from accuracy variants.")
+
+
 def check_target(spec) -> None:
     w = spec.workload
     if w.target_loss is not None and w.eval_interval < 1:
@@ -144,10 +160,10 @@ def check_batch(spec, dp: int) -> None:
 def check_world(spec, world: int) -> None:
     """Checks that need the launched world size (tp * pp * dp must equal it)."""
     p = spec.parallel
-    if spec.workload.kind == "inference":
+    if spec.workload.kind in ("inference", "accuracy"):
         need = spec.world_size()
         if world != need:
-            fail(spec, "parallel", f"inference runs one model on tp x pp x CQIL degree = {need} process(es), "
+            fail(spec, "parallel", f"{spec.workload.kind} runs one model on {need} process(es), "
                   f"but {world} were launched.", f"launch {need} (`python -m suite run` sizes each variant itself).")
         return
     if p.dp is not None and p.tp * p.pp * p.dp != world:

@@ -10,7 +10,8 @@ import importlib
 
 from suite.tricks.registry import TRICKS
 
-KINDS = {"train": "suite.workloads.train", "inference": "suite.workloads.inference"}
+KINDS = {"train": "suite.workloads.train", "inference": "suite.workloads.inference",
+         "accuracy": "suite.workloads.accuracy"}
 
 
 def workload_for(spec):

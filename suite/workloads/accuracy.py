@@ -1,0 +1,80 @@
+"""Accuracy workload: held-out quality of a model and of its CQIL form, before and after recovery.
+
+One process (the CQIL function is computed on one device, ``suite.parallel.cqil_finetune``; the
+latency of the same plan is the inference workload's business). The model comes from
+``[model] init`` (a ``suite`` checkpoint or a Hugging Face LLaMA directory), the text from ``[data]``.
+Measured on the start of the validation tail (``[eval] heldout_max_tokens`` tokens, rolling windows
+of ``workload.seq_length``, as ``suite.eval.metrics.heldout_text`` scores training runs):
+
+    original        loss, perplexity, bits per byte of the unmodified model
+    concurrent      the same of the CQIL model (``[parallel] cqil``), and ``kl_to_original``: the
+                    per-token KL(original ‖ CQIL model) over non-overlapping held-out windows
+    finetuned       the same after ``[parallel.cqil.finetune]`` (LoRA + distillation on the training split)
+    finetune        its settings, tokens, trainable parameters, walltime and KL curve
+
+Without CQIL only ``original`` is measured (an evaluation of the checkpoint).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from suite.data.tokens import TokenSource
+from suite.eval.metrics import heldout_text
+from suite.metrics import flops as F
+from suite.metrics.collect import peak_memory
+from suite.models import checkpoint, gpt
+from suite.parallel import cqil
+from suite.parallel.cqil_finetune import concurrent_logits, finetune, heldout_kl
+
+
+def _scorer(model, plan, vocab: int):
+    def logprobs(tokens: torch.Tensor) -> torch.Tensor:
+        device = next(model.parameters()).device
+        return torch.log_softmax(concurrent_logits(model, tokens.to(device), plan)[..., :vocab].float(), dim=-1)
+    return torch.no_grad()(logprobs)
+
+
+def run(spec, ctx, fault=lambda step: None) -> dict:
+    config = gpt.transformer_config(spec)
+    (model,) = gpt.build_chunks(spec, config)
+    gpt.init_parameters([model], spec.workload.seed, spec.model.init_std, spec.model.num_layers)
+    checkpoint.apply_init(spec, [model], ctx.log)
+    if config.bf16:
+        model.bfloat16()
+    model.eval()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    vocab, seq = spec.model.vocab_size, spec.workload.seq_length
+    data = TokenSource(spec)
+    plan, tune = cqil.plan_of(spec), cqil.finetune_of(spec)
+    started = time.perf_counter()
+    out = {"original": heldout_text(spec, _scorer(model, None, vocab), data.valid)}
+    ctx.log(f"original: perplexity {out['original']['perplexity']:.3f}")
+    if plan is not None:
+        heldout = data.valid[:out["original"]["tokens"] + 1]
+        out["concurrent"] = {**heldout_text(spec, _scorer(model, plan, vocab), data.valid),
+                             "kl_to_original": heldout_kl(model, plan, None, heldout, seq, vocab)}
+        ctx.log(f"CQIL: perplexity {out['concurrent']['perplexity']:.3f}, "
+                f"KL to the original {out['concurrent']['kl_to_original']:.5f}")
+        fault(0)
+        if tune is not None:
+            lora, out["finetune"] = finetune(model, plan, tune, data.train, seq, vocab, spec.workload.seed, ctx.log)
+            out["finetuned"] = {**heldout_text(spec, _scorer(model, plan, vocab), data.valid),
+                                "kl_to_original": heldout_kl(model, plan, lora, heldout, seq, vocab)}
+            ctx.log(f"CQIL after the fine-tune: perplexity {out['finetuned']['perplexity']:.3f}, "
+                    f"KL to the original {out['finetuned']['kl_to_original']:.5f}")
+            lora.remove()
+    out["walltime_s"] = time.perf_counter() - started
+    out["cqil"] = plan.describe() if plan else None
+    return out
+
+
+def metrics(raw: dict, spec, ctx) -> dict:
+    peak, kind = peak_memory()
+    return {"parameters": F.parameters(F.Shape.of(spec.model))["total"], "world_size": ctx.world,
+            "peak_memory_bytes": int(peak), "memory_kind": kind, "cqil": raw["cqil"],
+            "accuracy": {k: raw[k] for k in ("original", "concurrent", "finetuned", "finetune", "walltime_s")
+                         if k in raw},
+            "extra": {}}
