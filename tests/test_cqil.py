@@ -75,6 +75,7 @@ def reference_worker(out: str, scenario: str, degree_one: str, variants: list[st
     from megatron.core import parallel_state as ps
 
     from suite.models import gpt
+    from suite.parallel.cqil_finetune import concurrent_logits
     from suite.scenario.schema import ParallelConfig
     from suite.workloads.inference import Engine
     from test_inference import full_logits
@@ -94,6 +95,8 @@ def reference_worker(out: str, scenario: str, degree_one: str, variants: list[st
         results["plain"] = model(tokens, positions, None)[..., :vocab]
         for name in variants:
             results[name] = group_formula_logits(model, tokens, plan_of(specs[name]))[..., :vocab]
+            # the accuracy workload's one-process CQIL model (suite.parallel.cqil_finetune)
+            results[f"one_process:{name}"] = concurrent_logits(model, tokens, plan_of(specs[name]))[..., :vocab]
     engine = Engine(specs[degree_one])
     results["degree1"] = {"full": full_logits(engine, tokens), "decode": teacher_forced_logits(engine, tokens, PROMPT)}
     engine.close()
@@ -189,6 +192,13 @@ def test_distributed_cqil_matches_the_group_formula(runs, name):
     assert max_diff(got["decode"], got["full"][:, PROMPT - 1:]) < ATOL  # KV cache under CQIL
     # CQIL changes the function (else the comparison above would prove nothing)
     assert max_diff(ref[name], ref["plain"]) > 100 * ATOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cqil2", "cqil2_bypass", "groups_gap", "tp2_cqil2", "cqil4"])
+def test_one_process_cqil_model_is_the_distributed_function(runs, name):
+    """The accuracy workload measures the function the latency runs compute."""
+    assert max_diff(runs["ref"][f"one_process:{name}"], runs["dist"][name]["full"]) < ATOL
 
 
 @pytest.mark.slow

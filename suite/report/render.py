@@ -11,6 +11,7 @@ import io
 import json
 
 from suite.report import fmt
+from suite.report.accuracy import accuracy_section, is_accuracy
 from suite.report.latency import is_inference, latency_rows, latency_section
 from suite.report.quality import quality_section
 from suite.report.select import (baseline_of, by_scenario, failure, is_ok, load_latest, machine, metric,
@@ -67,7 +68,9 @@ def variant_row(rec: dict, base: dict) -> dict:
         "machine": machine(rec.get("env")), "torch": env.get("torch"), "megatron_core": env.get("megatron_core"),
         "git_commit": env.get("git_commit"), "date": (rec.get("finished_at") or rec.get("started_at") or "")[:10],
     }
-    row.update(flatten("heldout", metric(rec, "heldout") or {}))  # only where measured, as target.* / extra.*
+    row.update(flatten("heldout", metric(rec, "heldout") or {}))
+    for phase in ("original", "concurrent", "finetuned"):  # accuracy workload
+        row.update(flatten(phase, metric(rec, "accuracy", phase) or {}))  # only where measured, as target.* / extra.*
     row.update(flatten("target", metric(rec, "target") or {}))
     row.update(flatten("extra", metric(rec, "extra") or {}))
     return row
@@ -179,6 +182,8 @@ def _section(scenario: str, rows: list[dict], records: list[dict]) -> list[str]:
     """Heading, header line, table and notes of one scenario (inference: the latency tables instead)."""
     if any(is_inference(r) for r in records):
         return [f"## {scenario}", _header(rows)] + latency_section(records)
+    if any(is_accuracy(r) for r in records):
+        return [f"## {scenario}", _header(rows)] + accuracy_section(records)
     columns, optional = _columns(rows), _optional_columns(rows)
     headers = [h for h, _ in columns] + optional
     table = fmt.table(headers, [_cells(r, columns, optional) for r in rows], "ll" + "r" * (len(headers) - 2))
