@@ -163,7 +163,8 @@ def check_world(spec, world: int) -> None:
     if spec.workload.kind in ("inference", "accuracy"):
         need = spec.world_size()
         if world != need:
-            fail(spec, "parallel", f"{spec.workload.kind} runs one model on {need} process(es), "
+            size = f"tp x pp x CQIL degree = {need}" if spec.workload.kind == "inference" else str(need)
+            fail(spec, "parallel", f"{spec.workload.kind} runs one model on {size} process(es), "
                   f"but {world} were launched.", f"launch {need} (`python -m suite run` sizes each variant itself).")
         return
     if p.dp is not None and p.tp * p.pp * p.dp != world:
