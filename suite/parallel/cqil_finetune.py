@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as Fn
 
 from suite.parallel.cqil import CQILPlan
 
