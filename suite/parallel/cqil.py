@@ -28,6 +28,9 @@ all-reduce over the CQIL ranks sums the deltas; with bypass, an all-gather betwe
 MLP hands every rank the attention outputs of its group (one collective, deadlock-free, and
 capturable in a CUDA graph; with d = 1 and degree 2 it moves the same bytes as a send).
 
+Accuracy (``[workload] kind = "accuracy"``): ``cqil_finetune.py`` computes the same function on one
+process and fine-tunes LoRA adapters with distillation to recover quality (``finetune`` below).
+
 This module is torch-free (config, validation, layer assignment); ``cqil_layer.py`` holds the
 megatron-core layer and the process groups.
 """

@@ -52,7 +52,8 @@ class ParallelConfig:
     recompute: str = doc("Activation recompute.", "none", choices=("none", "selective", "full"))
     cqil: dict | None = doc("CQIL layer groups run in parallel (inference): {groups = [[12, 13], ...], "
                             "bypass = 0} or {start = 12, end = 30 (exclusive), degree = 2, bypass = 0}; "
-                            "needs tp x degree GPUs (suite.parallel.cqil).")
+                            "needs tp x degree GPUs (suite.parallel.cqil). With kind = 'accuracy' (one "
+                            "process) also finetune = {steps, rank, alpha, lr, batch, weight_decay}.")
 
 
 @dataclass
