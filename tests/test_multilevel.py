@@ -20,11 +20,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from check_worker import result, run_worker, torchrun, worker_main
+from check_worker import result, run_worker, subprocess_env, torchrun, worker_main
 
 from suite.metrics import flops as F
 from suite.tricks.multilevel import (MultilevelConfig, coalesced, factors, level_models, phase_flops,
@@ -471,10 +472,28 @@ def test_operators_on_tp_and_pp_shards_give_the_tp1_parameters(tmp_path):
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("multilevel_run")
-    r = torchrun("-m", "suite", "run", str(VCYCLE), "--out", str(out), timeout=300)
+    # every variant saves to the same folder, replacing the previous one: the last, vcycle_target, stays
+    r = torchrun("-m", "suite", "run", str(VCYCLE), "--out", str(out), "--set",
+                 f'workload.save_checkpoint="{out / "checkpoint"}"', timeout=300)
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
     recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     return {rec["variant"]: rec for rec in recs}
+
+
+@pytest.mark.slow
+def test_vcycle_saves_the_full_size_model_it_ends_with(records, tmp_path):
+    """The saved checkpoint, loaded on one process by the accuracy workload, scores the held-out text as
+    the V-cycle's final model did (at DP=2, through megatron's schedule)."""
+    ckpt = Path(records["vcycle_target"]["config"]["workload"]["save_checkpoint"])
+    r = subprocess.run([sys.executable, "-m", "suite", "run", str(VCYCLE), "--variant", "baseline", "--out",
+                        str(tmp_path), "--set", 'workload.kind="accuracy"', "--set", f'model.init="checkpoint:{ckpt}"'],
+                       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (rec,) = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    loaded = rec["metrics"]["accuracy"]["original"]
+    final = records["vcycle_target"]["metrics"]["heldout"]
+    assert loaded["tokens"] == final["tokens"] and abs(loaded["loss"] - final["loss"]) < 1e-5 * final["loss"]
+    assert abs(records["baseline"]["metrics"]["heldout"]["loss"] - final["loss"]) > 1e-3  # not the baseline's
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from suite.metrics import flops as F
 from suite.metrics.collect import training_metrics as metrics  # noqa: F401  (the workload interface)
 from suite.metrics.energy import EnergyMeter
 from suite.metrics.stats import summarize
+from suite.models import checkpoint
 from suite.tricks.multilevel import factors, level_models, phase_levels, phase_spec
 from suite.tricks.multilevel import operators as ops
 from suite.tricks.multilevel.state import full_state, load_state
@@ -131,6 +132,8 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         end = [steps_run, validation, sum(times) + transitions, sum(step_flops)]
         target = _target_block(w, validation is not None and validation <= w.target_loss, steps_run, end)
     heldout = trainer.heldout()  # the full-size model the V-cycle ends with
+    if w.save_checkpoint:  # that model, loadable at any layout as for plain training
+        checkpoint.save(spec, trainer.model, ctx.log)
     timed_times = [t for t, keep in zip(times, timed) if keep]
     extra = {"levels": cfg.levels, "alpha": cfg.alpha, "transition_s": transitions,
              "width_factors": [wf for wf, _ in factors(cfg)], "depth_factors": [df for _, df in factors(cfg)],
