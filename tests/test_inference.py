@@ -260,6 +260,7 @@ def test_record_holds_the_latency_grid(records):
             assert e["decode_tokens_per_s"] == pytest.approx(e["batch"] / (e["decode_ms_median"] / 1e3))
             assert e["request_ms_median"] >= e["prefill_ms_median"]
             assert e["prefill_mfu"] is None and e["decode_bandwidth_fraction"] is None  # no GPU ceilings
+            assert e["repeats_same_tokens"] is True  # fp32 on CPU: every request decodes the same tokens
             assert all(isinstance(v, (int, float, bool, type(None))) for v in e.values())  # flat
     assert recs["pp2"]["metrics"]["cqil"] is None
     assert recs["cqil2_bypass"]["metrics"]["cqil"] == {"degree": 2, "groups": [[2, 3], [4, 5]], "bypass": 1,

@@ -16,7 +16,8 @@ from suite.report.select import baseline_of, failure, is_ok, metric, relative_ch
 
 NOTE = ("TTFT: time to first token (prefill + first greedy token), median ± half the p10–p90 spread of the "
         "timed requests. Decode: one step, one new token per sequence. Decode bandwidth: bytes a step must "
-        "read per step time, as a share of the measured copy bandwidth of all GPUs. Graph check (CUDA-graph "
+        "read per step time, as a share of the measured copy bandwidth of all GPUs. Repeats agree: every "
+        "request of the point gave the same greedy tokens (no: nondeterministic kernels). Graph check (CUDA-graph "
         "rows): greedy tokens equal to eager / max relative logits difference at the first decode step. "
         "Δ: relative to the baseline variant at the same (batch, prompt, gen, eager|graph) point, negative "
         "is faster; (noise): smaller than the larger of the two runs' relative spreads.")
@@ -95,6 +96,7 @@ def latency_rows(records: list[dict]) -> list[dict]:
                 "prefill_tokens_per_s": e.get("prefill_tokens_per_s"),
                 "decode_tokens_per_s": e.get("decode_tokens_per_s"),
                 "decode_bandwidth_fraction": e.get("decode_bandwidth_fraction"), "prefill_mfu": e.get("prefill_mfu"),
+                "repeats_same_tokens": e.get("repeats_same_tokens"),
                 "same_tokens_as_eager": e.get("same_tokens_as_eager"),
                 "graph_logits_rel_diff": e.get("graph_logits_rel_diff"),
                 "delta_decode_pct": delta_decode, "delta_decode_noise": decode_noise,
@@ -150,6 +152,7 @@ COLUMNS = [
     ("decode tokens/s", lambda r: fmt.count(r["decode_tokens_per_s"])),
     ("decode BW of copy ceiling", lambda r: fmt.percent(r["decode_bandwidth_fraction"])),
     ("prefill MFU", lambda r: fmt.percent(r["prefill_mfu"])),
+    ("repeats agree", lambda r: fmt.scalar(r["repeats_same_tokens"])),
     ("graph check", _graph_check),
     ("Δ decode", lambda r: _delta_cell(r, "decode")),
     ("Δ prefill", lambda r: _delta_cell(r, "prefill")),

@@ -46,6 +46,9 @@ Record: ``metrics.inference`` is a list with one flat entry per (batch, prompt, 
                                 t), averaged over the steps; layers CQIL replicates count once (useful bytes)
     decode_bandwidth_tb_s       decode_bytes_per_step / median decode step / 1e12
     decode_bandwidth_fraction   decode_bandwidth_tb_s / (world size × measured copy bandwidth); null on CPU
+    repeats_same_tokens         every request of the point (warm-up included) produced the same greedy
+                                tokens: false means nondeterministic kernels, which makes a graph-vs-eager
+                                difference uninformative
     same_tokens_as_eager        graph entries: the greedy tokens of the last request equal the eager entry's
                                 (null otherwise). Seen false for bf16 LLaMA-7B with random weights (true in
                                 fp32): near-tied logits flip when captured kernels round differently
@@ -310,7 +313,7 @@ def measure_point(engine: Engine, spec, batch: int, prompt: int, gen: int, graph
     if graph:
         engine.prefill(tokens)
         engine.capture()
-    prefill_s, decode_s, request_s = [], [], []
+    prefill_s, decode_s, request_s, first_tokens, repeats_same = [], [], [], None, True
     for r in range(w.warmup_repeats + w.repeats):
         clock = StepClock(engine.cuda)
         out, first_logits = [], None
@@ -325,6 +328,10 @@ def measure_point(engine: Engine, spec, batch: int, prompt: int, gen: int, graph
             out.append(engine.tokens.clone())
             if step == 0 and engine.last:  # the graph check compares these (same prefill, same input)
                 first_logits = engine.logits.float().clone()
+        tokens_now = torch.cat(out, dim=1)
+        if first_tokens is None:
+            first_tokens = tokens_now
+        repeats_same = repeats_same and torch.equal(tokens_now, first_tokens)
         if r >= w.warmup_repeats:
             times = clock.seconds()
             prefill_s.append(times[0])
@@ -332,7 +339,8 @@ def measure_point(engine: Engine, spec, batch: int, prompt: int, gen: int, graph
             request_s.append(sum(times))
     engine.release()
     return {"batch": batch, "prompt": prompt, "gen": gen, "cuda_graph": graph, "prefill_s": prefill_s,
-            "decode_s": decode_s, "request_s": request_s, "tokens": torch.cat(out, dim=1).tolist(),
+            "decode_s": decode_s, "request_s": request_s, "tokens": tokens_now.tolist(),
+            "repeats_same_tokens": repeats_same,
             "first_logits": None if first_logits is None else first_logits.cpu()}
 
 
@@ -390,7 +398,8 @@ def point_entry(pt: dict, shape: F.Shape, elem: int, world: int, peak_tflops, co
         "request_ms_median": _ms(req, "median"),
         "decode_bytes_per_step": nbytes, "decode_bandwidth_tb_s": bandwidth,
         "decode_bandwidth_fraction": bandwidth / (world * copy_tb_s) if bandwidth and copy_tb_s else None,
-        "same_tokens_as_eager": None, "graph_logits_rel_diff": None,
+        "repeats_same_tokens": pt["repeats_same_tokens"], "same_tokens_as_eager": None,
+        "graph_logits_rel_diff": None,
     }
 
 
