@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rep = sub.add_parser("report", help="markdown/csv/json comparison tables from result records")
     rep.add_argument("results", nargs="+", help="results folders or records.jsonl files")
-    rep.add_argument("-o", "--output", default=None, help="write here instead of stdout")
+    rep.add_argument("-o", "--output", default=None, help="write here instead of stdout (loss-curve PNGs beside it)")
     rep.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
 
     cmp_ = sub.add_parser("compare", help="regression gate: exit 1 when CURRENT is slower than BASELINE")

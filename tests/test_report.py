@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -504,3 +505,63 @@ def test_cost_at_equal_quality_reads_the_first_point_at_or_below_target():
     # an explicit target in any record wins over the baseline's final loss
     target, rows = quality_rows([base, rec("t", [[10, 2.1, 1, 1], [20, 1.9, 2, 2]], target=2.0)])
     assert target == 2.0 and {r["variant"]: r["step"] for r in rows} == {"base": 20, "t": 20}
+
+
+# ---------------------------------------------------------------------------------------------- loss curves
+
+
+def with_curves(records: list[dict]) -> list[dict]:
+    """Copies of the ok records with validation curves as the runner writes them ([step, loss, walltime, FLOPs])."""
+    out = copy.deepcopy([r for r in records if r["status"] == "ok"])
+    for i, rec in enumerate(out):
+        loss = rec["metrics"]["validation_loss"]
+        rec["metrics"]["validation_curve"] = [[10, loss + 1.0, 1.0 + i, 1e15], [20, loss + 0.3, 2.0 + i, 2e15],
+                                              [30, loss, 3.0 + i, 3e15]]
+    return out
+
+
+IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(([^)]+)\)")
+
+
+def test_report_with_curves_writes_one_png_per_scenario_and_links_it(tmp_path):
+    curves = write_jsonl(tmp_path / "curves.jsonl", with_curves(read_jsonl(GPU)))
+    out = tmp_path / "out" / "report.md"
+    proc = run_cli("report", CPU, curves, "-o", out)  # tiny: no curves with costs, so no plot
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text(encoding="utf-8")
+    links = IMAGE_LINK.findall(text)
+    assert links == ["report-gpt-1b.png"]  # relative to the markdown file
+    assert "![" not in text.split("## gpt-1b")[0]  # the plot is gpt-1b's, under its quality table
+    assert text.index("### Cost to reach validation loss") < text.index("![")
+    assert (out.parent / links[0]).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["report-gpt-1b.png", "report.md"]
+
+
+def test_report_without_curves_writes_no_png_and_no_link(tmp_path):
+    out = tmp_path / "report.md"
+    assert run_cli("report", CPU, GPU, "-o", out).returncode == 0
+    text = out.read_text(encoding="utf-8")
+    assert "![" not in text and "Loss curves" not in text
+    assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_loss_curves_not_drawn_without_matplotlib_or_without_a_file(tmp_path, monkeypatch):
+    from suite.report.render import markdown
+
+    curves = write_jsonl(tmp_path / "curves.jsonl", with_curves(read_jsonl(GPU)))
+    latest = load_latest([curves])
+    assert "Loss curves not drawn: the report went to stdout" in markdown(latest, [curves])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    text = markdown(latest, [curves], tmp_path / "report.md")
+    assert "Loss curves not drawn: matplotlib is not installed" in text and "![" not in text
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_vcycle_curve_shows_every_phase():
+    """A V-cycle record's validation_curve holds its final phase only; the plot reads all phases from extra."""
+    from suite.report.plots import curve
+
+    every = [[10, 3.0, 1.0, 100, 0], [20, 2.8, 1.5, 130, 1], [30, 2.5, 2.5, 230, 2]]
+    rec = {"metrics": {"validation_curve": [every[-1][:4]], "extra": {"multilevel": {"validation_curve": every}}}}
+    assert curve(rec) == every
+    assert curve({"metrics": {"validation_curve": [[10, 3.0, 1.0, 100], [20, 2.9]]}}) == [[10, 3.0, 1.0, 100, 0]]

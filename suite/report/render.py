@@ -9,11 +9,13 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 from suite.report import fmt
 from suite.report.accuracy import accuracy_section, is_accuracy
 from suite.report.latency import is_inference, latency_rows, latency_section
-from suite.report.quality import quality_section
+from suite.report.plots import loss_curves
+from suite.report.quality import quality_section, target_of
 from suite.report.select import (baseline_of, by_scenario, failure, is_ok, load_latest, machine, metric,
                                  relative_change, step_half_spread_s, step_median_s)
 
@@ -178,8 +180,9 @@ def _header(rows: list[dict]) -> str:
             f"commit {_distinct(rows, 'git_commit', _short_commit)} · {when}")
 
 
-def _section(scenario: str, rows: list[dict], records: list[dict]) -> list[str]:
-    """Heading, header line, table and notes of one scenario (inference: the latency tables instead)."""
+def _section(scenario: str, rows: list[dict], records: list[dict], output: Path | None) -> list[str]:
+    """Heading, header line, table and notes of one scenario (inference: the latency tables instead);
+    with a quality section, its loss-curve plot (a PNG beside `output`, the markdown file)."""
     if any(is_inference(r) for r in records):
         return [f"## {scenario}", _header(rows)] + latency_section(records)
     if any(is_accuracy(r) for r in records):
@@ -191,14 +194,17 @@ def _section(scenario: str, rows: list[dict], records: list[dict]) -> list[str]:
     if columns is not COLUMNS:
         scored = dict.fromkeys(f"{r['heldout.tokens']:,}" for r in rows if r.get("heldout.tokens") is not None)
         notes.append(HELDOUT_NOTE.format(tokens=" / ".join(scored) or "n/a"))
-    return [f"## {scenario}", _header(rows), table, "\n".join(notes)] + quality_section(records)
+    quality = quality_section(records)
+    plot = loss_curves(scenario, records, target_of(records), output) if quality else []
+    return [f"## {scenario}", _header(rows), table, "\n".join(notes)] + quality + plot
 
 
-def markdown(latest: dict, sources) -> str:
+def markdown(latest: dict, sources, output: Path | None = None) -> str:
+    """The report; `output`, the file it will be written to, is where plots go (none without it)."""
     parts = ["# Benchmark report", f"Records: {', '.join(map(str, sources))}"]
     for scenario, records in by_scenario(latest).items():
         base = baseline_of(records)
-        parts += _section(scenario, [variant_row(r, base) for r in records], records)
+        parts += _section(scenario, [variant_row(r, base) for r in records], records, output)
     return "\n\n".join(parts) + "\n"
 
 
@@ -222,6 +228,6 @@ def report_command(args) -> int:
     elif args.format == "json":
         text = to_json(build_rows(latest))
     else:
-        text = markdown(latest, args.results)
+        text = markdown(latest, args.results, Path(args.output) if args.output else None)
     fmt.emit(text, args.output)
     return 0
