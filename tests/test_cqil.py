@@ -47,7 +47,7 @@ def reference_worker(out: str, scenario: str, degree_one: str, variants: list[st
     import torch
     from megatron.core import parallel_state as ps
 
-    from suite.models import gpt
+    from suite.models import checkpoint, gpt
     from suite.parallel.cqil_finetune import concurrent_logits
     from suite.scenario.schema import ParallelConfig
     from suite.workloads.inference import Engine
@@ -71,6 +71,15 @@ def reference_worker(out: str, scenario: str, degree_one: str, variants: list[st
     engine = Engine(specs[degree_one])
     results["degree1"] = {"full": full_logits(engine, tokens), "decode": teacher_forced_logits(engine, tokens, PROMPT)}
     engine.close()
+    # other weights, saved as a checkpoint that CQIL ranks load (each building a subset of the layers)
+    (other,) = gpt.build_chunks(base, gpt.transformer_config(base))
+    gpt.init_parameters([other], 99, base.model.init_std, base.model.num_layers)
+    other.eval()
+    saving = dataclasses.replace(base, workload=dataclasses.replace(base.workload,
+                                                                    save_checkpoint=str(Path(out) / "ckpt")))
+    checkpoint.save(saving, [other], log=lambda message: None)
+    with torch.no_grad():
+        results["ckpt:cqil2_bypass"] = concurrent_logits(other, tokens, plan_of(specs["cqil2_bypass"]))[..., :vocab]
     torch.save(results, Path(out) / "rank0.pt")
 
 
@@ -143,7 +152,10 @@ def runs(tmp_path_factory):
     (ref,) = run_worker(Path(__file__), base / "ref", 1, EQUIV, "degree1", *two_way, *four_way)
     two = run_worker(INFERENCE_WORKER, base / "two", 2, EQUIV, *two_way)
     four = run_worker(INFERENCE_WORKER, base / "four", 4, EQUIV, *four_way)
-    return {"ref": ref, "dist": {**two[0], **four[0]}}
+    loading = base / "from_checkpoint.toml"
+    loading.write_text(f'extends = "{EQUIV}"\n[model]\ninit = "checkpoint:{base / "ref" / "ckpt"}"\n')
+    (ckpt, _) = run_worker(INFERENCE_WORKER, base / "ckpt", 2, loading, "cqil2_bypass")
+    return {"ref": ref, "dist": {**two[0], **four[0]}, "ckpt": ckpt}
 
 
 @pytest.mark.slow
@@ -163,6 +175,14 @@ def test_distributed_cqil_matches_the_group_formula(runs, name):
     assert max_diff(got["decode"], got["full"][:, PROMPT - 1:]) < ATOL  # KV cache under CQIL
     # CQIL changes the function (else the comparison above would prove nothing)
     assert max_diff(ref[name], ref["plain"]) > 100 * ATOL
+
+
+@pytest.mark.slow
+def test_cqil_ranks_load_a_checkpoint_of_the_full_model(runs):
+    """A checkpoint saved by the unmodified model loads into CQIL ranks, which build a subset of its layers."""
+    got, ref = runs["ckpt"]["cqil2_bypass"]["full"], runs["ref"]
+    assert max_diff(got, ref["ckpt:cqil2_bypass"]) < ATOL
+    assert max_diff(got, ref["cqil2_bypass"]) > 100 * ATOL  # the checkpoint's weights, not the seed's
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ writer produces the same format, which megatron's default load strategy reads.
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
     TorchDistSaveShardedStrategy,
@@ -120,10 +122,38 @@ def load(spec, chunks, path: Path, log=print) -> None:
                             "relative to the scenario file.")
     saved = dist_checkpointing.load_common_state_dict(str(path)).get("suite_model", {})
     check_shape(spec, saved, path)
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(path))
-    for i, chunk in enumerate(chunks):
-        _unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
+    models = [_unwrap(c) for c in chunks]
+    # megatron checks (collectively) that every shard has one main replica among the ranks; CQIL ranks
+    # (megatron's DP ranks) each build some layers only, whose single copy is not on DP rank 0. Each
+    # rank still reads exactly its own tensors. Every rank must take the same branch.
+    subset = [None] * dist.get_world_size()
+    dist.all_gather_object(subset, any(_positions(m) for m in models))
+    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(path), validate_access_integrity=not any(subset))
+    for i, model in enumerate(models):
+        model.load_state_dict(_by_list_position(model, state[f"model{i}"]), strict=True)
     log(f"weights loaded from checkpoint {path}")
+
+
+def _positions(model) -> dict[int, int] | None:
+    """megatron keys a layer's loaded entries by its layer number minus the stage's offset: its position
+    in the layer list when the stage builds all of its layers. A CQIL rank builds a subset, each layer
+    keeping its global number (suite.parallel.cqil_layer): {key number: list position}, None if equal."""
+    decoder = model.decoder
+    offset = get_transformer_layer_offset(decoder.config, decoder.vp_stage)
+    position = {layer.layer_number - 1 - offset: i for i, layer in enumerate(decoder.layers)}
+    return None if all(k == i for k, i in position.items()) else position
+
+
+def _by_list_position(model, state: dict) -> dict:
+    """``state`` with layer keys renamed to list positions (see ``_positions``)."""
+    position = _positions(model)
+    if position is None:
+        return state
+    renamed = {}
+    for key, value in state.items():
+        m = re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", key)
+        renamed[f"decoder.layers.{position[int(m[1])]}.{m[2]}" if m else key] = value
+    return renamed
 
 
 def apply_init(spec, chunks, log=print) -> None:

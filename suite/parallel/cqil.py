@@ -164,11 +164,6 @@ def plan_of(spec) -> CQILPlan | None:
     if p.pp != 1 or (p.vpp or 1) != 1:
         fail("CQIL replaces pipeline parallelism over the grouped layers; it runs with pp = 1.",
              "set pp = 1 and remove vpp.", "parallel.pp")
-    if spec.model.init != "random":
-        fail("CQIL latency runs on random weights for now: megatron's checkpoint keys follow the position in the "
-             "layer list, which CQIL shortens on every rank.",
-             'set [model] init = "random" (measure accuracy with kind = "accuracy", which loads checkpoints).',
-             "model.init")
     if p.dp is not None and p.dp != degree:
         fail(f"CQIL takes megatron's data-parallel dimension: dp must be the CQIL degree {degree}, got {p.dp}.",
              "remove dp (it is derived as tp x degree processes).", "parallel.dp")

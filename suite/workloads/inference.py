@@ -156,7 +156,7 @@ class Engine:
             block = cqil_layer.block_spec(layer, self.plan, cqil_rank, group)
         (self.model,) = gpt.build_chunks(spec, self.config, block)
         gpt.init_parameters([self.model], spec.workload.seed, spec.model.init_std, spec.model.num_layers)
-        checkpoint.apply_init(spec, [self.model], log)  # [model] init (CQIL: random only, see its validation)
+        checkpoint.apply_init(spec, [self.model], log)  # [model] init, CQIL ranks included (checkpoint.load)
         if self.config.bf16:
             self.model.bfloat16()
         self.model.eval()
