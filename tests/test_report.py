@@ -565,3 +565,23 @@ def test_vcycle_curve_shows_every_phase():
     rec = {"metrics": {"validation_curve": [every[-1][:4]], "extra": {"multilevel": {"validation_curve": every}}}}
     assert curve(rec) == every
     assert curve({"metrics": {"validation_curve": [[10, 3.0, 1.0, 100], [20, 2.9]]}}) == [[10, 3.0, 1.0, 100, 0]]
+
+
+def test_fastest_variant_per_point_and_gpu_count():
+    out = run_cli("report", INFERENCE).stdout
+    for scenario in ("cqil_tiny", "llama7b_cqil"):
+        recs = [r for r in read_jsonl(INFERENCE) if r["scenario"] == scenario]
+        section = out.split(f"## {scenario}")[1].split("\n## ")[0]
+        for e in recs[0]["metrics"]["inference"]:
+            key = (e["batch"], e["prompt"], e["gen"], e["cuda_graph"])
+            best = {}  # GPUs -> (decode ms, variant), from the records directly
+            for r in recs:
+                for p in r["metrics"]["inference"]:
+                    if (p["batch"], p["prompt"], p["gen"], p["cuda_graph"]) == key:
+                        best[r["world_size"]] = min(best.get(r["world_size"], (float("inf"), "")),
+                                                    (p["decode_ms_median"], r["variant"]))
+            name = f"b{key[0]} p{key[1]} g{key[2]} {'graph' if key[3] else 'eager'}"
+            line = next(x for x in section.splitlines() if x.startswith(f"- {name}: decode: "))
+            decode = line.split("; TTFT")[0].split("decode: ")[1]  # "1 GPU single 23.2 ms, 2 GPUs cqil2 14.4 ms"
+            shown = [part.rsplit(" ", 2)[0] for part in decode.split(", ")]  # without "23.2 ms"
+            assert shown == [f"{w} GPU{'s' if w > 1 else ''} {v}" for w, (_, v) in sorted(best.items())]

@@ -202,13 +202,30 @@ def _cqil_lines(records: list[dict], rows: list[dict]) -> list[str]:
     return ["Decode cut of CQIL (1 − decode time / baseline's; ideal: 1 − depth / layers):\n" + "\n".join(lines)]
 
 
+def _fastest_lines(rows: list[dict]) -> list[str]:
+    """Per point, the fastest variant for each GPU count, for decode and for time to first token."""
+    lines = []
+    for key in dict.fromkeys((r["batch"], r["prompt"], r["gen"], r["cuda_graph"]) for r in rows):
+        at = [r for r in rows if (r["batch"], r["prompt"], r["gen"], r["cuda_graph"]) == key]
+        phases = []
+        for label, column in (("decode", "decode_ms_median"), ("TTFT", "ttft_ms_median")):
+            best = {}
+            for r in sorted((r for r in at if r[column] is not None), key=lambda r: r[column]):
+                best.setdefault(r["world_size"], r)
+            if best:
+                phases.append(f"{label}: " + ", ".join(f"{gpus} GPU{'s' if gpus > 1 else ''} {r['variant']} "
+                                                       f"{_ms(r[column])} ms" for gpus, r in sorted(best.items())))
+        lines.append(f"- {point_name(key)}: " + "; ".join(phases))
+    return ["Fastest per point and GPU count (median):\n" + "\n".join(lines)] if lines else []
+
+
 def latency_section(records: list[dict]) -> list[str]:
-    """Markdown parts of an inference scenario: variants, latency table, notes, CQIL lines."""
+    """Markdown parts of an inference scenario: variants, latency table, notes, fastest, CQIL lines."""
     rows = latency_rows(records)
     parts = [_variants_table(records)]
     if rows:
         parts += ["### Latency",
                   fmt.table([h for h, _ in COLUMNS], [[cell(r) for _, cell in COLUMNS] for r in rows],
                             "lrrrl" + "r" * (len(COLUMNS) - 5)),
-                  NOTE]
+                  NOTE] + _fastest_lines(rows)
     return parts + _cqil_lines(records, rows)
