@@ -115,6 +115,21 @@ def test_records_hold_quality_before_and_after_the_fine_tune(records):
 
 
 @pytest.mark.slow
+def test_multiple_choice_tasks_are_scored_for_every_model(records):
+    """[eval] tasks: acc and acc_norm of tests/data/eval/tiny_mc.jsonl (4 examples) for each model measured,
+    the same for the same model in every variant (the scorer itself is checked by hand in test_eval.py)."""
+    recs, _ = records
+    acc = {v: r["metrics"]["accuracy"] for v, r in recs.items()}
+    blocks = [acc["original"]["original"]] + [acc[v][p] for v in ("cqil2", "cqil2_bypass")
+                                               for p in ("original", "concurrent", "finetuned")]
+    for block in blocks:
+        t = block["tasks"]["tiny_mc"]
+        assert t["n"] == 4 and t["acc"] in {i / 4 for i in range(5)} and t["acc_norm"] in {i / 4 for i in range(5)}
+        assert set(t) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}  # no per-example lists
+    assert all(acc[v]["original"]["tasks"] == acc["original"]["original"]["tasks"] for v in acc)
+
+
+@pytest.mark.slow
 def test_report_renders_the_accuracy_table(records):
     _, out = records
     r = subprocess.run([sys.executable, "-m", "suite", "report", str(out)], cwd=ROOT, env=subprocess_env(),
@@ -123,6 +138,8 @@ def test_report_renders_the_accuracy_table(records):
     assert "### Accuracy" in r.stdout and "ppl after fine-tune" in r.stdout
     row = next(line for line in r.stdout.splitlines() if line.startswith("| cqil2 |"))
     assert "degree 2, bypass 0, depth 4/6" in row and "33.3%" in row and "30 steps × 4 × 64, LoRA r4" in row
+    assert "#### Zero-shot multiple choice" in r.stdout
+    assert any(line.startswith("| cqil2 | CQIL after fine-tune | tiny_mc | ") for line in r.stdout.splitlines())
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":

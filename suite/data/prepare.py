@@ -88,6 +88,31 @@ def bpe_tokenizer(spec, docs: list[str] | None = None):
     return bpe
 
 
+class _Encoder:
+    """encode/decode over a ``tokenizers`` BPE or a Hugging Face tokenizer, special tokens left out (as the
+    corpus was tokenized), for suite.eval's scorers."""
+
+    def __init__(self, encode, decode, bos=None, eos=None):
+        self.encode, self.decode, self.bos_token_id, self.eos_token_id = encode, decode, bos, eos
+
+
+def text_tokenizer(spec):
+    """The variant's tokenizer as suite.eval expects it: ``encode(text) -> ids``, ``decode(ids) -> text``."""
+    t = spec.data.tokenizer
+    if t == "byte":
+        from suite.eval.core import ByteTokenizer
+
+        return ByteTokenizer()
+    if t == "bpe":
+        bpe = bpe_tokenizer(spec)
+        return _Encoder(lambda text: bpe.encode(text, add_special_tokens=False).ids, bpe.decode)
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(hf_dir(spec)), local_files_only=True)
+    return _Encoder(lambda text: hf.encode(text, add_special_tokens=False), hf.decode, hf.bos_token_id,
+                    hf.eos_token_id)
+
+
 def text_bytes(spec, ids) -> int:
     """UTF-8 bytes of the text that the variant's token ids stand for (the denominator of bits per byte).
 

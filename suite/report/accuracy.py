@@ -60,4 +60,25 @@ def accuracy_section(records: list[dict]) -> list[str]:
     tokens = " / ".join(dict.fromkeys(f"{s['tokens']:,}" for s in scored)) or fmt.NA
     seq = " / ".join(dict.fromkeys(str(s["seq_length"]) for s in scored)) or fmt.NA
     return ["### Accuracy", fmt.table(HEADERS, body, "ll" + "r" * (len(HEADERS) - 3) + "l"),
-            NOTE.format(tokens=tokens, seq=seq)]
+            NOTE.format(tokens=tokens, seq=seq)] + _tasks_table(records)
+
+
+PHASES = {"original": "original", "concurrent": "CQIL", "finetuned": "CQIL after fine-tune"}
+
+
+def _tasks_table(records: list[dict]) -> list[str]:
+    """Zero-shot multiple choice ([eval] tasks): one row per variant, model and task."""
+    body = []
+    for rec in (r for r in records if is_ok(r)):
+        acc = metric(rec, "accuracy")
+        phases = ["concurrent", "finetuned"] if "concurrent" in acc else ["original"]
+        for phase in (p for p in phases if p in acc):
+            for task, t in (acc[phase].get("tasks") or {}).items():
+                body.append([rec["variant"], PHASES[phase], task, f"{t['acc']:.4f} ± {t['acc_stderr']:.4f}",
+                             f"{t['acc_norm']:.4f} ± {t['acc_norm_stderr']:.4f}", str(t["n"])])
+    if not body:
+        return []
+    return ["#### Zero-shot multiple choice",
+            fmt.table(["variant", "model", "task", "acc", "acc_norm", "examples"], body, "lllrrr"),
+            "acc: the choice with the highest log-likelihood is the label; acc_norm: the same per character of "
+            "the choice (lm-evaluation-harness's definitions); ± one standard error."]

@@ -130,6 +130,10 @@ class EvalConfig:
                                          "x global_batch x seq_length: the same windows when the tail holds them, "
                                          "so its loss is the validation loss). The record says how many were "
                                          "scored.")
+    tasks: list[str] = doc("accuracy workload: zero-shot multiple-choice tasks, JSON-lines files of {context, "
+                           "choices, label} (as HellaSwag, PIQA, ARC ship), relative to the scenario file; "
+                           "acc and acc_norm (lm-evaluation-harness's definitions) of every model measured.",
+                           factory=list)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from suite.data.sources import check_data
 from suite.errors import fail
@@ -95,6 +96,9 @@ def check_variant(spec) -> None:
         check_inference(spec)
     if w.kind == "accuracy":
         check_accuracy(spec)
+    elif spec.eval.tasks:
+        fail(spec, "eval.tasks", "multiple-choice tasks are scored by the accuracy workload.",
+             'set [workload] kind = "accuracy" (it evaluates [model] init), or remove tasks.')
     plan_of(spec)  # CQIL groups (suite.parallel.cqil); None without [parallel] cqil
 
 
@@ -134,6 +138,11 @@ def check_accuracy(spec) -> None:
     if spec.data.source not in ("text", "jsonl"):
         fail(spec, "data.source", f"the accuracy workload scores held-out real text; source is "
               f"'{spec.data.source}'.", 'set [data] source = "text" (or "jsonl") and a path.')
+    for i, task in enumerate(spec.eval.tasks):
+        path = Path(spec.file).parent / task
+        if not path.is_file():
+            fail(spec, f"eval.tasks[{i}]", f"no task file at {path}.",
+                 "give JSON-lines files of {context, choices, label}, relative to the scenario file.")
     if spec.tricks:
         fail(spec, "tricks", f"techniques {', '.join(spec.tricks)} change training; the accuracy workload "
               "evaluates a model.", "remove the [tricks.*] sections from accuracy variants.")

@@ -12,16 +12,20 @@ of ``workload.seq_length``, as ``suite.eval.metrics.heldout_text`` scores traini
     finetuned       the same after ``[parallel.cqil.finetune]`` (LoRA + distillation on the training split)
     finetune        its settings, tokens, trainable parameters, walltime and KL curve
 
-Without CQIL only ``original`` is measured (an evaluation of the checkpoint).
+Each block also holds ``tasks``, per ``[eval] tasks`` file, its zero-shot multiple-choice acc and acc_norm
+(with standard errors and the number of examples). Without CQIL only ``original`` is measured (an
+evaluation of the checkpoint).
 """
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
 from suite.data.tokens import TokenSource
-from suite.eval.metrics import heldout_text
+from suite.data.prepare import text_tokenizer
+from suite.eval.metrics import heldout_text, multiple_choice, read_examples
 from suite.metrics import flops as F
 from suite.metrics.collect import peak_memory
 from suite.models import checkpoint, gpt
@@ -50,18 +54,29 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
     data = TokenSource(spec)
     plan, tune = cqil.plan_of(spec), cqil.finetune_of(spec)
     started = time.perf_counter()
-    out = {"original": heldout_text(spec, _scorer(model, None, vocab), data.valid)}
+    tasks = {Path(t).stem: read_examples(Path(spec.file).parent / t) for t in spec.eval.tasks}
+    tokenizer = text_tokenizer(spec) if tasks else None
+
+    def quality(scorer) -> dict:
+        """Held-out text metrics and, per task, acc / acc_norm (without per-example log-likelihoods)."""
+        block = heldout_text(spec, scorer, data.valid)
+        if tasks:
+            block["tasks"] = {name: {k: v for k, v in multiple_choice(scorer, tokenizer, ex, max_length=seq).items()
+                                     if k != "loglikelihoods"} for name, ex in tasks.items()}
+        return block
+
+    out = {"original": quality(_scorer(model, None, vocab))}
     ctx.log(f"original: perplexity {out['original']['perplexity']:.3f}")
     if plan is not None:
         heldout = data.valid[:out["original"]["tokens"] + 1]
-        out["concurrent"] = {**heldout_text(spec, _scorer(model, plan, vocab), data.valid),
+        out["concurrent"] = {**quality(_scorer(model, plan, vocab)),
                              "kl_to_original": heldout_kl(model, plan, None, heldout, seq, vocab)}
         ctx.log(f"CQIL: perplexity {out['concurrent']['perplexity']:.3f}, "
                 f"KL to the original {out['concurrent']['kl_to_original']:.5f}")
         fault(0)
         if tune is not None:
             lora, out["finetune"] = finetune(model, plan, tune, data.train, seq, vocab, spec.workload.seed, ctx.log)
-            out["finetuned"] = {**heldout_text(spec, _scorer(model, plan, vocab), data.valid),
+            out["finetuned"] = {**quality(_scorer(model, plan, vocab)),
                                 "kl_to_original": heldout_kl(model, plan, lora, heldout, seq, vocab)}
             ctx.log(f"CQIL after the fine-tune: perplexity {out['finetuned']['perplexity']:.3f}, "
                     f"KL to the original {out['finetuned']['kl_to_original']:.5f}")
