@@ -88,6 +88,13 @@ def bpe_tokenizer(spec, docs: list[str] | None = None):
     return bpe
 
 
+def hf_tokenizer(spec):
+    """The ``hf:PATH`` tokenizer of ``[data] tokenizer``, from its local directory (no network)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(hf_dir(spec)), local_files_only=True)
+
+
 class _Encoder:
     """encode/decode over a ``tokenizers`` BPE or a Hugging Face tokenizer, special tokens left out (as the
     corpus was tokenized), for suite.eval's scorers."""
@@ -106,9 +113,7 @@ def text_tokenizer(spec):
     if t == "bpe":
         bpe = bpe_tokenizer(spec)
         return _Encoder(lambda text: bpe.encode(text, add_special_tokens=False).ids, bpe.decode)
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(str(hf_dir(spec)), local_files_only=True)
+    hf = hf_tokenizer(spec)
     return _Encoder(lambda text: hf.encode(text, add_special_tokens=False), hf.decode, hf.bos_token_id,
                     hf.eos_token_id)
 
@@ -129,9 +134,7 @@ def text_bytes(spec, ids) -> int:
         special = set(bpe.get_added_tokens_decoder())
         lengths = {i: 0 if i in special else len(bpe.id_to_token(i)) for i in set(ids)}
         return sum(lengths[i] for i in ids)
-    from transformers import AutoTokenizer
-
-    hf = AutoTokenizer.from_pretrained(str(hf_dir(spec)), local_files_only=True)
+    hf = hf_tokenizer(spec)
     return len(hf.decode(ids, skip_special_tokens=True).encode("utf-8"))
 
 
@@ -194,9 +197,7 @@ def tokenize(spec, show: bool = False) -> np.ndarray:
         end = bpe.token_to_id(BPE_END)
         encode = lambda texts: [e.ids for e in bpe.encode_batch(texts)]  # noqa: E731
     else:
-        from transformers import AutoTokenizer
-
-        hf = AutoTokenizer.from_pretrained(str(hf_dir(spec)), local_files_only=True)
+        hf = hf_tokenizer(spec)
         check_vocab(spec, len(hf) - 1, f"the tokenizer {d.tokenizer} ({len(hf)} tokens)")
         end = hf.eos_token_id
         encode = lambda texts: hf(texts, add_special_tokens=False)["input_ids"]  # noqa: E731

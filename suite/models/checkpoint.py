@@ -126,11 +126,13 @@ def load(spec, chunks, path: Path, log=print) -> None:
     # megatron checks (collectively) that every shard has one main replica among the ranks; CQIL ranks
     # (megatron's DP ranks) each build some layers only, whose single copy is not on DP rank 0. Each
     # rank still reads exactly its own tensors. Every rank must take the same branch.
+    positions = [_positions(m) for m in models]
     subset = [None] * dist.get_world_size()
-    dist.all_gather_object(subset, any(_positions(m) for m in models))
-    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(path), validate_access_integrity=not any(subset))
-    for i, model in enumerate(models):
-        model.load_state_dict(_by_list_position(model, state[f"model{i}"]), strict=True)
+    dist.all_gather_object(subset, any(positions))
+    state = dist_checkpointing.load(_sharded_state_dict(chunks), str(path),
+                                    validate_access_integrity=not any(subset))
+    for i, (model, position) in enumerate(zip(models, positions)):
+        model.load_state_dict(_by_list_position(state[f"model{i}"], position), strict=True)
     log(f"weights loaded from checkpoint {path}")
 
 
@@ -144,9 +146,8 @@ def _positions(model) -> dict[int, int] | None:
     return None if all(k == i for k, i in position.items()) else position
 
 
-def _by_list_position(model, state: dict) -> dict:
-    """``state`` with layer keys renamed to list positions (see ``_positions``)."""
-    position = _positions(model)
+def _by_list_position(state: dict, position: dict[int, int] | None) -> dict:
+    """``state`` with layer keys renamed to list positions (``_positions``; None: as they are)."""
     if position is None:
         return state
     renamed = {}

@@ -36,13 +36,27 @@ megatron-core layer and the process groups.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from suite import errors
 from suite.errors import did_you_mean
 
 KEYS = ("groups", "start", "end", "degree", "bypass", "finetune")
-FINETUNE_KEYS = ("steps", "rank", "alpha", "lr", "batch", "weight_decay")
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """``[parallel.cqil.finetune]``: the LoRA + distillation recovery (``cqil_finetune.finetune``)."""
+
+    steps: int = 200
+    rank: int = 32
+    alpha: float = 32.0
+    lr: float = 1e-4
+    batch: int = 8
+    weight_decay: float = 0.1
+
+
+FINETUNE_KEYS = tuple(f.name for f in fields(Finetune))
 
 
 @dataclass(frozen=True)
@@ -170,13 +184,11 @@ def plan_of(spec) -> CQILPlan | None:
     return CQILPlan(groups=tuple(groups), bypass=bypass, num_layers=L)
 
 
-def finetune_of(spec):
-    """The variant's ``[parallel.cqil.finetune]`` as ``cqil_finetune.Finetune``, or None (raises UserError)."""
+def finetune_of(spec) -> Finetune | None:
+    """The variant's ``[parallel.cqil.finetune]``, or None (raises UserError)."""
     table = (spec.parallel.cqil or {}).get("finetune")
     if table is None:
         return None
-    from suite.parallel.cqil_finetune import Finetune
-
     key = "parallel.cqil.finetune"
     if not isinstance(table, dict):
         errors.fail(spec, key, f"expected a table, got {table!r}.", "write finetune = { steps = 200, rank = 32 }.")

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 
-from suite.parallel.cqil import CQILPlan
+from suite.parallel.cqil import CQILPlan, Finetune
 
 ADAPTED = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
@@ -47,7 +46,7 @@ def concurrent_logits(model, tokens: torch.Tensor, plan: CQILPlan | None) -> tor
         for k, j in enumerate(first[i]):
             layer = layers[j]
             a, _ = layer.self_attention(layer.input_layernorm(h), attention_mask=None, rotary_pos_emb=rope)
-            mid = h + a + sum(attention[max(0, k - plan.bypass):k], torch.zeros_like(a))
+            mid = h + a + sum(attention[max(0, k - plan.bypass):k])  # bypass: the previous d outputs
             out = mid + layer.mlp(layer.pre_mlp_layernorm(mid))[0]
             attention.append(a)
             delta = delta + (out - h)
@@ -92,18 +91,6 @@ class LoRA(torch.nn.Module):
             h.remove()
 
 
-@dataclass(frozen=True)
-class Finetune:
-    """``[parallel.cqil.finetune]`` (validated in ``suite.parallel.cqil``)."""
-
-    steps: int = 200
-    rank: int = 32
-    alpha: float = 32.0
-    lr: float = 1e-4
-    batch: int = 8
-    weight_decay: float = 0.1
-
-
 def kl_per_token(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
     """Mean over positions of KL(teacher ‖ student), both [..., vocab] log-probabilities."""
     return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1).mean()
@@ -111,6 +98,18 @@ def kl_per_token(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torc
 
 def logprobs(model, tokens: torch.Tensor, plan: CQILPlan | None, vocab: int) -> torch.Tensor:
     return torch.log_softmax(concurrent_logits(model, tokens, plan)[..., :vocab].float(), dim=-1)
+
+
+def distillation_kl(model, plan: CQILPlan, lora: LoRA | None, tokens: torch.Tensor, vocab: int) -> torch.Tensor:
+    """KL(original ‖ CQIL model) per token on ``tokens``: the teacher is the model without adapters or
+    CQIL (no gradient), the student the CQIL model with its adapters."""
+    with torch.no_grad():
+        if lora is not None:
+            lora.enabled = False
+        teacher = logprobs(model, tokens, None, vocab)
+        if lora is not None:
+            lora.enabled = True
+    return kl_per_token(teacher, logprobs(model, tokens, plan, vocab))
 
 
 def finetune(model, plan: CQILPlan, cfg: Finetune, train: torch.Tensor, seq_length: int, vocab: int,
@@ -127,11 +126,7 @@ def finetune(model, plan: CQILPlan, cfg: Finetune, train: torch.Tensor, seq_leng
     for step in range(cfg.steps):
         starts = torch.randint(0, len(train) - seq_length, (cfg.batch,), generator=gen)
         x = torch.stack([train[s:s + seq_length] for s in starts.tolist()]).to(device)
-        with torch.no_grad():
-            lora.enabled = False
-            teacher = logprobs(model, x, None, vocab)
-            lora.enabled = True
-        loss = kl_per_token(teacher, logprobs(model, x, plan, vocab))
+        loss = distillation_kl(model, plan, lora, x, vocab)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -162,11 +157,6 @@ def heldout_kl(model, plan: CQILPlan | None, lora: LoRA | None, tokens: torch.Te
     total, count = 0.0, 0
     for rows in windows.split(batch):
         x = rows.to(device)
-        if lora is not None:
-            lora.enabled = False
-        teacher = logprobs(model, x, None, vocab)
-        if lora is not None:
-            lora.enabled = True
-        total += kl_per_token(teacher, logprobs(model, x, plan, vocab)).item() * x.numel()
+        total += distillation_kl(model, plan, lora, x, vocab).item() * x.numel()
         count += x.numel()
     return total / count

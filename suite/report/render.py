@@ -70,9 +70,9 @@ def variant_row(rec: dict, base: dict) -> dict:
         "machine": machine(rec.get("env")), "torch": env.get("torch"), "megatron_core": env.get("megatron_core"),
         "git_commit": env.get("git_commit"), "date": (rec.get("finished_at") or rec.get("started_at") or "")[:10],
     }
-    row.update(flatten("heldout", metric(rec, "heldout") or {}))
-    for phase in ("original", "concurrent", "finetuned"):  # accuracy workload
-        row.update(flatten(phase, metric(rec, "accuracy", phase) or {}))  # only where measured, as target.* / extra.*
+    row.update(flatten("heldout", metric(rec, "heldout") or {}))  # only where measured, as target.* / extra.*
+    for phase in ("original", "concurrent", "finetuned"):  # the accuracy workload's blocks, likewise
+        row.update(flatten(phase, metric(rec, "accuracy", phase) or {}))
     row.update(flatten("target", metric(rec, "target") or {}))
     row.update(flatten("extra", metric(rec, "extra") or {}))
     return row

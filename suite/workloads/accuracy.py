@@ -23,21 +23,20 @@ from pathlib import Path
 
 import torch
 
-from suite.data.tokens import TokenSource
 from suite.data.prepare import text_tokenizer
-from suite.eval.metrics import heldout_text, multiple_choice, read_examples
+from suite.data.tokens import TokenSource
+from suite.eval.metrics import heldout_max_tokens, heldout_text, multiple_choice, read_examples
 from suite.metrics import flops as F
 from suite.metrics.collect import peak_memory
 from suite.models import checkpoint, gpt
 from suite.parallel import cqil
-from suite.parallel.cqil_finetune import concurrent_logits, finetune, heldout_kl
+from suite.parallel.cqil_finetune import finetune, heldout_kl, logprobs
 
 
 def _scorer(model, plan, vocab: int):
-    def logprobs(tokens: torch.Tensor) -> torch.Tensor:
-        device = next(model.parameters()).device
-        return torch.log_softmax(concurrent_logits(model, tokens.to(device), plan)[..., :vocab].float(), dim=-1)
-    return torch.no_grad()(logprobs)
+    """tokens -> log-probs of the model (run as ``plan`` prescribes), as suite.eval's scorers take it."""
+    device = next(model.parameters()).device
+    return torch.no_grad()(lambda tokens: logprobs(model, tokens.to(device), plan, vocab))
 
 
 def run(spec, ctx, fault=lambda step: None) -> dict:
@@ -56,28 +55,30 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
     started = time.perf_counter()
     tasks = {Path(t).stem: read_examples(Path(spec.file).parent / t) for t in spec.eval.tasks}
     tokenizer = text_tokenizer(spec) if tasks else None
+    heldout = data.valid[:heldout_max_tokens(spec) + 1]  # the tokens heldout_text scores
 
-    def quality(scorer) -> dict:
-        """Held-out text metrics and, per task, acc / acc_norm (without per-example log-likelihoods)."""
+    def quality(plan, lora=None) -> dict:
+        """Held-out text metrics, per task acc / acc_norm (not per example) and, under CQIL, the KL to
+        the original model."""
+        scorer = _scorer(model, plan, vocab)
         block = heldout_text(spec, scorer, data.valid)
         if tasks:
             block["tasks"] = {name: {k: v for k, v in multiple_choice(scorer, tokenizer, ex, max_length=seq).items()
                                      if k != "loglikelihoods"} for name, ex in tasks.items()}
+        if plan is not None:
+            block["kl_to_original"] = heldout_kl(model, plan, lora, heldout, seq, vocab)
         return block
 
-    out = {"original": quality(_scorer(model, None, vocab))}
+    out = {"original": quality(None)}
     ctx.log(f"original: perplexity {out['original']['perplexity']:.3f}")
     if plan is not None:
-        heldout = data.valid[:out["original"]["tokens"] + 1]
-        out["concurrent"] = {**quality(_scorer(model, plan, vocab)),
-                             "kl_to_original": heldout_kl(model, plan, None, heldout, seq, vocab)}
+        out["concurrent"] = quality(plan)
         ctx.log(f"CQIL: perplexity {out['concurrent']['perplexity']:.3f}, "
                 f"KL to the original {out['concurrent']['kl_to_original']:.5f}")
         fault(0)
         if tune is not None:
             lora, out["finetune"] = finetune(model, plan, tune, data.train, seq, vocab, spec.workload.seed, ctx.log)
-            out["finetuned"] = {**quality(_scorer(model, plan, vocab)),
-                                "kl_to_original": heldout_kl(model, plan, lora, heldout, seq, vocab)}
+            out["finetuned"] = quality(plan, lora)
             ctx.log(f"CQIL after the fine-tune: perplexity {out['finetuned']['perplexity']:.3f}, "
                     f"KL to the original {out['finetuned']['kl_to_original']:.5f}")
             lora.remove()
