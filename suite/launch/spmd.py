@@ -52,11 +52,22 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _cap_host_threads(limit: int = 8) -> None:
+    """On GPU the host threads only launch kernels and prepare batches; torch's default pool (every
+    core) spins and slowed host-bound steps: a 6 x 384 model's training step took 53.4 ms with the
+    default and 39.3 ms with 8 threads on an H200 host of 64 cores (the large model's 164.6 vs 153.8 ms).
+    torchrun already sets OMP_NUM_THREADS=1 for several processes per node; an explicit setting wins."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(max(1, min(limit, (os.cpu_count() or 1) // local_world)))
+
+
 def _init_distributed(timeout_s: int) -> RankContext:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+        _cap_host_threads()
         backend = "nccl"
     else:
         cpu_compat.enable()
