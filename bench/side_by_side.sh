@@ -10,9 +10,6 @@ scenario=$1; shift
 res=$OUT/$(basename "$scenario" .toml)
 gpus=$(nvidia-smi -L | wc -l)
 variants=("$@")
-# Torch's CPU thread pools default to every core; several processes would then spin against each other
-# and slow the host-bound (small-model) steps.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 mkdir -p "$res"
 for ((i = 0; i < gpus && i < ${#variants[@]}; i++)); do
   args=()

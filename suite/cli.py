@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("results", nargs="+", help="results folders or records.jsonl files")
     rep.add_argument("-o", "--output", default=None, help="write here instead of stdout (loss-curve PNGs beside it)")
     rep.add_argument("--format", choices=("markdown", "csv", "json"), default="markdown")
+    rep.add_argument("--target-loss", type=float, default=None,
+                     help="validation loss the cost-at-equal-quality table compares at (default: the runs' "
+                          "workload.target_loss, else the baseline's final validation loss)")
 
     cmp_ = sub.add_parser("compare", help="regression gate: exit 1 when CURRENT is slower than BASELINE")
     cmp_.add_argument("current")

@@ -505,6 +505,50 @@ def test_cost_at_equal_quality_reads_the_first_point_at_or_below_target():
     # an explicit target in any record wins over the baseline's final loss
     target, rows = quality_rows([base, rec("t", [[10, 2.1, 1, 1], [20, 1.9, 2, 2]], target=2.0)])
     assert target == 2.0 and {r["variant"]: r["step"] for r in rows} == {"base": 20, "t": 20}
+    # and the reader's target (suite report --target-loss) wins over both
+    target, rows = quality_rows([base, fast, never], asked=2.5)
+    assert target == 2.5 and {r["variant"]: r.get("step") for r in rows} == {"base": 20, "fast": 10, "never": 20}
+
+
+def seeded(variant, seed, curve, baseline=False, lr=1e-3):
+    """A training record with a validation curve and the config fields the seed grouping reads."""
+    return {"variant": variant, "status": "ok", "is_baseline": baseline,
+            "config": {"workload": {"seed": seed, "lr": lr}, "model": {"num_layers": 2}},
+            "metrics": {"steps": curve[-1][0], "tokens": curve[-1][0] * 100, "validation_loss": curve[-1][1],
+                        "validation_curve": curve}}
+
+
+def test_seed_repeats_get_mean_costs_and_the_delta_of_the_means():
+    """Variants that differ only in workload.seed form one configuration: mean steps, FLOPs and walltime
+    over the seeds, Δ between means; a configuration where one seed misses the target has no mean."""
+    from suite.report.quality import quality_section
+
+    records = [
+        seeded("base", 1, [[10, 2.0, 1.0, 100], [20, 1.5, 2.0, 200]], baseline=True),
+        seeded("base_seed2", 2, [[10, 1.45, 1.2, 100], [20, 1.4, 2.4, 200]]),
+        seeded("fast", 1, [[10, 1.5, 0.5, 50], [20, 1.2, 1.0, 100]], lr=2e-3),
+        seeded("fast_seed2", 2, [[10, 1.9, 0.6, 50], [20, 1.5, 1.2, 100]], lr=2e-3),
+        seeded("flaky", 1, [[10, 1.5, 0.5, 60]], lr=3e-3),
+        seeded("flaky_seed2", 2, [[10, 1.7, 0.5, 60]], lr=3e-3),
+    ]
+    text = "\n".join(quality_section(records, asked=1.5))
+    means = text[text.index("Mean over seeds"):]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in means.splitlines() if line.startswith("| ")]
+    rows = {c[0]: c for c in cells}
+    # base: both seeds reach 1.5 at step 20 and 10 -> mean step 15, FLOPs 150, walltime (2.0 + 1.2) / 2
+    assert rows["base (baseline)"][1:6] == ["1, 2", "2/2", "15", "150", "1.6 (1.2–2.0)"]
+    # fast: step 10 and 20 -> FLOPs (50 + 100) / 2 = 75, walltime (0.5 + 1.2) / 2 = 0.85
+    assert rows["fast"][1:4] == ["1, 2", "2/2", "15"] and rows["fast"][4] == "75"
+    assert rows["fast"][6:8] == ["-50.0%", "-46.9%"]
+    assert rows["flaky"][2] == "1/2" and rows["flaky"][3:5] == ["n/a", "n/a"]
+
+
+def test_no_seed_table_without_repeats():
+    from suite.report.quality import quality_section
+
+    text = "\n".join(quality_section([seeded("a", 1, [[10, 2.0, 1, 1], [20, 1.5, 2, 2]], baseline=True),
+                                      seeded("b", 1, [[10, 1.5, 1, 1]], lr=2e-3)]))
+    assert "Cost to reach" in text and "Mean over seeds" not in text
 
 
 # ---------------------------------------------------------------------------------------------- loss curves
@@ -585,3 +629,30 @@ def test_fastest_variant_per_point_and_gpu_count():
             decode = line.split("; TTFT")[0].split("decode: ")[1]  # "1 GPU single 23.2 ms, 2 GPUs cqil2 14.4 ms"
             shown = [part.rsplit(" ", 2)[0] for part in decode.split(", ")]  # without "23.2 ms"
             assert shown == [f"{w} GPU{'s' if w > 1 else ''} {v}" for w, (_, v) in sorted(best.items())]
+
+
+def test_plot_gives_seeds_of_one_configuration_one_colour_and_one_legend_entry(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from suite.report import plots
+
+    records = [seeded("base", 1, [[10, 2.0, 1.0, 1e15], [20, 1.5, 2.0, 2e15]], baseline=True),
+               seeded("base_seed2", 2, [[10, 1.9, 1.1, 1e15], [20, 1.6, 2.1, 2e15]]),
+               seeded("fast", 1, [[10, 1.6, 0.5, 5e14], [20, 1.3, 1.0, 1e15]], lr=2e-3)]
+    drawn = {}
+    monkeypatch.setattr(plt, "close", lambda fig: drawn.setdefault("fig", fig))
+    assert plots.draw(tmp_path / "p.png", "t", records, 1.55)
+    ax = drawn["fig"].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "base (baseline, 2 seeds)", "fast", "target 1.5500"]
+    curves = [line for line in ax.get_lines() if line.get_marker() == "o"]
+    assert [line.get_color() for line in curves] == ["black", "black", "C0"]
+
+
+def test_report_target_loss_flag_sets_the_equal_quality_target(tmp_path):
+    curves = write_jsonl(tmp_path / "curves.jsonl", with_curves(read_jsonl(GPU)))
+    out = tmp_path / "report.md"
+    proc = run_cli("report", curves, "--target-loss", "9.5", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    assert "### Cost to reach validation loss 9.5000" in out.read_text(encoding="utf-8")

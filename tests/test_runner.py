@@ -334,3 +334,23 @@ def test_bad_scenario_spmd_ranks_exit_2(tmp_path):
     assert out0 == "" and err0.count("error:") == 1 and err0.startswith("error: ")
     assert _no_suite_traceback(err0) and "Traceback" not in err0
     assert outs[1] == ("", "")
+
+
+def test_gpu_processes_cap_torch_host_threads(monkeypatch):
+    """Host threads of a GPU process: cores per local process, at most 8; an explicit OMP_NUM_THREADS wins."""
+
+    import torch
+
+    from suite.launch import spmd
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    for local_world, expected in (("1", 8), ("16", 4), ("128", 1)):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+        spmd._cap_host_threads()
+        assert calls.pop() == expected
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    spmd._cap_host_threads()
+    assert calls == []

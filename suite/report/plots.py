@@ -1,5 +1,6 @@
 """Loss curves of a training scenario: validation loss against model FLOPs and against training
-walltime, one line per variant, the quality target as a horizontal line. The picture behind the
+walltime, one line per variant (one colour per configuration: its seeds share it), the quality
+target as a horizontal line. The picture behind the
 "cost to reach validation loss" table (quality.py), drawn as one PNG per scenario beside the
 markdown report and linked from it.
 
@@ -12,6 +13,7 @@ import itertools
 import re
 from pathlib import Path
 
+from suite.report.quality import config_key
 from suite.report.select import baseline_of, is_ok, metric
 
 
@@ -52,14 +54,23 @@ def draw(path: Path, title: str, records: list[dict], target: float | None) -> b
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     phase_ends = False
     others = (f"C{i}" for i in itertools.count())  # matplotlib's default colours; the baseline is black
-    for rec in (r for r in records if is_ok(r)):
+    ok = [r for r in records if is_ok(r) and curve(r)]
+    groups: dict[str, list[dict]] = {}  # seeds of one configuration share a colour and a legend entry
+    for rec in ok:
+        groups.setdefault(config_key(rec), []).append(rec)
+    colors, labels = {}, {}
+    for members in groups.values():
+        color = "black" if any(r is base for r in members) else next(others)
+        name = min((r["variant"] for r in members), key=len)
+        tags = (["baseline"] if color == "black" else []) + ([f"{len(members)} seeds"] if len(members) > 1 else [])
+        for i, r in enumerate(members):
+            colors[id(r)] = color
+            labels[id(r)] = (name + (f" ({', '.join(tags)})" if tags else "")) if i == 0 else None
+    losses = sorted(p[1] for r in ok for p in curve(r))
+    for rec in ok:
         points = curve(rec)
-        if not points:
-            continue
-        if rec is base:
-            color, width, label = "black", 2.2, rec["variant"] + " (baseline)"
-        else:
-            color, width, label = next(others), 1.4, rec["variant"]
+        color, label = colors[id(rec)], labels[id(rec)]
+        width = 2.2 if color == "black" else 1.4
         # the last validation of every phase but the final one: where a V-cycle changes level
         ends = [p for p, q in zip(points, points[1:]) if q[4] != p[4]]
         for ax, x in zip(axes, (3, 2)):  # model FLOPs, walltime
@@ -76,6 +87,10 @@ def draw(path: Path, title: str, records: list[dict], target: float | None) -> b
     if phase_ends:
         axes[0].plot([], [], linestyle="none", marker="D", markerfacecolor="white", markeredgecolor="black",
                      label="end of a V-cycle phase")
+    if losses:  # loss spikes and the first validations would squeeze the part where variants differ
+        top = losses[int(0.95 * (len(losses) - 1))]
+        bottom = min(losses[0], target if target is not None else losses[0])
+        axes[0].set_ylim(bottom - 0.05 * (top - bottom), top)
     axes[0].set_xscale("log")
     axes[0].set_xlabel("model FLOPs (log scale)")
     axes[1].set_xlabel("training walltime (s, validation excluded)")

@@ -1,23 +1,52 @@
 """Cost at equal quality (MLPerf style): how much training each variant needed to reach one
 validation loss, read from the validation curves the runner records.
 
-The target is the one the scenario set (``workload.target_loss``, carried in the records' ``target``
-block), else the baseline variant's final validation loss. A variant reaches it at the first
-validation whose loss is at or below the target; its cost there is the curve point's steps, tokens,
-model FLOPs and training walltime (step times summed, validation passes excluded).
+The target is the one the reader asks for (``suite report --target-loss``), else the one the runs
+stopped at (``workload.target_loss``,
+carried in the records' ``target`` block), else the baseline variant's final validation loss. A
+variant reaches it at the first validation whose loss is at or below the target; its cost there is
+the curve point's steps, tokens, model FLOPs and training walltime (step times summed, validation
+passes excluded).
+
+Variants that differ only in ``workload.seed`` are repeats of one configuration: when there are
+any, a second table gives each configuration's mean cost over its seeds and the Δ of the means, so
+a saving can be read against the seed-to-seed spread (MLPerf averages several runs to a target for
+the same reason).
 """
 from __future__ import annotations
+
+import json
+import statistics
 
 from suite.report import fmt
 from suite.report.select import baseline_of, is_ok, metric, relative_change
 
 
-def target_of(records: list[dict]) -> float | None:
+def target_of(records: list[dict], asked: float | None = None) -> float | None:
+    if asked is not None:
+        return asked
     for rec in records:
         t = metric(rec, "target", "target_loss")
         if t is not None:
             return t
     return metric(baseline_of(records), "validation_loss")
+
+
+def config_key(rec: dict) -> str:
+    """The record's configuration apart from ``workload.seed``: equal for repeats of one variant."""
+    config = json.loads(json.dumps(rec.get("config") or {}))
+    config.get("workload", {}).pop("seed", None)
+    return json.dumps(config, sort_keys=True)
+
+
+def seed_groups(rows: list[dict], records: list[dict]) -> list[list[tuple[dict, dict]]]:
+    """(row, record) pairs grouped by configuration apart from the seed, in first-seen order."""
+    groups: dict[str, list] = {}
+    by_name = {r["variant"]: r for r in records}
+    for row in rows:
+        rec = by_name[row["variant"]]
+        groups.setdefault(config_key(rec), []).append((row, rec))
+    return list(groups.values())
 
 
 def reach(rec: dict, target: float) -> dict | None:
@@ -31,9 +60,9 @@ def reach(rec: dict, target: float) -> dict | None:
     return None
 
 
-def quality_rows(records: list[dict]) -> tuple[float | None, list[dict]]:
+def quality_rows(records: list[dict], asked: float | None = None) -> tuple[float | None, list[dict]]:
     ok = [r for r in records if is_ok(r)]
-    target = target_of(records)
+    target = target_of(records, asked)
     # only runs that tracked quality over time (a target, or validations during training)
     tracked = any(metric(r, "target") or len(metric(r, "validation_curve") or []) >= 2 for r in ok)
     has_cost = any(len(p) >= 4 for r in ok for p in (metric(r, "validation_curve") or []))
@@ -54,8 +83,8 @@ def quality_rows(records: list[dict]) -> tuple[float | None, list[dict]]:
     return target, rows
 
 
-def quality_section(records: list[dict]) -> list[str]:
-    target, rows = quality_rows(records)
+def quality_section(records: list[dict], asked: float | None = None) -> list[str]:
+    target, rows = quality_rows(records, asked)
     if not rows:
         return []
     body = []
@@ -73,4 +102,37 @@ def quality_section(records: list[dict]) -> list[str]:
     return [f"### Cost to reach validation loss {target:.4f}",
             fmt.table(headers, body, "l" + "r" * 7),
             "First validation at or below the target; walltime sums training step times "
-            "(validation excluded). A variant validated every N steps can overshoot by up to N steps."]
+            "(validation excluded). A variant validated every N steps can overshoot by up to N steps."
+            ] + _seed_means(rows, [r for r in records if is_ok(r)])
+
+
+def _seed_means(rows: list[dict], records: list[dict]) -> list[str]:
+    groups = seed_groups(rows, records)
+    if all(len(g) == 1 for g in groups):
+        return []
+
+    def mean(group, key):  # None unless every seed reached the target
+        values = [row.get(key) for row, _ in group]
+        return statistics.mean(values) if all(v is not None for v in values) else None
+
+    base = next((g for g in groups if any(row["baseline"] for row, _ in g)), None)
+    base_flops, base_wall = (mean(base, "flops"), mean(base, "walltime_s")) if base else (None, None)
+    body = []
+    for g in groups:
+        name = min((row["variant"] for row, _ in g), key=len)  # e.g. "multilevel_2" of its _seed2, _seed3
+        seeds = ", ".join(sorted(str((rec.get("config") or {}).get("workload", {}).get("seed")) for _, rec in g))
+        flops, wall = mean(g, "flops"), mean(g, "walltime_s")
+        walls = [row["walltime_s"] for row, _ in g if row["reached"]]
+        spread = f" ({min(walls):.1f}–{max(walls):.1f})" if len(walls) > 1 else ""
+        is_base = g is base
+        body.append([name + (" (baseline)" if is_base else ""), seeds,
+                     f"{sum(row['reached'] for row, _ in g)}/{len(g)}",
+                     fmt.NA if mean(g, "step") is None else f"{mean(g, 'step'):.0f}",
+                     fmt.count(flops), fmt.NA if wall is None else f"{wall:.1f}{spread}",
+                     "—" if is_base else fmt.percent(relative_change(flops, base_flops), signed=True),
+                     "—" if is_base else fmt.percent(relative_change(wall, base_wall), signed=True)])
+    headers = ["configuration", "seeds", "reached", "mean step", "mean model FLOPs", "mean walltime (s)",
+               "Δ FLOPs", "Δ walltime"]
+    return ["Mean over seeds (variants that differ only in `workload.seed`); a mean needs every seed "
+            "to reach the target, walltime range in brackets:",
+            fmt.table(headers, body, "ll" + "r" * 6)]

@@ -180,7 +180,8 @@ def _header(rows: list[dict]) -> str:
             f"commit {_distinct(rows, 'git_commit', _short_commit)} · {when}")
 
 
-def _section(scenario: str, rows: list[dict], records: list[dict], output: Path | None) -> list[str]:
+def _section(scenario: str, rows: list[dict], records: list[dict], output: Path | None,
+             target_loss: float | None = None) -> list[str]:
     """Heading, header line, table and notes of one scenario (inference: the latency tables instead);
     with a quality section, its loss-curve plot (a PNG beside `output`, the markdown file)."""
     if any(is_inference(r) for r in records):
@@ -194,17 +195,18 @@ def _section(scenario: str, rows: list[dict], records: list[dict], output: Path 
     if columns is not COLUMNS:
         scored = dict.fromkeys(f"{r['heldout.tokens']:,}" for r in rows if r.get("heldout.tokens") is not None)
         notes.append(HELDOUT_NOTE.format(tokens=" / ".join(scored) or "n/a"))
-    quality = quality_section(records)
-    plot = loss_curves(scenario, records, target_of(records), output) if quality else []
+    quality = quality_section(records, target_loss)
+    plot = loss_curves(scenario, records, target_of(records, target_loss), output) if quality else []
     return [f"## {scenario}", _header(rows), table, "\n".join(notes)] + quality + plot
 
 
-def markdown(latest: dict, sources, output: Path | None = None) -> str:
-    """The report; `output`, the file it will be written to, is where plots go (none without it)."""
+def markdown(latest: dict, sources, output: Path | None = None, target_loss: float | None = None) -> str:
+    """The report; `output`, the file it will be written to, is where plots go (none without it);
+    `target_loss` overrides the loss the equal-quality tables compare at."""
     parts = ["# Benchmark report", f"Records: {', '.join(map(str, sources))}"]
     for scenario, records in by_scenario(latest).items():
         base = baseline_of(records)
-        parts += _section(scenario, [variant_row(r, base) for r in records], records, output)
+        parts += _section(scenario, [variant_row(r, base) for r in records], records, output, target_loss)
     return "\n\n".join(parts) + "\n"
 
 
@@ -228,6 +230,6 @@ def report_command(args) -> int:
     elif args.format == "json":
         text = to_json(build_rows(latest))
     else:
-        text = markdown(latest, args.results, Path(args.output) if args.output else None)
+        text = markdown(latest, args.results, Path(args.output) if args.output else None, args.target_loss)
     fmt.emit(text, args.output)
     return 0
