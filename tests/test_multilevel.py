@@ -620,5 +620,21 @@ def test_report_reaches_the_target_in_the_final_phase_only(records):
     assert target == 4.95 and hit["reached"] and hit["step"] == records["vcycle_target"]["metrics"]["steps"]
 
 
+@pytest.mark.slow
+def test_report_lists_every_phase_of_a_vcycle(records):
+    """The phases table: one row per phase with its level's shape, steps and FLOPs, as recorded."""
+    from suite.report.vcycle import phases_section
+
+    text = "\n".join(phases_section(list(records.values())))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| vcycle3 ")]
+    phases = records["vcycle3"]["metrics"]["extra"]["multilevel"]["phases"]
+    assert [r[1:3] for r in rows] == [[str(i + 1), f"{p['layers']} × {p['hidden']}"] for i, p in enumerate(phases)]
+    assert [int(r[5]) for r in rows] == [p["steps"] for p in phases]
+    assert sum(p["flops"] for p in phases) == records["vcycle3"]["metrics"]["flops_total"]
+    assert rows[0][10] == "—" and rows[1][10] != "—"  # the first phase has no level change before it
+    assert phases_section([r for r in records.values() if "multilevel" not in (r["metrics"].get("extra") or {})]) == []
+
+
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
     sys.exit(worker_main(CHECKS, sys.argv[2], sys.argv[3]))

@@ -16,6 +16,7 @@ from suite.report.accuracy import accuracy_section, is_accuracy
 from suite.report.latency import is_inference, latency_rows, latency_section
 from suite.report.plots import loss_curves
 from suite.report.quality import quality_section, target_of
+from suite.report.vcycle import phases_section
 from suite.report.select import (baseline_of, by_scenario, failure, is_ok, load_latest, machine, metric,
                                  relative_change, step_half_spread_s, step_median_s)
 
@@ -197,7 +198,7 @@ def _section(scenario: str, rows: list[dict], records: list[dict], output: Path 
         notes.append(HELDOUT_NOTE.format(tokens=" / ".join(scored) or "n/a"))
     quality = quality_section(records, target_loss)
     plot = loss_curves(scenario, records, target_of(records, target_loss), output) if quality else []
-    return [f"## {scenario}", _header(rows), table, "\n".join(notes)] + quality + plot
+    return [f"## {scenario}", _header(rows), table, "\n".join(notes)] + quality + plot + phases_section(records)
 
 
 def markdown(latest: dict, sources, output: Path | None = None, target_loss: float | None = None) -> str:
