@@ -549,6 +549,11 @@ def test_no_seed_table_without_repeats():
     text = "\n".join(quality_section([seeded("a", 1, [[10, 2.0, 1, 1], [20, 1.5, 2, 2]], baseline=True),
                                       seeded("b", 1, [[10, 1.5, 1, 1]], lr=2e-3)]))
     assert "Cost to reach" in text and "Mean over seeds" not in text
+    # records without a config (hand-written ones) are never taken for repeats of each other
+    bare = [seeded("a", 1, [[10, 1.5, 1, 1]], baseline=True), seeded("b", 1, [[10, 1.4, 1, 1]])]
+    for r in bare:
+        del r["config"]
+    assert "Mean over seeds" not in "\n".join(quality_section(bare))
 
 
 # ---------------------------------------------------------------------------------------------- loss curves

@@ -34,7 +34,9 @@ def target_of(records: list[dict], asked: float | None = None) -> float | None:
 
 def config_key(rec: dict) -> str:
     """The record's configuration apart from ``workload.seed``: equal for repeats of one variant."""
-    config = json.loads(json.dumps(rec.get("config") or {}))
+    if not rec.get("config"):  # nothing to compare: a group of its own
+        return "variant " + rec["variant"]
+    config = json.loads(json.dumps(rec["config"]))
     config.get("workload", {}).pop("seed", None)
     return json.dumps(config, sort_keys=True)
 
