@@ -17,10 +17,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def subprocess_env() -> dict:
+    """This environment without the torchrun variables of a surrounding launch or an injected fault."""
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUITE_INJECT_FAULT"):
+        env.pop(key, None)
     return env
+
+
+def run_suite(*args, timeout_s: int = 120) -> subprocess.CompletedProcess:
+    """``python -m suite ARGS`` from the repository root, in ``subprocess_env()``."""
+    return subprocess.run([sys.executable, "-m", "suite", *map(str, args)], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=timeout_s)
 
 
 def run_worker(test_file: str, folder: Path, timeout_s: int = 300) -> dict:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from check_worker import ROOT, result, run_worker, subprocess_env, worker_main  # noqa: E402
+from check_worker import ROOT, result, run_suite, run_worker, worker_main  # noqa: E402
 
 SCENARIO = ROOT / "tests" / "scenarios" / "cqil" / "accuracy.toml"
 
@@ -85,8 +84,7 @@ def test_lora_starts_as_a_no_op_and_switches_off(worker):
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("accuracy_run")
-    r = subprocess.run([sys.executable, "-m", "suite", "run", str(SCENARIO), "--out", str(out)], cwd=ROOT,
-                       env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    r = run_suite("run", SCENARIO, "--out", out, timeout_s=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     return {rec["variant"]: rec for rec in recs}, out
@@ -132,8 +130,7 @@ def test_multiple_choice_tasks_are_scored_for_every_model(records):
 @pytest.mark.slow
 def test_report_renders_the_accuracy_table(records):
     _, out = records
-    r = subprocess.run([sys.executable, "-m", "suite", "report", str(out)], cwd=ROOT, env=subprocess_env(),
-                       capture_output=True, text=True, timeout=120)
+    r = run_suite("report", out)
     assert r.returncode == 0, r.stderr
     assert "### Accuracy" in r.stdout and "ppl after fine-tune" in r.stdout
     row = next(line for line in r.stdout.splitlines() if line.startswith("| cqil2 |"))

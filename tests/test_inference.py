@@ -22,8 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from check_worker import ROOT, run_suite, subprocess_env
 SCENARIO = ROOT / "scenarios" / "cqil_tiny.toml"
 BATCH, SEQ, PROMPT = 2, 24, 16
 ATOL = 1e-5
@@ -113,13 +112,6 @@ def worker(out: str, scenario: str, variants: list[str]) -> None:
 
 # --- helpers for the tests ------------------------------------------------------------------------
 
-def env() -> dict:
-    e = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUITE_INJECT_FAULT"):
-        e.pop(key, None)
-    return e
-
-
 def run_worker(script: Path, out: Path, nproc: int, scenario: Path, *variants: str) -> list[dict]:
     """Runs ``script``'s worker on ``nproc`` processes; returns every rank's results."""
     import torch
@@ -127,7 +119,7 @@ def run_worker(script: Path, out: Path, nproc: int, scenario: Path, *variants: s
     out.mkdir(parents=True, exist_ok=True)
     launch = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                   "--nproc-per-node", str(nproc)]
-    r = subprocess.run([*launch, str(script), str(out), str(scenario), *variants], cwd=ROOT, env=env(),
+    r = subprocess.run([*launch, str(script), str(out), str(scenario), *variants], cwd=ROOT, env=subprocess_env(),
                        capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     return [torch.load(out / f"rank{i}.pt") for i in range(nproc)]
@@ -236,7 +228,7 @@ def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("inference_records")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "suite",
            "run", str(SCENARIO), "--variant", "pp2", "--variant", "cqil2_bypass", "--out", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=TIMEOUT)
+    r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=TIMEOUT)
     assert r.returncode == 0, f"{r.stdout[-3000:]}\n{r.stderr[-6000:]}"
     recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
     return out, {rec["variant"]: rec for rec in recs}
@@ -270,8 +262,7 @@ def test_record_holds_the_latency_grid(records):
 @pytest.mark.slow
 def test_report_reads_inference_records(records):
     out, _ = records
-    r = subprocess.run([sys.executable, "-m", "suite", "report", str(out)], cwd=ROOT, env=env(),
-                       capture_output=True, text=True, timeout=60)
+    r = run_suite("report", out, timeout_s=60)
     assert r.returncode == 0, r.stderr
     assert "cqil2_bypass" in r.stdout
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from check_worker import result, run_worker, subprocess_env, torchrun, worker_main
+from check_worker import result, run_suite, run_worker, torchrun, worker_main
 
 from suite.metrics import flops as F
 from suite.tricks.multilevel import (MultilevelConfig, coalesced, factors, level_models, phase_flops,
@@ -485,9 +484,8 @@ def test_vcycle_saves_the_full_size_model_it_ends_with(records, tmp_path):
     """The saved checkpoint, loaded on one process by the accuracy workload, scores the held-out text as
     the V-cycle's final model did (at DP=2, through megatron's schedule)."""
     ckpt = Path(records["vcycle_target"]["config"]["workload"]["save_checkpoint"])
-    r = subprocess.run([sys.executable, "-m", "suite", "run", str(VCYCLE), "--variant", "baseline", "--out",
-                        str(tmp_path), "--set", 'workload.kind="accuracy"', "--set", f'model.init="checkpoint:{ckpt}"'],
-                       cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    r = run_suite("run", VCYCLE, "--variant", "baseline", "--out", tmp_path, "--set", 'workload.kind="accuracy"',
+                  "--set", f'model.init="checkpoint:{ckpt}"', timeout_s=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (rec,) = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     loaded = rec["metrics"]["accuracy"]["original"]

@@ -13,7 +13,7 @@ import itertools
 import re
 from pathlib import Path
 
-from suite.report.quality import config_key
+from suite.report.quality import group_name, repeat_groups
 from suite.report.select import baseline_of, is_ok, metric
 
 
@@ -54,21 +54,18 @@ def draw(path: Path, title: str, records: list[dict], target: float | None) -> b
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     phase_ends = False
     others = (f"C{i}" for i in itertools.count())  # matplotlib's default colours; the baseline is black
-    ok = [r for r in records if is_ok(r) and curve(r)]
-    groups: dict[str, list[dict]] = {}  # seeds of one configuration share a colour and a legend entry
-    for rec in ok:
-        groups.setdefault(config_key(rec), []).append(rec)
+    curves = {id(r): curve(r) for r in records if is_ok(r)}
+    ok = [r for r in records if curves.get(id(r))]
     colors, labels = {}, {}
-    for members in groups.values():
+    for members in repeat_groups(ok):  # seeds of one configuration share a colour and a legend entry
         color = "black" if any(r is base for r in members) else next(others)
-        name = min((r["variant"] for r in members), key=len)
         tags = (["baseline"] if color == "black" else []) + ([f"{len(members)} seeds"] if len(members) > 1 else [])
         for i, r in enumerate(members):
             colors[id(r)] = color
-            labels[id(r)] = (name + (f" ({', '.join(tags)})" if tags else "")) if i == 0 else None
-    losses = sorted(p[1] for r in ok for p in curve(r))
+            labels[id(r)] = (group_name(members) + (f" ({', '.join(tags)})" if tags else "")) if i == 0 else None
+    losses = sorted(p[1] for r in ok for p in curves[id(r)])
     for rec in ok:
-        points = curve(rec)
+        points = curves[id(rec)]
         color, label = colors[id(rec)], labels[id(rec)]
         width = 2.2 if color == "black" else 1.4
         # the last validation of every phase but the final one: where a V-cycle changes level

@@ -41,14 +41,17 @@ def config_key(rec: dict) -> str:
     return json.dumps(config, sort_keys=True)
 
 
-def seed_groups(rows: list[dict], records: list[dict]) -> list[list[tuple[dict, dict]]]:
-    """(row, record) pairs grouped by configuration apart from the seed, in first-seen order."""
-    groups: dict[str, list] = {}
-    by_name = {r["variant"]: r for r in records}
-    for row in rows:
-        rec = by_name[row["variant"]]
-        groups.setdefault(config_key(rec), []).append((row, rec))
+def repeat_groups(records: list[dict]) -> list[list[dict]]:
+    """Records grouped by configuration apart from the seed (``config_key``), in first-seen order."""
+    groups: dict[str, list[dict]] = {}
+    for rec in records:
+        groups.setdefault(config_key(rec), []).append(rec)
     return list(groups.values())
+
+
+def group_name(group: list[dict]) -> str:
+    """The shortest variant name of a group: "multilevel_2" of it, its _seed2 and _seed3."""
+    return min((r["variant"] for r in group), key=len)
 
 
 def reach(rec: dict, target: float) -> dict | None:
@@ -109,7 +112,8 @@ def quality_section(records: list[dict], asked: float | None = None) -> list[str
 
 
 def _seed_means(rows: list[dict], records: list[dict]) -> list[str]:
-    groups = seed_groups(rows, records)
+    row_of = {row["variant"]: row for row in rows}
+    groups = [[(row_of[r["variant"]], r) for r in g] for g in repeat_groups(records)]
     if all(len(g) == 1 for g in groups):
         return []
 
@@ -121,15 +125,14 @@ def _seed_means(rows: list[dict], records: list[dict]) -> list[str]:
     base_flops, base_wall = (mean(base, "flops"), mean(base, "walltime_s")) if base else (None, None)
     body = []
     for g in groups:
-        name = min((row["variant"] for row, _ in g), key=len)  # e.g. "multilevel_2" of its _seed2, _seed3
         seeds = ", ".join(sorted(str((rec.get("config") or {}).get("workload", {}).get("seed")) for _, rec in g))
-        flops, wall = mean(g, "flops"), mean(g, "walltime_s")
+        step, flops, wall = mean(g, "step"), mean(g, "flops"), mean(g, "walltime_s")
         walls = [row["walltime_s"] for row, _ in g if row["reached"]]
         spread = f" ({min(walls):.1f}–{max(walls):.1f})" if len(walls) > 1 else ""
         is_base = g is base
-        body.append([name + (" (baseline)" if is_base else ""), seeds,
+        body.append([group_name([rec for _, rec in g]) + (" (baseline)" if is_base else ""), seeds,
                      f"{sum(row['reached'] for row, _ in g)}/{len(g)}",
-                     fmt.NA if mean(g, "step") is None else f"{mean(g, 'step'):.0f}",
+                     fmt.NA if step is None else f"{step:.0f}",
                      fmt.count(flops), fmt.NA if wall is None else f"{wall:.1f}{spread}",
                      "—" if is_base else fmt.percent(relative_change(flops, base_flops), signed=True),
                      "—" if is_base else fmt.percent(relative_change(wall, base_wall), signed=True)])
