@@ -20,14 +20,14 @@ must match its own full forward to the same tolerance.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))  # test_inference: the worker and its helpers
-from test_inference import (ATOL, PROMPT, ROOT, TIMEOUT, env, fixed_tokens, init_worker,  # noqa: E402
+from check_worker import run_suite  # noqa: E402
+from test_inference import (ATOL, PROMPT, ROOT, TIMEOUT, fixed_tokens, init_worker,  # noqa: E402
                             max_diff, run_worker, teacher_forced_logits)
 
 from suite.errors import UserError  # noqa: E402
@@ -195,9 +195,8 @@ def test_bypass_changes_the_function(runs):
 @pytest.mark.slow
 def test_analyze_similarity_writes_table_heatmap_and_groups(tmp_path):
     scenario = ROOT / "scenarios" / "cqil_tiny.toml"
-    r = subprocess.run([sys.executable, "-m", "suite", "analyze", "similarity", str(scenario), "--threshold", "0.5",
-                        "--batches", "1", "-o", str(tmp_path)], cwd=ROOT, env=env(), capture_output=True,
-                       text=True, timeout=TIMEOUT)
+    r = run_suite("analyze", "similarity", scenario, "--threshold", "0.5", "--batches", "1", "-o", tmp_path,
+                  timeout_s=TIMEOUT)
     assert r.returncode == 0, r.stderr[-4000:]
     data = json.loads((tmp_path / "similarity.json").read_text())
     sim = data["matrix"]
