@@ -191,3 +191,27 @@ def test_cli_data_prepare(tmp_path, cache):
     assert f"byte: jsonl {CORPUS / 'docs.jsonl'} / byte: {n_bytes:,} tokens" in r.stdout
     assert "bpe: jsonl" in r.stdout and "cached in" in r.stdout
     assert len(list(cache.glob("*.npy"))) == 2
+
+
+def test_shipped_technique_corpus_is_the_one_the_reports_were_measured_on(tmp_path):
+    """builtin:shakespeare_wikitext = Tiny Shakespeare + WikiText-2 valid, byte for byte, under the file name
+    the committed reports used (.data/shakespeare_wikitext.txt): the same token cache key, so the same tokens."""
+    import hashlib
+
+    from suite.data.sources import BUILTIN
+
+    shipped = BUILTIN["shakespeare_wikitext"]
+    data = shipped.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == "1bff46e97c6e8ef579f0ff6546c54c84821758431306ca1fdbaaaf2322863e75"
+    assert data.startswith(BUILTIN["shakespeare"].read_bytes())  # Tiny Shakespeare first
+    assert data[1115394:].startswith(b" \n = Homarus gammarus = \n")  # then WikiText-2 valid
+    assert (shipped.parent / "LICENSE-CC-BY-SA-3.0.txt").is_file()
+    copy = tmp_path / ".data" / "shakespeare_wikitext.txt"
+    copy.parent.mkdir()
+    copy.write_bytes(data)
+    model = 'preset = "tiny"\nvocab_size = 1024'
+    for tokenizer in ("byte", "bpe"):
+        builtin = spec_for(tmp_path, f'source = "text"\npath = "builtin:shakespeare_wikitext"\ntokenizer = "{tokenizer}"', model=model)
+        old = spec_for(tmp_path, f'source = "text"\npath = ".data/shakespeare_wikitext.txt"\ntokenizer = "{tokenizer}"',
+                       model=model)
+        assert cache_key(builtin) == cache_key(old)
