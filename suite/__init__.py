@@ -1,3 +1,3 @@
 """suite: measure what an LLM efficiency technique really buys, next to its baselines."""
 __version__ = "0.1.0"
-RECORD_SCHEMA_VERSION = 1
+RECORD_SCHEMA_VERSION = 2

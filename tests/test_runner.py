@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from suite.metrics.flops import Shape, train_step_flops
+from suite import RECORD_SCHEMA_VERSION
 from suite.records import config_hash
 from suite.scenario import load_scenario
 
@@ -183,7 +184,7 @@ def test_records_schema(equivalence):
     for name, r in recs.items():
         spec = specs[name]
         w = spec.workload
-        assert r["schema"] == 1
+        assert r["schema"] == RECORD_SCHEMA_VERSION == 2
         assert r["status"] == "ok"
         assert r["scenario"] == "runner_equivalence"
         assert r["variant"] == name
@@ -246,7 +247,7 @@ def test_failed_variant_is_recorded_and_the_next_runs(faults):
     assert "injected fault" in failed["error"]["message"]
     assert failed["error"]["type"] == "RuntimeError"
     assert "metrics" not in failed
-    assert failed["schema"] == 1 and failed["config_hash"] == recs[1]["config_hash"]
+    assert failed["schema"] == RECORD_SCHEMA_VERSION and failed["config_hash"] == recs[1]["config_hash"]
 
 
 def test_resume_runs_only_what_did_not_succeed(faults):

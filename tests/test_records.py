@@ -1,0 +1,125 @@
+"""Record writing and reading (suite.records) and metric declarations (suite.metrics.declare).
+Torch-free and fast."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from suite import RECORD_SCHEMA_VERSION
+from suite.errors import UserError
+from suite.metrics.declare import Metric, declare, measure
+from suite.records import append_record, check_record, read_records
+
+ROOT = Path(__file__).parent
+COMMITTED = sorted((ROOT.parent / "reports" / "records").glob("*.jsonl"))
+STEP = Metric("step_time", "s", "time", "lower", "median")
+
+
+def ok_record(**metrics) -> dict:
+    return {"status": "ok", "scenario": "s", "variant": "v", "is_baseline": True, "config_hash": "0" * 16,
+            "config": {"workload": {"kind": "train"}}, "world_size": 2, "tp": 1, "pp": 2, "dp": 1,
+            "metrics": {"step_time_s": {"median": 0.5, "p10": 0.4, "p90": 0.6, "n": 3}, **metrics}}
+
+
+def test_metric_declarations_are_checked():
+    with pytest.raises(ValueError, match="kind"):
+        Metric("x", "s", "speed", "lower", "median")
+    with pytest.raises(ValueError, match="tolerance"):
+        Metric("x", "B", "memory", "lower", "tolerance")
+    with pytest.raises(ValueError, match="paired"):
+        Metric("x", "s", "time", "lower", "median", paired=True)
+    declare(Metric("test_only_metric", "s", "time", "lower", "median"))
+    declare(Metric("test_only_metric", "s", "time", "lower", "median"))  # the same again: fine
+    with pytest.raises(ValueError, match="declared twice"):
+        declare(Metric("test_only_metric", "s", "time", "higher", "median"))
+
+
+def test_measure_keeps_samples_and_nulls_non_finite():
+    m = measure(STEP, 0.5, [0.4, 0.5, float("nan")], phase=1)
+    assert m["point"] == {"phase": 1} and m["samples"] == [0.4, 0.5, None]
+    assert m["reason"] == "non-finite: 1 of 3 samples"
+    bad = measure(STEP, float("inf"))
+    assert bad["value"] is None and bad["reason"] == "non-finite: inf"
+    json.dumps([m, bad], allow_nan=False)
+
+
+def test_write_is_schema_2_with_layout_and_lifted_measures(tmp_path):
+    rec = ok_record(measures=[measure(STEP, 0.5, [0.5])], layout={"cqil_degree": 2})
+    append_record(tmp_path, rec)
+    line = json.loads((tmp_path / "records.jsonl").read_text())
+    assert line["schema"] == RECORD_SCHEMA_VERSION == 2
+    assert line["layout"] == {"world_size": 2, "tp": 1, "pp": 2, "dp": 1, "cqil_degree": 2}
+    assert [m["name"] for m in line["measures"]] == ["step_time"]
+    assert "measures" not in line["metrics"] and "layout" not in line["metrics"]
+    assert read_records(tmp_path)[0]["measures"] == line["measures"]
+
+
+def test_non_finite_values_never_lose_a_record(tmp_path):
+    """A diverged run's NaN loss used to raise in json.dumps(allow_nan=False): no record at all."""
+    rec = ok_record(final_loss=float("nan"), validation_loss=float("-inf"),
+                    loss_curve=[[1, 2.0], [2, float("nan")]],
+                    measures=[measure(STEP, 0.5), {**measure(STEP, 0.5), "value": float("nan")}])
+    append_record(tmp_path, rec)
+    text = (tmp_path / "records.jsonl").read_text()
+    line = json.loads(text, parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert line["metrics"]["final_loss"] is None and line["metrics"]["loss_curve"][1] == [2, None]
+    assert line["non_finite"] == {"metrics.final_loss": "non-finite: nan",
+                                  "metrics.validation_loss": "non-finite: -inf",
+                                  "metrics.loss_curve[1][1]": "non-finite: nan",
+                                  "measures[1].value": "non-finite: nan"}
+    assert line["measures"][1]["value"] is None and line["measures"][1]["reason"] == "non-finite: nan"
+    assert read_records(tmp_path)[0]["metrics"]["final_loss"] is None
+
+
+@pytest.mark.parametrize("path", COMMITTED, ids=lambda p: p.name)
+def test_committed_v1_records_read_as_v2(path):
+    for rec in read_records(path):
+        assert rec["schema"] == 2 and rec["upgraded_from"] == 1
+        assert {k: rec["layout"][k] for k in ("world_size", "tp", "pp", "dp")} == \
+            {k: rec[k] for k in ("world_size", "tp", "pp", "dp")} or "cqil_degree" in rec["layout"]
+        names = {m["name"] for m in rec["measures"]}
+        if rec["status"] == "ok":
+            assert names & {"step_time", "decode_latency", "heldout_loss"}, rec["variant"]
+        for m in rec["measures"]:
+            assert "samples" not in m  # v1 kept none
+            assert m["value"] is None or math.isfinite(m["value"])
+
+
+def test_v1_summary_becomes_a_median_measure(tmp_path):
+    v1 = {"schema": 1, **ok_record(validation_loss=3.2, peak_memory_bytes=1e9)}
+    (tmp_path / "records.jsonl").write_text(json.dumps(v1) + "\n")
+    (rec,) = read_records(tmp_path)
+    by = {m["name"]: m for m in rec["measures"]}
+    assert by["step_time"]["value"] == 0.5 and by["step_time"]["summary"]["n"] == 3
+    assert by["validation_loss"]["compare"] == "mean" and by["validation_loss"]["value"] == 3.2
+    assert by["peak_memory"]["compare"] == "tolerance" and by["peak_memory"]["tolerance"] == 0.05
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\x00\x01binary", "binary file"),
+    (b'{"schema": 1}\n\xff\xfe\n', "line 2 is not UTF-8"),
+    (b"[1, 2]\n", "line 1 is an array"),
+    (b"null\n", "line 1 is null"),
+    (b"42\n", "line 1 is a number"),
+    (b"{}\n", "record schema None"),
+    (b'{"schema": 2}\n', "no 'scenario'"),
+    (b'{"schema": 2, "scenario": "s", "variant": "v", "status": "ok", "metrics": []}\n', "metrics = [], which is not an object"),
+    (b'{"schema": 1, "scenario": "s", "variant": "v", "status": "ok", "metrics": {"step_time_s": "fast"}}\n',
+     "metrics.step_time_s = \"fast\""),
+    (b'{"schema": 2, "scenario": "s", "variant": "v", "status": "ok", "measures": [{"name": "x", "samples": ["a"]}]}\n',
+     "measures[0].samples[0]"),
+    (b'{"schema": true}\n', "record schema True"),
+])
+def test_bad_record_lines_are_user_errors(tmp_path, content, expected):
+    path = tmp_path / "records.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(UserError) as e:
+        read_records(path)
+    assert expected in str(e.value) and str(path) in str(e.value) and "Fix:" in str(e.value)
+
+
+def test_check_record_accepts_what_the_writer_writes():
+    assert check_record({**ok_record(), "measures": [measure(STEP, 0.5, [0.5])]}) is None
