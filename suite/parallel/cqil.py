@@ -57,6 +57,10 @@ class Finetune:
 
 
 FINETUNE_KEYS = tuple(f.name for f in fields(Finetune))
+# Ranges in suite.scenario.schema's notation (this table is untyped, outside the schema's dataclasses).
+FINETUNE_RANGES = {"steps": "[1, 10000000]", "rank": "[1, 65536]", "alpha": "(0, 1000000]", "lr": "(0, 100]",
+                   "batch": "[1, 1048576]", "weight_decay": "[0, 100]"}
+LAYER_RANGE = "[0, 4096]"  # start, end, degree, bypass, group ids: layer counts (model.num_layers <= 4096)
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,9 @@ def plan_of(spec) -> CQILPlan | None:
                  f"parallel.cqil.{key}")
         if key not in ("groups", "finetune") and (not isinstance(value, int) or isinstance(value, bool)):
             fail(f"expected an integer, got {value!r}.", example, f"parallel.cqil.{key}")
+        if key not in ("groups", "finetune") and not 0 <= value <= 4096:
+            fail(f"{key} = {value} is outside {LAYER_RANGE}.", f"set {key} to a layer count of the model.",
+                 f"parallel.cqil.{key}")
     L = spec.model.num_layers
     bypass = table.get("bypass", 0)
     if "groups" in table:
@@ -189,6 +196,8 @@ def finetune_of(spec) -> Finetune | None:
     table = (spec.parallel.cqil or {}).get("finetune")
     if table is None:
         return None
+    from suite.scenario.schema import describe_range, out_of_range  # here: the schema imports this module
+
     key = "parallel.cqil.finetune"
     if not isinstance(table, dict):
         errors.fail(spec, key, f"expected a table, got {table!r}.", "write finetune = { steps = 200, rank = 32 }.")
@@ -197,10 +206,11 @@ def finetune_of(spec) -> Finetune | None:
             errors.fail(spec, f"{key}.{name}", f"unknown key '{name}'{did_you_mean(name, FINETUNE_KEYS)}.",
                         f"valid keys are: {', '.join(FINETUNE_KEYS)}.")
         integer = name in ("steps", "rank", "batch")
-        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or value < 0 \
-                or (value == 0 and name != "weight_decay"):
-            errors.fail(spec, f"{key}.{name}", f"expected a positive {'integer' if integer else 'number'}, "
-                        f"got {value!r}.", f"set e.g. {name} = {getattr(Finetune(), name)!r}.")
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
+                or out_of_range(value, FINETUNE_RANGES[name]):
+            errors.fail(spec, f"{key}.{name}", f"expected {'an integer' if integer else 'a number'} "
+                        f"{describe_range(FINETUNE_RANGES[name])}, got {value!r}.",
+                        f"set e.g. {name} = {getattr(Finetune(), name)!r}.")
     if spec.workload.seq_length < 2:
         errors.fail(spec, "workload.seq_length", "the fine-tune needs windows of at least 2 tokens.",
                     "set seq_length = 512 or so.")

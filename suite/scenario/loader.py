@@ -30,7 +30,7 @@ else:  # pragma: no cover
 
 from suite.errors import UserError, did_you_mean
 from suite.scenario.presets import PRESETS, default_ffn
-from suite.scenario.schema import SECTIONS, VariantSpec
+from suite.scenario.schema import SECTIONS, VariantSpec, describe_range, out_of_range
 from suite.scenario.validate import check_variant
 from suite.tricks.registry import TRICKS
 
@@ -130,7 +130,10 @@ def coerce(value, tp, where: dict, key: str):
                 pass
         raise _type_error(value, options[0], where, key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond any float: keep it, the range check names it
+            return value
     if tp is int and isinstance(value, bool):
         raise _type_error(value, tp, where, key)
     if origin is list:
@@ -198,6 +201,14 @@ def build_section(cls: type, table, where: dict, section: str):
                             key=f"{section}.{key}",
                             fix=f"valid keys are: {', '.join(known)}.", **where)
         v = coerce(value, hints[key], where, f"{section}.{key}")
+        bounds = known[key].metadata.get("range")
+        why = out_of_range(v, bounds)
+        if why:
+            many = isinstance(v, list)
+            integer = all(isinstance(x, int) for x in (v if many else [v]))
+            what = ("integers" if integer else "numbers") if many else ("an integer" if integer else "a number")
+            raise UserError(f"{key} = {v!r}: {why}." if many else f"{key} = {why}.", key=f"{section}.{key}",
+                            fix=f"set {key} to {what} {describe_range(bounds)}.", **where)
         choices = known[key].metadata.get("choices")
         if choices and v not in choices:
             raise UserError(f"'{v}' is not one of {', '.join(map(str, choices))}"

@@ -6,18 +6,65 @@ schema does not know them.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from suite.parallel.cqil import degree_of
 
+BIG = 10**9  # upper bound of counts (steps, intervals): larger values are typos, not plans
 
-def doc(text: str, default: Any = None, *, choices: tuple | None = None, factory=None):
-    """A dataclass field with its documentation (and allowed values) attached."""
-    meta = {"doc": text, "choices": choices}
+
+def doc(text: str, default: Any = None, *, choices: tuple | None = None, range: str | None = None, factory=None):
+    """A dataclass field with its documentation, allowed values and numeric range attached.
+
+    ``range`` is an interval in the usual notation, e.g. ``"[1, 4096]"`` or ``"(0, 1)"`` (round brackets
+    exclude the end); it applies to the value, or to every item of a list. ``suite.scenario.loader``
+    checks it for every section (the techniques' included), so no key needs its own bounds check, and
+    numbers that are not finite (nan, inf) are rejected everywhere.
+    """
+    if range is not None:
+        parse_range(range)  # a malformed range is a bug here, found at import
+    meta = {"doc": text, "choices": choices, "range": range}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def parse_range(text: str) -> tuple[float, bool, float, bool]:
+    """'[1, 4096]' -> (1, True, 4096, True): low, low included, high, high included."""
+    low, high = text[1:-1].split(",")
+    return float(low), text[0] == "[", float(high), text[-1] == "]"
+
+
+def _number(x: float) -> str:
+    """1000000000.0 -> '1000000000', 1e20 -> '1e+20', 0.5 -> '0.5'."""
+    return str(int(x)) if x.is_integer() and abs(x) < 1e16 else f"{x:g}"
+
+
+def describe_range(text: str | None) -> str:
+    """'[1, 4096]' -> 'between 1 and 4096'; '(0, 1)' -> 'above 0 and below 1' (for the fix of an error)."""
+    if text is None:
+        return "that is finite"
+    low, low_in, high, high_in = (_number(x) if isinstance(x, float) else x for x in parse_range(text))
+    if low_in and high_in:
+        return f"between {low} and {high}"
+    return f"{'at least' if low_in else 'above'} {low} and {'at most' if high_in else 'below'} {high}"
+
+
+def out_of_range(value, text: str | None) -> str | None:
+    """Why ``value`` (a number, or a list of them) breaks the range ``text``; None when it is fine."""
+    for v in value if isinstance(value, list) else [value]:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue  # types are checked by the loader; this checks numbers only
+        if isinstance(v, float) and not math.isfinite(v):
+            return f"{v} is not a finite number"
+        if text is None:
+            continue
+        low, low_in, high, high_in = parse_range(text)
+        if not ((low <= v if low_in else low < v) and (v <= high if high_in else v < high)):
+            return f"{v!r} is outside {text}"
+    return None
 
 
 @dataclass
@@ -25,16 +72,18 @@ class ModelConfig:
     """[model]: the transformer's shape. A preset fills every key; explicit keys override it."""
 
     preset: str | None = doc("Named shape: tiny, gpt-base, gpt-1b, llama-7b, llama-13b, llama-33b, llama-65b.")
-    num_layers: int | None = doc("Transformer layers.")
-    hidden_size: int | None = doc("Model width h.")
-    num_attention_heads: int | None = doc("Attention heads.")
-    num_query_groups: int | None = doc("Key/value heads for grouped-query attention (default: = heads).")
-    ffn_hidden_size: int | None = doc("SwiGLU inner width (default: 8h/3 rounded up to 64).")
-    vocab_size: int | None = doc("Vocabulary size before padding to a multiple of 128.")
-    max_sequence_length: int | None = doc("Longest sequence the model accepts.")
-    rope_base: float = doc("RoPE base frequency.", 10000.0)
-    norm_epsilon: float = doc("RMSNorm epsilon.", 1e-5)
-    init_std: float = doc("Std of the normal weight init; output projections use std/sqrt(2L).", 0.02)
+    num_layers: int | None = doc("Transformer layers.", range="[1, 4096]")
+    hidden_size: int | None = doc("Model width h.", range="[1, 1048576]")
+    num_attention_heads: int | None = doc("Attention heads.", range="[1, 65536]")
+    num_query_groups: int | None = doc("Key/value heads for grouped-query attention (default: = heads).",
+                                       range="[1, 65536]")
+    ffn_hidden_size: int | None = doc("SwiGLU inner width (default: 8h/3 rounded up to 64).", range="[1, 4194304]")
+    vocab_size: int | None = doc("Vocabulary size before padding to a multiple of 128.", range="[1, 16777216]")
+    max_sequence_length: int | None = doc("Longest sequence the model accepts.", range="[1, 16777216]")
+    rope_base: float = doc("RoPE base frequency.", 10000.0, range="(1, 1e12]")
+    norm_epsilon: float = doc("RMSNorm epsilon.", 1e-5, range="(0, 1]")
+    init_std: float = doc("Std of the normal weight init; output projections use std/sqrt(2L).", 0.02,
+                          range="(0, 10]")
     init: str = doc("Initial weights: 'random'; 'checkpoint:PATH' (a save_checkpoint directory, any TP/PP); "
                     "'hf:PATH' (a local Hugging Face LLaMA-family directory: config.json + safetensors, whose "
                     "shape the [model] keys must match). Paths are relative to the scenario file.", "random")
@@ -44,10 +93,10 @@ class ModelConfig:
 class ParallelConfig:
     """[parallel]: how the model is spread over GPUs (world = tp * pp * dp)."""
 
-    tp: int = doc("Tensor-parallel size.", 1)
-    pp: int = doc("Pipeline-parallel size (1F1B schedule when > 1).", 1)
-    dp: int | None = doc("Data-parallel size; derived from the world size when omitted.")
-    vpp: int | None = doc("Virtual pipeline stages per pipeline rank (interleaved 1F1B).")
+    tp: int = doc("Tensor-parallel size.", 1, range="[1, 1024]")
+    pp: int = doc("Pipeline-parallel size (1F1B schedule when > 1).", 1, range="[1, 1024]")
+    dp: int | None = doc("Data-parallel size; derived from the world size when omitted.", range="[1, 1048576]")
+    vpp: int | None = doc("Virtual pipeline stages per pipeline rank (interleaved 1F1B).", range="[1, 1024]")
     sequence_parallel: bool = doc("Megatron sequence parallelism (needs tp > 1).", False)
     recompute: str = doc("Activation recompute.", "none", choices=("none", "selective", "full"))
     cqil: dict | None = doc("CQIL layer groups run in parallel (inference): {groups = [[12, 13], ...], "
@@ -63,38 +112,44 @@ class WorkloadConfig:
     kind: str = doc("What to measure: training, inference latency (suite.workloads.inference), or held-out "
                     "accuracy of a model and its CQIL form before and after recovery (suite.workloads.accuracy).",
                     "train", choices=("train", "inference", "accuracy"))
-    steps: int = doc("Optimizer steps, warm-up included.", 20)
-    warmup_steps: int = doc("First steps excluded from timing (compilation, allocator warm-up).", 3)
-    global_batch: int = doc("Sequences per optimizer step, over all data-parallel ranks.", 8)
-    micro_batch: int = doc("Sequences per forward/backward on one rank.", 2)
-    seq_length: int = doc("Tokens per sequence.", 128)
+    steps: int = doc("Optimizer steps, warm-up included.", 20, range=f"[1, {BIG}]")
+    warmup_steps: int = doc("First steps excluded from timing (compilation, allocator warm-up).", 3,
+                            range=f"[0, {BIG}]")
+    global_batch: int = doc("Sequences per optimizer step, over all data-parallel ranks.", 8,
+                            range="[1, 16777216]")
+    micro_batch: int = doc("Sequences per forward/backward on one rank.", 2, range="[1, 16777216]")
+    seq_length: int = doc("Tokens per sequence.", 128, range="[1, 16777216]")
     precision: str = doc("Parameter/compute precision (bf16 keeps fp32 master weights).", "fp32",
                          choices=("fp32", "bf16"))
     optimizer: str = doc("Optimizer.", "adam", choices=("adam", "sgd"))
-    lr: float = doc("Peak learning rate.", 3e-4)
-    min_lr: float = doc("Final learning rate of the decay.", 3e-5)
+    lr: float = doc("Peak learning rate.", 3e-4, range="(0, 100]")
+    min_lr: float = doc("Final learning rate of the decay.", 3e-5, range="[0, 100]")
     lr_schedule: str = doc("Decay after warm-up.", "cosine", choices=("cosine", "linear", "constant"))
-    lr_warmup_steps: int = doc("Linear LR warm-up steps.", 0)
-    weight_decay: float = doc("Decoupled weight decay.", 0.1)
-    clip_grad: float = doc("Global gradient-norm clip (0 disables).", 1.0)
-    seed: int = doc("Seed for weights and data order; same seed, same function at any parallelism.", 1234)
-    log_interval: int = doc("Print a progress line every N steps (rank 0).", 10)
-    eval_interval: int = doc("Validation loss every N steps (0: only at the end).", 0)
-    eval_batches: int = doc("Global batches of held-out windows per validation (same at any layout).", 4)
+    lr_warmup_steps: int = doc("Linear LR warm-up steps.", 0, range=f"[0, {BIG}]")
+    weight_decay: float = doc("Decoupled weight decay.", 0.1, range="[0, 100]")
+    clip_grad: float = doc("Global gradient-norm clip (0 disables).", 1.0, range="[0, 1e9]")
+    seed: int = doc("Seed for weights and data order; same seed, same function at any parallelism.", 1234,
+                    range="[0, 4294967295]")
+    log_interval: int = doc("Print a progress line every N steps (rank 0).", 10, range=f"[1, {BIG}]")
+    eval_interval: int = doc("Validation loss every N steps (0: only at the end).", 0, range=f"[0, {BIG}]")
+    eval_batches: int = doc("Global batches of held-out windows per validation (same at any layout).", 4,
+                            range="[1, 1048576]")
     target_loss: float | None = doc("Stop at the first validation at or below this loss and record the "
-                                    "time, tokens and FLOPs it took (needs eval_interval).")
+                                    "time, tokens and FLOPs it took (needs eval_interval).", range="[0, 1000]")
     save_checkpoint: str | None = doc("Directory the trained model is saved to at the end of the variant "
                                       "(megatron distributed checkpoint, loadable at any TP/PP with [model] "
                                       "init = 'checkpoint:PATH'); relative to the scenario file; an earlier "
                                       "checkpoint there is replaced.")
-    timeout_s: int = doc("Collective timeout; a hung rank fails the variant after this long.", 600)
-    batch_sizes: list[int] = doc("inference: sequences per request (a grid axis).", factory=lambda: [1])
+    timeout_s: int = doc("Collective timeout; a hung rank fails the variant after this long.", 600,
+                         range="[1, 31536000]")
+    batch_sizes: list[int] = doc("inference: sequences per request (a grid axis).", factory=lambda: [1],
+                                 range="[1, 1048576]")
     prompt_lengths: list[int] = doc("inference: prompt tokens per sequence, prefilled at once (a grid axis).",
-                                    factory=lambda: [128])
+                                    factory=lambda: [128], range="[1, 16777216]")
     gen_lengths: list[int] = doc("inference: tokens generated per sequence, one decode step each (a grid axis; "
-                                 "0: prefill only).", factory=lambda: [32])
-    repeats: int = doc("inference: timed requests per grid point.", 10)
-    warmup_repeats: int = doc("inference: untimed requests before them.", 2)
+                                 "0: prefill only).", factory=lambda: [32], range="[0, 16777216]")
+    repeats: int = doc("inference: timed requests per grid point.", 10, range="[1, 1000000]")
+    warmup_repeats: int = doc("inference: untimed requests before them.", 2, range="[0, 1000000]")
     cuda_graph: str = doc("inference: decode steps eager, replayed from a CUDA graph, or both (GPU only).",
                           "off", choices=("off", "on", "both"))
 
@@ -113,8 +168,8 @@ class DataConfig:
                          "on the training split, bpe_vocab_size ids) or 'hf:PATH' (a local Hugging Face tokenizer "
                          "folder, relative to the scenario file). Tokens are cached (`suite data prepare`).", "byte")
     text_key: str = doc("jsonl: the key of each line's text.", "text")
-    bpe_vocab_size: int = doc("bpe: vocabulary size (at most [model] vocab_size).", 1024)
-    valid_fraction: float = doc("Tail fraction of the corpus held out for validation.", 0.05)
+    bpe_vocab_size: int = doc("bpe: vocabulary size (at most [model] vocab_size).", 1024, range="[257, 16777216]")
+    valid_fraction: float = doc("Tail fraction of the corpus held out for validation.", 0.05, range="(0, 1)")
 
 
 @dataclass
@@ -129,7 +184,7 @@ class EvalConfig:
                                          "validation tail; default: as many as one validation reads (eval_batches "
                                          "x global_batch x seq_length: the same windows when the tail holds them, "
                                          "so its loss is the validation loss). The record says how many were "
-                                         "scored.")
+                                         "scored.", range="[1, 1099511627776]")
     tasks: list[str] = doc("accuracy workload: zero-shot multiple-choice tasks, JSON-lines files of {context, "
                            "choices, label} (as HellaSwag, PIQA, ARC ship), relative to the scenario file; "
                            "acc and acc_norm (lm-evaluation-harness's definitions) of every model measured.",

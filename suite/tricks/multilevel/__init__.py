@@ -34,15 +34,16 @@ class MultilevelConfig:
     levels: int = doc("Model sizes in the V-cycle: 2 (large, small) or 3 (large, medium, small).", 2,
                       choices=(2, 3))
     steps: list[int] | None = doc("Optimizer steps of each phase in V order (2 levels: [large, small, large]; "
-                                  "3 levels: [large, medium, small, medium, large]). Replaces workload.steps.")
+                                  "3 levels: [large, medium, small, medium, large]). Replaces workload.steps.",
+                                  range="[1, 1000000000]")
     lr: list[float] | None = doc("Peak LR of each phase in V order (default: workload.lr for all); "
-                                 "each phase's min_lr keeps workload.min_lr's ratio to lr.")
+                                 "each phase's min_lr keeps workload.min_lr's ratio to lr.", range="(0, 100]")
     width_factors: list[int] | None = doc("Divisor of hidden size, heads, query groups and SwiGLU width at each "
-                                          "coalescing (default: 2 each).")
+                                          "coalescing (default: 2 each).", range="[1, 1024]")
     depth_factors: list[int] | None = doc("Divisor of the layer count at each coalescing; adjacent layers are "
-                                          "averaged (default: 2 each).")
+                                          "averaged (default: 2 each).", range="[1, 1024]")
     alpha: float = doc("Interpolation weight of the de-coalesced small model on the way up: "
-                       "theta = (1 - alpha) * theta_large + alpha * D(theta_small).", 0.25)
+                       "theta = (1 - alpha) * theta_large + alpha * D(theta_small).", 0.25, range="[0, 1]")
 
 
 def phase_levels(levels: int) -> list[int]:

@@ -28,10 +28,12 @@ from suite.tricks.registry import Trick, register
 class RandomLTDConfig:
     """[tricks.random_ltd]"""
 
-    layers: list[int] | None = doc("0-based ids of the dropping layers (default: all but first and last).")
-    min_kept: int = doc("Kept tokens per sequence at step 0 (r0).", 128)
-    schedule_steps: int = doc("Steps over which the kept length grows to the full sequence (R).", 1000)
-    step_size: int = doc("Kept lengths are multiples of this.", 16)
+    layers: list[int] | None = doc("0-based ids of the dropping layers (default: all but first and last).",
+                                   range="[0, 4095]")
+    min_kept: int = doc("Kept tokens per sequence at step 0 (r0).", 128, range="[1, 16777216]")
+    schedule_steps: int = doc("Steps over which the kept length grows to the full sequence (R).", 1000,
+                             range="[1, 1000000000]")
+    step_size: int = doc("Kept lengths are multiples of this.", 16, range="[1, 16777216]")
     schedule: str = doc("Kept-length schedule.", "fixed_linear", choices=("fixed_linear", "constant"))
     layer_token_lr: bool = doc("Drive the LR schedule by consumed layer-tokens instead of steps.", True)
 
