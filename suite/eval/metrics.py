@@ -124,7 +124,8 @@ def _argmax(values: Sequence[float]) -> int:
 
 def multiple_choice(model: Model, tokenizer, examples: Sequence[Example], delimiter: str = " ",
                     max_length: int | None = None, batch_size: int = 16) -> dict:
-    """acc and acc_norm (with stderr) over the examples, plus each example's log-likelihoods."""
+    """acc and acc_norm (with stderr) over the examples, plus each example's log-likelihoods and its
+    correctness (``per_example``: 1.0 or 0.0 per example, in order, for acc and acc_norm)."""
     if not examples:
         raise ValueError("no multiple-choice examples to score")
     pairs = [(ex.context, delimiter + choice) for ex in examples for choice in ex.choices]
@@ -137,4 +138,4 @@ def multiple_choice(model: Model, tokenizer, examples: Sequence[Example], delimi
         lls.append(ll)
     (a, a_se), (n, n_se) = _mean_stderr(acc), _mean_stderr(acc_norm)
     return {"acc": a, "acc_stderr": a_se, "acc_norm": n, "acc_norm_stderr": n_se, "n": len(examples),
-            "loglikelihoods": lls}
+            "loglikelihoods": lls, "per_example": {"acc": acc, "acc_norm": acc_norm}}

@@ -7,6 +7,7 @@ import torch
 import torch.distributed as dist
 
 from suite.metrics import hardware
+from suite.workloads.measures import training_measures
 
 
 def peak_memory() -> tuple[int, str]:
@@ -46,7 +47,7 @@ def training_metrics(r: dict, v, ctx) -> dict:
     timed_s = sum(r["times"])
     losses = r["loss_values"]
     tail = losses[-min(5, len(losses)):]
-    return {
+    out = {
         "parameters": r["parameters"], "steps": r["steps"], "timed_steps": len(r["times"]),
         "tokens": r["tokens"], "step_time_s": summary, "walltime_s": r["walltime_s"],
         "tokens_per_s": w.global_batch * w.seq_length / median,
@@ -62,3 +63,5 @@ def training_metrics(r: dict, v, ctx) -> dict:
         "energy_j": energy, "avg_power_w": energy / timed_s if energy is not None and timed_s else None,
         "heldout": r.get("heldout"), "target": r["target"], "extra": r["extra"],
     }
+    out["measures"] = training_measures(out, r["times"], r.get("step_points"), r.get("validation_samples"))
+    return out

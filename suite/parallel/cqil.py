@@ -90,6 +90,11 @@ class CQILPlan:
                 out.append((layer, None))
         return out
 
+    def layout(self) -> dict:
+        """The record's ``layout`` keys: the ranks megatron's parallel_state counts as data parallel hold
+        the layers of a CQIL group (same data), so data parallelism is 1 and the CQIL degree is the width."""
+        return {"dp": 1, "cqil_degree": self.degree}
+
     def describe(self) -> dict:
         """The record's ``metrics.cqil`` block."""
         return {"degree": self.degree, "groups": [list(g) for g in self.groups], "bypass": self.bypass,

@@ -37,6 +37,12 @@ class TrickRuntime:
         """Technique-specific measurements for the record's metrics.extra."""
         return {}
 
+    def step_point(self, step: int) -> dict:
+        """Where step ``step`` sits in the technique's schedule when it changes the step's shape (e.g.
+        {"kept": 256}), else {}: the record then holds one step-time measure per schedule position
+        instead of one pooled spread."""
+        return {}
+
 
 @dataclass
 class Trick:

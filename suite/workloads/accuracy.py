@@ -31,6 +31,7 @@ from suite.metrics.collect import peak_memory
 from suite.models import checkpoint, gpt
 from suite.parallel import cqil
 from suite.parallel.cqil_finetune import finetune, heldout_kl, logprobs
+from suite.workloads.measures import accuracy_measures
 
 
 def _scorer(model, plan, vocab: int):
@@ -63,8 +64,10 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         scorer = _scorer(model, plan, vocab)
         block = heldout_text(spec, scorer, data.valid)
         if tasks:
-            block["tasks"] = {name: {k: v for k, v in multiple_choice(scorer, tokenizer, ex, max_length=seq).items()
-                                     if k != "loglikelihoods"} for name, ex in tasks.items()}
+            scored = {name: multiple_choice(scorer, tokenizer, ex, max_length=seq) for name, ex in tasks.items()}
+            block["tasks"] = {name: {k: v for k, v in r.items() if k not in ("loglikelihoods", "per_example")}
+                              for name, r in scored.items()}
+            block["samples"] = {"tasks": {name: r["per_example"] for name, r in scored.items()}}
         if plan is not None:
             block["kl_to_original"] = heldout_kl(model, plan, lora, heldout, seq, vocab)
         return block
@@ -89,8 +92,12 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
 
 def metrics(raw: dict, spec, ctx) -> dict:
     peak, kind = peak_memory()
-    return {"parameters": F.parameters(F.Shape.of(spec.model))["total"], "world_size": ctx.world,
-            "peak_memory_bytes": int(peak), "memory_kind": kind, "cqil": raw["cqil"],
-            "accuracy": {k: raw[k] for k in ("original", "concurrent", "finetuned", "finetune", "walltime_s")
-                         if k in raw},
-            "extra": {}}
+    # per-example correctness goes to the measures, not into the summary blocks
+    samples = {k: raw[k].pop("samples", None) for k in ("original", "concurrent", "finetuned") if k in raw}
+    out = {"parameters": F.parameters(F.Shape.of(spec.model))["total"], "world_size": ctx.world,
+           "peak_memory_bytes": int(peak), "memory_kind": kind, "cqil": raw["cqil"],
+           "accuracy": {k: raw[k] for k in ("original", "concurrent", "finetuned", "finetune", "walltime_s")
+                        if k in raw},
+           "extra": {}}
+    out["measures"] = accuracy_measures(out, samples)
+    return out

@@ -78,6 +78,7 @@ from suite.metrics import flops as F
 from suite.metrics import hardware
 from suite.metrics.collect import peak_memory, reduce_scalar
 from suite.metrics.stats import summarize
+from suite.workloads.measures import inference_measures
 from suite.models import checkpoint, gpt
 from suite.models.attention import SDPAttention
 from suite.parallel import cqil, cqil_layer
@@ -425,10 +426,16 @@ def metrics(raw: dict, spec, ctx) -> dict:
                 entry["graph_logits_rel_diff"] = float((a - b).abs().max() / b.abs().max())
         entries.append(entry)
     plan = cqil.plan_of(spec)
-    return {
+    samples = {(pt["batch"], pt["prompt"], pt["gen"], pt["cuda_graph"]):
+               {"ttft": [t * 1e3 for t in pt["prefill_s"]], "decode": [t * 1e3 for t in pt["decode_s"]]}
+               for pt in raw["points"]}
+    out = {
         "parameters": F.parameters(shape)["total"], "world_size": ctx.world,
         "peak_memory_bytes": int(peak), "memory_kind": kind,
         "gemm_ceiling_tflops": ceilings.get("gemm_tflops"), "copy_bandwidth_tb_s": ceilings.get("copy_tb_s"),
         "datasheet_peak_tflops": peak_tflops, "cuda_graph_unavailable": raw["cuda_graph_unavailable"],
         "cqil": plan.describe() if plan else None, "inference": entries, "extra": {},
+        "layout": plan.layout() if plan else {},
     }
+    out["measures"] = inference_measures(out, samples)
+    return out

@@ -208,9 +208,10 @@ class Trainer:
         for m in self.model:
             m.eval()
         # whole global batches, so every layout sees the same held-out windows
-        losses = [self._run(self.data.valid_batch(i, w.global_batch), forward_only=True)
-                  for i in range(w.eval_batches)]
-        return float(torch.stack(losses).mean())
+        losses = torch.stack([self._run(self.data.valid_batch(i, w.global_batch), forward_only=True)
+                              for i in range(w.eval_batches)])
+        self.validation_batches = losses.tolist()  # per batch: the samples of the validation_loss measure
+        return float(losses.mean())
 
     def heldout(self) -> dict | None:
         """Held-out text metrics of the model as it is now (``suite.eval.metrics.heldout_text``), or None
@@ -227,6 +228,10 @@ class Trainer:
         self.ctx.log(f"held-out text: loss {m['loss']:.4f} perplexity {m['perplexity']:.2f} bits/byte {bpb} "
                      f"over {m['tokens']:,} tokens ({time.perf_counter() - started:.1f} s)")
         return m
+
+    def step_point(self, step: int) -> dict:
+        """The techniques' schedule position of step ``step`` ({} for a fixed-shape step)."""
+        return {k: v for t in self.tricks for k, v in t.step_point(step).items()}
 
     def step_flops(self, step: int) -> int:
         w = self.spec.workload
@@ -306,6 +311,8 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         "timed_step_flops": step_flops[w.warmup_steps:],
         "tokens": w.global_batch * w.seq_length * steps_run,
         "parameters": F.parameters(trainer.shape)["total"],
+        "step_points": [trainer.step_point(s) for s in range(w.warmup_steps, w.warmup_steps + len(timed))],
+        "validation_samples": getattr(trainer, "validation_batches", None) if validation is not None else None,
         "summary": summarize(timed), "walltime_s": sum(times), "target": target, "heldout": heldout,
         "extra": extra,
     }

@@ -65,7 +65,7 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
     energy = EnergyMeter(ctx.local_rank if cuda else None)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    losses, step_flops, timed, curve, phases = [], [], [], [], []
+    losses, step_flops, timed, curve, phases, points = [], [], [], [], [], []
     saved, trainer, target, steps_run, transitions = {}, None, None, 0, 0.0
 
     def walltime() -> float:
@@ -100,6 +100,7 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
             steps_run += 1
             step_flops.append(trainer.step_flops(local))
             timed.append(local >= w.warmup_steps)
+            points.append({"phase": p, "shape": f"{models[level].num_layers}x{models[level].hidden_size}"})
             if (local + 1) % w.log_interval == 0 or local + 1 == n:
                 recent = clock.seconds()[-1]
                 ctx.log(f"step {steps_run} (phase {p + 1}, {local + 1}/{n}) loss {float(losses[-1]):.4f} "
@@ -144,6 +145,8 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         "validation_curve": [c[:4] for c in curve if c[4] == len(levels) - 1],
         "energy_j": joules, "flops_total": sum(step_flops), "flops_per_step": step_flops[-1], "steps": steps_run,
         "timed_step_flops": [f for f, keep in zip(step_flops, timed) if keep],
+        "step_points": [pt for pt, keep in zip(points, timed) if keep],  # one step-time measure per phase
+        "validation_samples": getattr(trainer, "validation_batches", None) if spec.eval.validation else None,
         "tokens": w.global_batch * w.seq_length * steps_run,
         "parameters": F.parameters(F.Shape.of(spec.model))["total"],
         "summary": summarize(timed_times), "walltime_s": sum(times) + transitions, "target": target,

@@ -139,6 +139,9 @@ class RandomLTDRuntime(TrickRuntime):
             return None
         return self.B * self.S, lambda step: layer_tokens(self.cfg, step, self.B, self.S, self.L) / self.L
 
+    def step_point(self, step: int) -> dict:
+        return {"kept": kept_length(self.cfg, step, self.S)}  # step time is compared per kept length
+
     def extra(self) -> dict:
         return {"kept_length_schedule": self.state.history, "layer_tokens": self.consumed_layer_tokens,
                 "dropping_layers": sorted(self.state.layers)}
