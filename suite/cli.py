@@ -52,12 +52,24 @@ def build_parser() -> argparse.ArgumentParser:
                      help="validation loss the cost-at-equal-quality table compares at (default: the runs' "
                           "workload.target_loss, else the baseline's final validation loss)")
 
-    cmp_ = sub.add_parser("compare", help="regression gate: exit 1 when CURRENT is slower than BASELINE")
+    cmp_ = sub.add_parser("compare", help="regression gate: exit 1 when CURRENT regressed from BASELINE",
+                          description="Pairs variants, then measures by (name, point); a change counts when "
+                          "its confidence interval excludes no change and it exceeds the minimum effect. "
+                          "Exit 1 on a regression or a changed configuration, 0 otherwise (improvements "
+                          "are listed), 2 on bad input.")
     cmp_.add_argument("current")
     cmp_.add_argument("baseline")
-    cmp_.add_argument("--max-slowdown", default="5%", help="allowed step-time increase, e.g. 5%%")
-    cmp_.add_argument("--max-loss-increase", type=float, default=0.02,
-                      help="allowed absolute increase of the validation (else final) loss")
+    cmp_.add_argument("--max-slowdown", default="5%",
+                      help="minimum effect for times (median ratio), e.g. 5%% (default)")
+    cmp_.add_argument("--max-loss-increase", default="0.01",
+                      help="minimum effect for lower-is-better means such as losses, absolute in their unit "
+                           "(default 0.01 nats: perplexity x1.01)")
+    cmp_.add_argument("--max-acc-drop", default="2",
+                      help="minimum effect for higher-is-better means such as acc, in points (default 2)")
+    cmp_.add_argument("--tolerance", default=None,
+                      help="override every tolerance measure's own tolerance (peak memory), e.g. 10%%")
+    cmp_.add_argument("--allow-config-change", action="store_true",
+                      help="compare variants whose resolved configs differ instead of failing them")
     cmp_.add_argument("-o", "--output", default=None, help="also write the table here")
 
     data = sub.add_parser("data", help="corpora: tokenize and cache ahead of a run")

@@ -1,4 +1,4 @@
-"""`suite report` and `suite compare`: tables from result records, and the regression gate.
+"""`suite report`: tables from result records (the regression gate, `suite compare`: tests/test_compare.py).
 
 Fast, CPU only and torch-free. Fixtures in tests/data/report/ are schema-v1 records with realistic
 values: cpu/records.jsonl (a 2-process CPU run of `tiny`, one variant re-run so the latest record
@@ -10,7 +10,7 @@ and llama7b_cqil/single are real H100 records; cqil_tiny/cqil2 is constructed fr
 eager, prefill x0.97 / x1.02, graph_logits_rel_diff added) so that the latency cut has a real Δ and
 a Δ within noise.
 
-Golden files: report.md and compare.md in tests/data/report/ are the expected output, compared
+Golden files: report.md in tests/data/report/ is the expected output (compare.md: tests/test_compare.py), compared
 exactly. After an intended change of the output, regenerate them and review the diff:
 
     SUITE_UPDATE_GOLDEN=1 python -m pytest tests/test_report.py
@@ -34,7 +34,6 @@ from pathlib import Path
 import pytest
 
 from suite.errors import UserError
-from suite.report.compare import compare, parse_percent
 from suite.report.render import build_rows
 from suite.report.select import load_latest
 
@@ -77,33 +76,8 @@ def table_line(text: str, first_cell: str) -> str:
     return next(l for l in text.splitlines() if l.startswith(f"| {first_cell} |"))
 
 
-def by_key(records: list[dict]) -> dict:
-    return {(r["scenario"], r["variant"]): r for r in records}
-
-
-def ok_gpu_records() -> list[dict]:
-    return [r for r in read_jsonl(GPU) if r["status"] == "ok"]
-
-
 def by_variant(records: list[dict]) -> dict[str, dict]:
     return {r["variant"]: r for r in records}
-
-
-def slowed(rec: dict, factor: float, spread: float | None = None) -> dict:
-    """A copy whose step times are `factor` times longer; `spread` sets p10/p90 to median*(1 -/+ spread)."""
-    rec = copy.deepcopy(rec)
-    st = rec["metrics"]["step_time_s"]
-    for key in ("median", "p10", "p90", "min", "max", "mean"):
-        st[key] *= factor
-    if spread is not None:
-        st["p10"], st["p90"] = st["median"] * (1 - spread), st["median"] * (1 + spread)
-    return rec
-
-
-def gate(tmp_path: Path, current: list[dict], baseline: list[dict], *options) -> subprocess.CompletedProcess:
-    cur = write_jsonl(tmp_path / "current.jsonl", current)
-    base = write_jsonl(tmp_path / "baseline.jsonl", baseline)
-    return run_cli("compare", cur, base, *(options or ("--max-slowdown", "5%")))
 
 
 # ---------------------------------------------------------------------------------------------- torch-free
@@ -330,140 +304,8 @@ def test_latency_rows_in_csv_and_json_leave_training_rows_alone(tmp_path):
     assert float(rows[2]["decode_ms_median"]) == pytest.approx(17.27236843109131)
 
 
-# ---------------------------------------------------------------------------------------------- compare
-
-
-def test_compare_golden():
-    proc = run_cli("compare", GPU_NEXT, GPU, "--max-slowdown", "5%")
-    assert proc.returncode == 1, proc.stderr  # bf16-tp2 is 9.6% slower
-    check_golden("compare.md", proc.stdout)
-
-
-def test_compare_output_file(tmp_path):
-    out = tmp_path / "compare.md"
-    proc = run_cli("compare", GPU_NEXT, GPU, "-o", out)
-    assert out.read_text(encoding="utf-8") == proc.stdout
-
-
-def test_slowdown_beyond_threshold_and_noise_is_a_regression(tmp_path):
-    base = ok_gpu_records()
-    cur = [slowed(base[0], 1.10)] + base[1:]
-    proc = gate(tmp_path, cur, base)
-    assert proc.returncode == 1
-    assert "| gpt-1b/bf16 | 412.0 | 453.2 | +10.0% |" in proc.stdout and "REGRESSION: slower" in proc.stdout
-    assert proc.stdout.strip().splitlines()[-1].startswith("FAIL: 1 regression(s)")
-
-
-def test_improvement_only_passes_but_is_flagged(tmp_path):
-    base = ok_gpu_records()
-    proc = gate(tmp_path, [slowed(base[0], 0.90)] + base[1:], base)
-    assert proc.returncode == 0
-    assert "IMPROVEMENT: faster" in proc.stdout and "refresh the stored baseline" in proc.stdout
-
-
-def test_slowdown_within_noise_passes(tmp_path):
-    base = ok_gpu_records()
-    # 8% slower is over the 5% threshold, but the current run's steps spread by ±10%.
-    noisy = slowed(base[0], 1.08, spread=0.10)
-    proc = gate(tmp_path, [noisy] + base[1:], base)
-    assert proc.returncode == 0
-    assert "| +8.0% | 10.0% |" in proc.stdout and "same (within noise)" in proc.stdout
-
-
-def test_slowdown_under_threshold_passes_even_when_above_noise(tmp_path):
-    base = ok_gpu_records()
-    proc = gate(tmp_path, [slowed(base[0], 1.03, spread=0.001)] + base[1:], base)
-    assert proc.returncode == 0 and "REGRESSION" not in proc.stdout
-
-
-def test_noise_is_the_larger_relative_half_spread():
-    base = ok_gpu_records()
-    cur = [slowed(base[0], 1.0, spread=0.02)] + base[1:]
-    row = compare(by_key(cur), by_key(base), 0.05, 0.02)[0]
-    st = base[0]["metrics"]["step_time_s"]
-    base_noise = (st["p90"] - st["p10"]) / 2 / st["median"]
-    assert base_noise < 0.02
-    assert row["noise"] == pytest.approx(max(0.02, base_noise))
-
-
-def test_different_machines_are_noted(tmp_path):
-    base = ok_gpu_records()
-    cur = copy.deepcopy(base)
-    for r in cur:
-        r["env"]["gpu_name"] = "NVIDIA H200"
-    proc = gate(tmp_path, cur, base)
-    assert "Note: different machines (current: NVIDIA H200 × 8; baseline: NVIDIA H100 80GB HBM3 × 8)." in proc.stdout
-    assert "Note:" not in gate(tmp_path, base, base).stdout
-
-
-def test_missing_variant_in_current_is_a_regression(tmp_path):
-    base = ok_gpu_records()
-    proc = gate(tmp_path, base[:-1], base)
-    assert proc.returncode == 1 and "REGRESSION: missing in current" in proc.stdout
-
-
-def test_new_variant_in_current_is_information(tmp_path):
-    base = ok_gpu_records()
-    proc = gate(tmp_path, base, base[:-1])
-    assert proc.returncode == 0 and "new (no baseline)" in proc.stdout
-
-
-def test_validation_loss_increase_is_a_regression(tmp_path):
-    base = ok_gpu_records()
-    worse = copy.deepcopy(base[0])
-    worse["metrics"]["validation_loss"] += 0.05
-    proc = gate(tmp_path, [worse] + base[1:], base, "--max-slowdown", "5", "--max-loss-increase", "0.02")
-    assert proc.returncode == 1
-    assert "+0.0500 (val)" in proc.stdout and "REGRESSION: val loss up" in proc.stdout
-    # Within the allowed increase it passes.
-    assert gate(tmp_path, [worse] + base[1:], base, "--max-loss-increase", "0.1").returncode == 0
-
-
-def test_final_loss_is_used_without_validation_loss(tmp_path):
-    base = ok_gpu_records()
-    for r in base:
-        r["metrics"]["validation_loss"] = None
-    worse = copy.deepcopy(base[0])
-    worse["metrics"]["final_loss"] += 0.03
-    proc = gate(tmp_path, [worse] + base[1:], base)
-    assert proc.returncode == 1 and "+0.0300 (final)" in proc.stdout
-
-
-def test_failed_current_variant_is_a_regression(tmp_path):
-    proc = gate(tmp_path, read_jsonl(GPU), read_jsonl(GPU_NEXT)[:4])
-    assert proc.returncode == 1
-    assert "REGRESSION: failed: OutOfMemoryError: CUDA out of memory." in proc.stdout
-
-
-def test_failed_new_variant_is_a_regression_not_information(tmp_path):
-    base = ok_gpu_records()
-    proc = gate(tmp_path, base + [read_jsonl(GPU)[3]], base)  # fp8-blockwise: only in current, failed
-    assert proc.returncode == 1 and "new (no baseline)" not in proc.stdout
-
-
-def test_negative_max_loss_increase_exits_2():
-    proc = run_cli("compare", GPU, GPU, "--max-loss-increase", "-0.1")
-    assert proc.returncode == 2 and "--max-loss-increase" in proc.stderr and "Traceback" not in proc.stderr
-
-
-@pytest.mark.parametrize("text, fraction", [("5%", 0.05), ("5", 0.05), (" 2.5 % ", 0.025), ("0", 0.0),
-                                            ("0.5%", 0.005), ("12", 0.12)])
-def test_parse_percent(text, fraction):
-    assert parse_percent(text) == pytest.approx(fraction)
-
-
-@pytest.mark.parametrize("text", ["fast", "0.05", "-5%", "5%%", "", "5 percent"])
-def test_parse_percent_rejects(text):
-    with pytest.raises(UserError):
-        parse_percent(text)
-
-
-@pytest.mark.parametrize("value", ["0.05", "fast"])
-def test_bad_max_slowdown_exits_2_with_the_fix(value):
-    proc = run_cli("compare", GPU, GPU, "--max-slowdown", value)
-    assert proc.returncode == 2
-    assert "--max-slowdown" in proc.stderr and "Fix:" in proc.stderr and "5%" in proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stdout == ""
+# ---------------------------------------------------------------------------------------------- record input
+# (the regression gate's own tests are in tests/test_compare.py)
 
 
 def test_missing_results_path_exits_2_without_traceback(tmp_path):

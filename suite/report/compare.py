@@ -1,35 +1,37 @@
 """``suite compare CURRENT BASELINE``: the regression gate between two result sets.
 
-Variants are paired by (scenario, variant), taking the latest record of each side.
+Variants pair by (scenario, variant), taking the latest record of each side; within a pair, the
+records' ``measures`` pair by (name, point), so a variable-shape run is compared at equal schedule
+position (V-cycle phase, kept length), never through one pooled spread. How each measure is judged
+(bootstrap interval of the median ratio, mean difference with its standard error, fixed tolerance)
+is in ``suite.report.gate``; this module applies it to whole records:
 
-Noise. A run's relative noise is half the spread of its central 80% of timed steps, relative to
-its median: ``(p90 - p10) / 2 / median``. A pair's noise is the larger of the two runs' values.
+* "not comparable": the resolved configurations differ (``config_hash``); the differing keys are
+  listed and the pair fails, unless ``--allow-config-change``. Environment differences (GPU,
+  driver, CUDA, torch, megatron-core) are shown, not judged.
+* REGRESSION: a measure regressed; the current variant failed, diverged or was interrupted (also a
+  variant the baseline lacks: a crash is never information only); it is missing from CURRENT, or
+  skipped there while the baseline ran it; a time-to-target run no longer reaches its target.
+* IMPROVEMENT: a measure improved beyond its minimum effect, or the variant failed in the baseline
+  and runs now: the run passes, but the stored baseline should be refreshed.
+* same; "new" for a variant only CURRENT has.
 
-Verdicts, per pair:
-
-* REGRESSION when the median step time grew by more than ``--max-slowdown`` AND by more than the
-  pair's noise; or when the loss grew by more than ``--max-loss-increase`` (absolute; validation loss
-  when both sides have one, else final training loss); or when the current variant failed (even one
-  the baseline lacks); or when it is missing from CURRENT.
-* IMPROVEMENT, the same tests in the other direction (faster, lower loss), or a variant that failed
-  in the baseline and now runs: not a failure, but a sign that the stored baseline should be refreshed.
-* same (within noise) otherwise; "new" for a variant only CURRENT has (information only).
-
-``--max-slowdown`` is a percentage: "5%" or "5". A bare number below 1 ("0.05") is refused, since it
-reads as a fraction but would mean 0.05%; write "0.05%" if that is meant.
-
-Exit status: 1 when any pair is a regression, else 0 (2 for bad input, via UserError).
+Exit status: 1 when any pair is a regression or not comparable, else 0; 2 for bad input.
 """
 from __future__ import annotations
 
+import math
 import re
 
 from suite.errors import UserError
-from suite.report import fmt
-from suite.report.select import (failure, is_ok, load_latest, machine, metric, relative_change,
-                                 relative_noise, step_median_s)
+from suite.report import fmt, gate
+from suite.report.gate import IMPROVEMENT, NEW, REGRESSION, SAME, Limits
+from suite.report.select import failure, load_latest
 
-REGRESSION, IMPROVEMENT, SAME, NEW = "regression", "improvement", "same", "new"
+NOT_COMPARABLE, SKIPPED = "not comparable", "skipped"
+FAILED_STATUSES = ("failed", "diverged", "interrupted")
+ENV_KEYS = (("gpu_name", "GPU"), ("gpu_count", "GPUs"), ("driver", "driver"), ("cuda", "CUDA"),
+            ("torch", "torch"), ("megatron_core", "megatron-core"), ("nccl", "NCCL"), ("python", "Python"))
 
 
 def parse_percent(text: str, option: str = "--max-slowdown") -> float:
@@ -37,111 +39,209 @@ def parse_percent(text: str, option: str = "--max-slowdown") -> float:
     m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(%?)\s*", str(text))
     if not m:
         raise UserError(f"{option} {text!r} is not a percentage.",
-                        fix=f"write a percentage such as {option} 5% (or 5).")
+                        fix=f"write a non-negative percentage such as {option} 5% (or 5).")
     value = float(m.group(1))
     if not m.group(2) and 0 < value < 1:
         raise UserError(f"{option} {text!r} is ambiguous: a fraction, or {value:g}%?",
                         fix=f"write {option} {value * 100:g}% for {value * 100:g} percent, "
                             f"or {option} {value:g}% if you mean {value:g} percent.")
+    if not math.isfinite(value):
+        raise UserError(f"{option} {text!r} is not finite.", fix=f"write a percentage such as {option} 5%.")
     return value / 100
 
 
-def loss_change(cur: dict, base: dict) -> tuple[float | None, str]:
-    """Current minus baseline loss: validation when both sides have one, else final training loss."""
-    for key, label in (("validation_loss", "val"), ("final_loss", "final")):
-        c, b = metric(cur, key), metric(base, key)
-        if c is not None and b is not None:
-            return c - b, label
-    return None, ""
+def parse_amount(text, option: str, example: str) -> float:
+    """A finite, non-negative number given on the command line (NaN, inf and negatives refused)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not math.isfinite(value) or value < 0:
+        raise UserError(f"{option} {text!r} is not a finite non-negative number.",
+                        fix=f"give it as e.g. {option} {example}.")
+    return value
 
 
-def judge(cur: dict | None, base: dict | None, max_slowdown: float, max_loss: float) -> dict:
-    """One comparison row: the numbers and a verdict (kind + text)."""
-    out = {"base_s": None, "cur_s": None, "change": None, "noise": None, "loss": None, "loss_kind": ""}
+def _flatten(d, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (d or {}).items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_diff(cur: dict, base: dict, limit: int = 6) -> list[str]:
+    """'key: baseline -> current' for the resolved-config keys that differ (the first `limit`)."""
+    c, b = _flatten(cur.get("config")), _flatten(base.get("config"))
+    keys = [k for k in dict.fromkeys([*b, *c]) if c.get(k) != b.get(k)]
+    lines = [f"{k}: {b.get(k, 'unset')!r} -> {c.get(k, 'unset')!r}" for k in keys[:limit]]
+    return lines + ([f"... and {len(keys) - limit} more"] if len(keys) > limit else [])
+
+
+def _status_text(rec: dict) -> str:
+    status, error = rec.get("status"), rec.get("error") or {}
+    if status == "failed":
+        return failure(rec)
+    if status == "diverged":
+        return "diverged" + (f" at step {error['step']}" if error.get("step") is not None else "")
+    message = (error.get("message") or "").strip().splitlines()
+    return f"{status}" + (f": {message[0]}" if message else "")
+
+
+def target_measures(rec: dict) -> list[dict]:
+    """Time and FLOPs to the quality target of a run that stops there (``metrics.target``): whole-run
+    numbers, one per run, so they compare on the minimum effect alone."""
+    target = (rec.get("metrics") or {}).get("target")
+    if not isinstance(target, dict) or target.get("target_loss") is None:
+        return []
+    out = []
+    for name, unit, kind, key in (("walltime_to_target", "s", "time", "walltime_s"),
+                                  ("flops_to_target", "FLOPs", "count", "flops")):
+        value = target.get(key) if target.get("reached") else None
+        m = {"name": name, "unit": unit, "kind": kind, "direction": "lower", "compare": "median",
+             "point": {"target_loss": round(float(target["target_loss"]), 6)}, "value": value}
+        if value is None:
+            m["reason"] = "target not reached"
+        out.append(m)
+    return out
+
+
+def judge_variant(cur: dict | None, base: dict | None, limits: Limits, allow_config_change: bool) -> dict:
+    """One pair of records: a variant-level kind and verdict, and the per-measure rows."""
+    out = {"kind": SAME, "verdict": "", "rows": [], "config": []}
     if cur is None:
         return {**out, "kind": REGRESSION, "verdict": "REGRESSION: missing in current"}
-    if not is_ok(cur):  # also for a new variant: a crash is never information only
-        return {**out, "base_s": base and step_median_s(base), "kind": REGRESSION,
-                "verdict": f"REGRESSION: {failure(cur)}"}
+    if cur.get("status") in FAILED_STATUSES or cur.get("status") not in ("ok", "skipped"):
+        return {**out, "kind": REGRESSION, "verdict": f"REGRESSION: {_status_text(cur)}"}
+    if cur.get("status") == "skipped":
+        if base is None or base.get("status") != "ok":
+            return {**out, "kind": SKIPPED, "verdict": _status_text(cur)}
+        return {**out, "kind": REGRESSION, "verdict": f"REGRESSION: ran in baseline, {_status_text(cur)}"}
     if base is None:
-        return {**out, "cur_s": step_median_s(cur), "kind": NEW, "verdict": "new (no baseline)"}
-    if not is_ok(base):
-        return {**out, "cur_s": step_median_s(cur), "kind": IMPROVEMENT,
-                "verdict": "IMPROVEMENT: failed in baseline, runs now"}
-
-    out.update(base_s=step_median_s(base), cur_s=step_median_s(cur))
-    out["change"] = relative_change(out["cur_s"], out["base_s"])
-    noises = [n for n in (relative_noise(cur), relative_noise(base)) if n is not None]
-    out["noise"] = max(noises) if noises else None
-    out["loss"], out["loss_kind"] = loss_change(cur, base)
-
-    worse, better = [], []
-    bar = max(max_slowdown, out["noise"] or 0.0)  # must beat both the threshold and the noise
-    if out["change"] is not None and out["change"] > bar:
-        worse.append("slower")
-    if out["change"] is not None and -out["change"] > bar:
-        better.append("faster")
-    if out["loss"] is not None and out["loss"] > max_loss:
-        worse.append(f"{out['loss_kind']} loss up")
-    if out["loss"] is not None and -out["loss"] > max_loss:
-        better.append(f"{out['loss_kind']} loss down")
-
-    if worse:
-        return {**out, "kind": REGRESSION, "verdict": "REGRESSION: " + ", ".join(worse + better)}
-    if better:
-        return {**out, "kind": IMPROVEMENT, "verdict": "IMPROVEMENT: " + ", ".join(better)}
-    return {**out, "kind": SAME, "verdict": "same (within noise)"}
+        return {**out, "kind": NEW, "verdict": "new (no baseline)"}
+    if base.get("status") != "ok":
+        return {**out, "kind": IMPROVEMENT, "verdict": f"IMPROVEMENT: runs now (baseline {_status_text(base)})"}
+    if cur.get("config_hash") != base.get("config_hash"):
+        out["config"] = config_diff(cur, base)
+        if not allow_config_change:
+            return {**out, "kind": NOT_COMPARABLE, "verdict": "NOT COMPARABLE: resolved config differs"}
+    rows = gate.judge_measures((cur.get("measures") or []) + target_measures(cur),
+                               (base.get("measures") or []) + target_measures(base), limits)
+    kinds = {r["kind"] for r in rows}
+    kind = REGRESSION if REGRESSION in kinds else IMPROVEMENT if IMPROVEMENT in kinds else SAME
+    verdict = {REGRESSION: "REGRESSION", IMPROVEMENT: "IMPROVEMENT", SAME: "same"}[kind]
+    if out["config"]:
+        verdict += " (config changed, compared as allowed)"
+    return {**out, "kind": kind, "verdict": verdict, "rows": rows}
 
 
-def compare(current: dict, baseline: dict, max_slowdown: float, max_loss: float) -> list[dict]:
-    """Rows for every (scenario, variant) on either side: baseline order first, then new ones."""
+def compare(current: dict, baseline: dict, limits: Limits, allow_config_change: bool = False) -> list[dict]:
+    """One result per (scenario, variant) on either side: baseline order first, then new ones."""
     keys = list(baseline) + [k for k in current if k not in baseline]
-    return [{"name": f"{k[0]}/{k[1]}", **judge(current.get(k), baseline.get(k), max_slowdown, max_loss)}
+    return [{"name": f"{k[0]}/{k[1]}", **judge_variant(current.get(k), baseline.get(k), limits, allow_config_change)}
             for k in keys]
 
 
-def machine_note(current: dict, baseline: dict) -> str | None:
-    """A warning when the two sides ran on different machines: their timings don't compare."""
-    cur = dict.fromkeys(m for r in current.values() if (m := machine(r.get("env"))))
-    base = dict.fromkeys(m for r in baseline.values() if (m := machine(r.get("env"))))
-    if set(cur) == set(base) or not cur or not base:
-        return None
-    return f"Note: different machines (current: {', '.join(cur)}; baseline: {', '.join(base)})."
+def env_differences(current: dict, baseline: dict) -> list[str]:
+    """'torch: 2.11.0 (baseline) -> 2.12.0 (current)' for each environment key whose values differ."""
+    def values(records, key):
+        return list(dict.fromkeys(str(r["env"].get(key)) for r in records.values()
+                                  if isinstance(r.get("env"), dict) and r["env"].get(key) is not None))
+    lines = []
+    for key, label in ENV_KEYS:
+        cur, base = values(current, key), values(baseline, key)
+        if cur and base and set(cur) != set(base):
+            lines.append(f"{label}: {', '.join(base)} (baseline) -> {', '.join(cur)} (current)")
+    return lines
 
 
-def summary(rows: list[dict], max_slowdown: float, max_loss: float) -> str:
-    n = {kind: sum(r["kind"] == kind for r in rows) for kind in (REGRESSION, IMPROVEMENT, SAME, NEW)}
-    text = (f"{'FAIL' if n[REGRESSION] else 'PASS'}: {n[REGRESSION]} regression(s), "
-            f"{n[IMPROVEMENT]} improvement(s), {n[SAME]} same, {n[NEW]} new "
-            f"(max slowdown {max_slowdown * 100:g}% beyond noise, max loss increase {max_loss:g}).")
+def _value(x, unit: str) -> str:
+    if x is None:
+        return fmt.NA
+    if unit == "bytes":
+        return f"{x / 2**30:.2f} GiB"
+    if unit == "FLOPs":
+        return f"{fmt.count(x)} FLOPs"
+    return f"{fmt.sig(float(x), 4)} {unit}".rstrip()
+
+
+def _change(row: dict) -> str:
+    if row["change"] is None:
+        return fmt.NA
+    if row["relative"]:
+        text = fmt.percent(row["change"], signed=True)
+        if row["low"] is not None:
+            text += f" [{fmt.percent(row['low'], signed=True)}, {fmt.percent(row['high'], signed=True)}]"
+        return text
+    text = fmt.fixed(row["change"], 4, signed=True)
+    if row["low"] is not None:
+        text += f" [{fmt.fixed(row['low'], 4, signed=True)}, {fmt.fixed(row['high'], 4, signed=True)}]"
+    return text
+
+
+def method_line(limits: Limits) -> str:
+    level = f"{gate.LEVEL * 100:g}%"
+    tolerance = (f"±{limits.tolerance * 100:g}% for every tolerance measure" if limits.tolerance is not None
+                 else "each measure's own tolerance")
+    return (f"Method: medians by a percentile bootstrap of the median ratio ({gate.RESAMPLES} resamples, "
+            f"seed {gate.SEED}, {level} interval; without samples, the median's SE from p10-p90 and n); "
+            f"means by their difference ± {level} normal interval (paired where both sides scored the same "
+            f"items; detectable effect at {gate.POWER * 100:g}% power); fixed tolerances: {tolerance}. "
+            f"A change counts when its interval excludes no change and it exceeds the minimum effect: slowdown "
+            f"{limits.max_slowdown * 100:g}%, loss +{limits.max_loss_increase:g}, accuracy "
+            f"-{limits.max_acc_drop * 100:g} points. Rate measures follow from time and are not gated.")
+
+
+def summary(results: list[dict]) -> str:
+    n = {k: sum(r["kind"] == k for r in results)
+         for k in (REGRESSION, NOT_COMPARABLE, IMPROVEMENT, SAME, NEW, SKIPPED)}
+    failed = n[REGRESSION] + n[NOT_COMPARABLE]
+    text = (f"{'FAIL' if failed else 'PASS'}: {n[REGRESSION]} regression(s), {n[NOT_COMPARABLE]} not comparable, "
+            f"{n[IMPROVEMENT]} improvement(s), {n[SAME]} same, {n[NEW]} new, {n[SKIPPED]} skipped.")
     if n[IMPROVEMENT]:
         text += " Improvements: refresh the stored baseline."
     return text
 
 
-def _loss_cell(row: dict) -> str:
-    return fmt.fixed(row["loss"], 4, signed=True) + (f" ({row['loss_kind']})" if row["loss_kind"] else "")
-
-
-def render(rows: list[dict], note: str | None, line: str, current_path: str, baseline_path: str) -> str:
-    headers = ["variant", "baseline ms", "current ms", "change", "noise", "loss change", "verdict"]
-    cells = [[r["name"], fmt.ms(r["base_s"]), fmt.ms(r["cur_s"]), fmt.percent(r["change"], signed=True),
-              fmt.percent(r["noise"]), _loss_cell(r), r["verdict"]] for r in rows]
-    parts = [f"Current: {current_path} · Baseline: {baseline_path}"] + ([note] if note else [])
-    parts += [fmt.table(headers, cells, "lrrrrrl"), line]
+def render(results: list[dict], env_lines: list[str], limits: Limits, current_path: str,
+           baseline_path: str) -> str:
+    parts = [f"Current: {current_path} · Baseline: {baseline_path}"]
+    if env_lines:
+        parts.append("Environment differs (timings may not compare):\n" + "\n".join(f"- {l}" for l in env_lines))
+    changed = [r for r in results if r["config"]]
+    if changed:
+        parts.append("Resolved configs differ" + ("" if all(r["kind"] != NOT_COMPARABLE for r in changed) else
+                                                  " (not comparable; --allow-config-change compares them anyway)")
+                     + ":\n" + "\n".join(f"- {r['name']}: " + "; ".join(r["config"]) for r in changed))
+    headers = ["variant", "measure", "point", "baseline", "current", f"change [{gate.LEVEL * 100:g}% interval]",
+               "method", "verdict"]
+    cells, notes = [], []
+    for r in results:
+        if not r["rows"]:
+            cells.append([r["name"], "-", "-", "", "", "", "", r["verdict"]])
+        for row in r["rows"]:
+            cells.append([r["name"], row["name"], row["point"], _value(row["base"], row["unit"]),
+                          _value(row["cur"], row["unit"]), _change(row), row["method"], row["verdict"]])
+            if row["note"]:
+                notes.append(f"- {r['name']} {row['name']} ({row['point']}): {row['note']}")
+    parts.append(fmt.table(headers, cells, "lllrrrll"))
+    if notes:
+        parts.append("Too small to decide:\n" + "\n".join(notes))
+    parts += [method_line(limits), summary(results)]
     return "\n\n".join(parts) + "\n"
 
 
 def compare_command(args) -> int:
-    max_slowdown = parse_percent(args.max_slowdown)
-    if args.max_loss_increase < 0:
-        raise UserError(f"--max-loss-increase {args.max_loss_increase:g} is negative.",
-                        fix="give the allowed absolute loss increase, e.g. --max-loss-increase 0.02.")
+    limits = Limits(max_slowdown=parse_percent(args.max_slowdown),
+                    max_loss_increase=parse_amount(args.max_loss_increase, "--max-loss-increase", "0.01"),
+                    max_acc_drop=parse_percent(args.max_acc_drop, "--max-acc-drop"),
+                    tolerance=None if args.tolerance is None else parse_percent(args.tolerance, "--tolerance"))
     current, baseline = load_latest([args.current]), load_latest([args.baseline])
-    rows = compare(current, baseline, max_slowdown, args.max_loss_increase)
-    text = render(rows, machine_note(current, baseline), summary(rows, max_slowdown, args.max_loss_increase),
-                  args.current, args.baseline)
+    results = compare(current, baseline, limits, args.allow_config_change)
+    text = render(results, env_differences(current, baseline), limits, args.current, args.baseline)
     fmt.emit(text, None)
     if args.output:
         fmt.emit(text, args.output)
-    return 1 if any(r["kind"] == REGRESSION for r in rows) else 0
+    return 1 if any(r["kind"] in (REGRESSION, NOT_COMPARABLE) for r in results) else 0
