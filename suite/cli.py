@@ -72,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="compare variants whose resolved configs differ instead of failing them")
     cmp_.add_argument("-o", "--output", default=None, help="also write the table here")
 
+    export = sub.add_parser("export", help="result records in another tool's format (pytest-benchmark JSON)",
+                            description="Writes every time measure with raw samples of the latest record of "
+                            "each variant as one pytest-benchmark benchmark, so `pytest-benchmark compare` "
+                            "(tables, --histogram, --csv) reads suite runs.")
+    export.add_argument("results", nargs="+", help="results folders or records.jsonl files")
+    export.add_argument("--format", choices=("pytest-benchmark",), default="pytest-benchmark")
+    export.add_argument("-o", "--output", required=True, help="JSON file to write")
+
     data = sub.add_parser("data", help="corpora: tokenize and cache ahead of a run")
     data_what = data.add_subparsers(dest="data_command", required=True)
     prep = data_what.add_parser("prepare", help="tokenize and cache every variant's corpus; print token counts",
@@ -121,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             from suite.report.compare import compare_command
 
             return compare_command(args)
+        if args.command == "export":
+            from suite.report.export import export_command
+
+            return export_command(args)
         if args.command == "data":
             from suite.data.prepare import prepare_command
 
