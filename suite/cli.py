@@ -108,8 +108,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             from suite.scenario import load_scenario
 
-            for path in args.scenarios:
-                variants = load_scenario(path, args.overrides, args.variants)
+            bad = 0
+            for path in args.scenarios:  # every file is checked and reported; exit 2 if any is bad
+                try:
+                    variants = load_scenario(path, args.overrides, args.variants)
+                except UserError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    bad += 1
+                    continue
                 print(f"{path}: ok ({len(variants)} variant{'s' * (len(variants) != 1)}: "
                       f"{', '.join(v.name for v in variants)})")
             return 0

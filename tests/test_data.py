@@ -168,13 +168,13 @@ def test_corpus_too_small_for_a_sequence(tmp_path):
         TokenSource(spec_for(tmp_path, f'source = "text"\npath = "{text}"'))
 
 
-def test_not_utf8_with_a_bpe(tmp_path):
+@pytest.mark.parametrize("tokenizer", ["byte", "bpe"])
+def test_not_utf8_is_caught_at_validate_time(tmp_path, tokenizer):
     text = tmp_path / "c.txt"
     text.write_bytes(b"abc \xff\xfe def" * 20)
-    spec = spec_for(tmp_path, f'source = "text"\npath = "{text}"\ntokenizer = "bpe"\nbpe_vocab_size = 300',
-                    model='preset = "tiny"\nvocab_size = 512')
-    with pytest.raises(UserError, match="is not UTF-8") as e:
-        tokenize(spec)
+    with pytest.raises(UserError, match="is not UTF-8 text \\(byte 4\\)") as e:
+        spec_for(tmp_path, f'source = "text"\npath = "{text}"\ntokenizer = "{tokenizer}"\nbpe_vocab_size = 300',
+                 model='preset = "tiny"\nvocab_size = 512')
     assert e.value.key == "data.path"
 
 

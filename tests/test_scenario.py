@@ -377,3 +377,132 @@ def test_did_you_mean():
     assert did_you_mean("modle", ["model", "parallel"]) == " (did you mean 'model'?)"
     assert did_you_mean("zzz", ["model"]) == ""
     assert did_you_mean(3, ["dp", "tp2"]) == ""  # a wrongly typed value must not crash the message
+
+
+# --- files and composition that once ended in a traceback or were accepted -------------------------
+
+def validate_in_process(capsys, *args: str) -> tuple[int, str]:
+    """`suite validate ARGS` through the CLI's main: (exit code, stderr); other exceptions propagate."""
+    from suite.cli import main
+
+    code = main(["validate", *args])
+    return code, capsys.readouterr().err
+
+
+def corpus_scenario(folder: Path, path: str, source: str = "text", extra: str = "") -> Path:
+    return write(folder, "s.toml", f'[model]\npreset = "tiny"\n[data]\nsource = "{source}"\npath = "{path}"\n{extra}')
+
+
+@pytest.mark.parametrize("case", ["symlink_loop", "nul_byte", "too_long", "folder", "fifo", "binary",
+                                  "latin1_tail", "dangling_link"])
+def test_unusable_corpus_files_are_user_errors(tmp_path, capsys, case):
+    import os
+
+    target = "c.txt"
+    if case == "symlink_loop":
+        os.symlink(tmp_path / "b.txt", tmp_path / "c.txt")
+        os.symlink(tmp_path / "c.txt", tmp_path / "b.txt")
+        expect = "loop of symbolic links"
+    elif case == "nul_byte":
+        target, expect = "c\\u0000.txt", "NUL byte"
+    elif case == "too_long":
+        target, expect = "x" * 5000, "longer than the system allows"
+    elif case == "folder":
+        (tmp_path / "c.txt").mkdir()
+        expect = "is a folder, not a file"
+    elif case == "fifo":
+        os.mkfifo(tmp_path / "c.txt")  # reading it would block forever
+        expect = "not a regular file"
+    elif case == "binary":
+        (tmp_path / "c.txt").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 100)
+        expect = "is binary (a NUL byte at offset 7)"
+    elif case == "latin1_tail":
+        (tmp_path / "c.txt").write_bytes(b"plain ascii text\n" * 10_000 + "caf\u00e9\n".encode("latin-1"))
+        expect = "is not UTF-8 text (byte 170003)"
+    else:
+        os.symlink(tmp_path / "gone.txt", tmp_path / "c.txt")
+        expect = "does not exist (looked for " + str(tmp_path / "gone.txt")
+    path = corpus_scenario(tmp_path, target)
+    code, err = validate_in_process(capsys, str(path))
+    assert code == 2 and expect in err and "key 'data.path'" in err and "Fix:" in err, err
+
+
+def test_a_character_split_by_the_tail_probe_is_not_an_error(tmp_path):
+    from suite.data.sources import PROBE
+
+    text = ("\u00e9" * PROBE).encode()  # 2 bytes a character: the tail probe starts mid-character or not
+    for extra in (b"", b"a"):
+        (tmp_path / "c.txt").write_bytes(extra + text)
+        assert load_scenario(corpus_scenario(tmp_path, "c.txt"))
+
+
+def test_megatron_pair_whose_sizes_disagree(tmp_path, capsys):
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(tmp_path / "ds.bin"), dtype=np.int32)
+    for doc in ([1, 2, 3], [4, 5]):
+        builder.add_document(np.array(doc, dtype=np.int32), [len(doc)])
+    builder.finalize(str(tmp_path / "ds.idx"))
+    path = corpus_scenario(tmp_path, "ds", source="megatron")
+    assert load_scenario(path)
+    with open(tmp_path / "ds.bin", "ab") as f:
+        f.write(b"\0\0\0\0")  # one token more than the index describes
+    code, err = validate_in_process(capsys, str(path))
+    assert code == 2 and "holds 24 bytes, but ds.idx describes 20 (5 tokens of 4 bytes)" in err, err
+    (tmp_path / "ds.idx").write_bytes((tmp_path / "ds.idx").read_bytes()[:30])
+    code, err = validate_in_process(capsys, str(path))
+    assert code == 2 and "ds.idx is truncated" in err, err
+
+
+def test_truncated_or_missing_tokenizer_files(tmp_path, capsys):
+    pytest.importorskip("tokenizers")
+    path = corpus_scenario(tmp_path, "builtin:shakespeare", extra='tokenizer = "hf:tok"\n')
+    (tmp_path / "tok").mkdir()
+    code, err = validate_in_process(capsys, str(path))
+    assert code == 2 and "has neither tokenizer.json nor tokenizer_config.json" in err, err
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"version": "1.0", "model": {"type": "BPE", "vo')
+    code, err = validate_in_process(capsys, str(path))
+    assert code == 2 and "is not valid JSON" in err and "key 'data.tokenizer'" in err, err
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"version": "1.0"}')  # JSON, not a tokenizer
+    code, err = validate_in_process(capsys, str(path))
+    assert code == 2 and "not a tokenizer the tokenizers library can read" in err, err
+
+
+def test_bom_at_the_start_of_a_scenario_is_accepted(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + b'name = "bom"\n[model]\npreset = "tiny"\n')
+    assert load_scenario(path)[0].scenario == "bom"
+
+
+def test_long_extends_chains_without_recursion(tmp_path, capsys):
+    write(tmp_path, "f0.toml", '[model]\npreset = "tiny"\n')
+    for i in range(1, 70):
+        write(tmp_path, f"f{i}.toml", f'extends = "f{i - 1}.toml"\n[workload]\nsteps = {i + 10}\n')
+    (v,) = load_scenario(tmp_path / "f60.toml")  # 61 files: within the limit, later files win
+    assert v.workload.steps == 70 and v.model.num_layers == 4
+    code, err = validate_in_process(capsys, str(tmp_path / "f69.toml"))
+    assert code == 2 and "the 'extends' chain is longer than 64 files" in err, err
+
+
+def test_deeply_nested_values_are_refused(tmp_path, capsys):
+    deep = write(tmp_path, "deep.toml", "x = " + "[" * 3000 + "]" * 3000 + "\n")
+    code, err = validate_in_process(capsys, str(deep))
+    assert code == 2 and "nested" in err, err
+    dotted = write(tmp_path, "dotted.toml", "[model]\n" + ".".join(["a"] * 40) + " = 1\n")
+    code, err = validate_in_process(capsys, str(dotted))
+    assert code == 2 and "nested more than 16 deep" in err, err
+
+
+def test_validate_checks_and_reports_every_file(tmp_path, capsys):
+    good = write(tmp_path, "good.toml", '[model]\npreset = "tiny"\n')
+    bad = write(tmp_path, "bad.toml", '[model]\npreset = "tinyy"\n')
+    code, err = validate_in_process(capsys, str(bad), str(good), str(tmp_path / "missing.toml"), str(tmp_path))
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 4, err
+    assert "bad.toml" in lines[0] and "missing.toml: file not found" in lines[1] and "is a folder" in lines[2]
+    assert lines[3] == "3 of 4 scenario files are invalid"
+    from suite.cli import main
+
+    assert main(["validate", str(good), str(good)]) == 0
+    assert capsys.readouterr().out.count("good.toml: ok") == 2

@@ -6,7 +6,11 @@ Sources: 'text' (one UTF-8 file), 'jsonl' (one JSON object per line, the text un
 """
 from __future__ import annotations
 
+import codecs
+import errno
 import json
+import os
+import stat
 import struct
 from pathlib import Path
 
@@ -21,6 +25,42 @@ IDX_MAGIC = b"MMIDIDX\x00\x00"
 IDX_DTYPES = {1: "uint8", 2: "int8", 3: "int16", 4: "int32", 5: "int64", 6: "float64", 7: "float32", 8: "uint16"}
 
 
+PROBE = 1 << 16  # bytes read from each end of a text corpus at validate time (binary, encoding)
+
+
+def file_problem(path: Path, folder: bool = False) -> str | None:
+    """Why ``path`` cannot be read as a regular file (or a folder); None when it can.
+
+    Plain ``Path.is_file()`` answers False for a folder, a symlink loop or a NUL byte alike (so users were
+    told "does not exist") and raises for a name longer than the system allows; a FIFO or a device would
+    make the reader block or never end. One sentence per case instead.
+    """
+    text = str(path)
+    if "\0" in text:
+        return "the path contains a NUL byte"
+    try:
+        st = os.stat(text)
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return f"the path is longer than the system allows ({len(text)} characters)"
+        if e.errno == errno.ELOOP:
+            return f"{path} is a loop of symbolic links"
+        if e.errno == errno.ENOENT and os.path.islink(text):
+            return f"{path} is a symbolic link to {os.readlink(text)}, which does not exist"
+        if e.errno in (errno.ENOENT, errno.ENOTDIR):
+            return f"{path} does not exist"
+        return f"{path} cannot be read ({e.strerror})"
+    if folder:
+        return None if stat.S_ISDIR(st.st_mode) else f"{path} is not a folder"
+    if stat.S_ISDIR(st.st_mode):
+        return f"{path} is a folder, not a file"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file (a pipe, socket or device)"
+    if not os.access(text, os.R_OK):
+        return f"{path} is not readable (permission denied)"
+    return None
+
+
 def resolve_path(spec) -> Path:
     path = spec.data.path
     if path.startswith("builtin:"):
@@ -29,7 +69,12 @@ def resolve_path(spec) -> Path:
             fail(spec, "data.path", f"no builtin corpus '{name}'.",
                   f"use one of: {', '.join('builtin:' + b for b in BUILTIN)}.")
         return BUILTIN[name]
-    return (Path(spec.file).parent / path).resolve()
+    joined = Path(spec.file).parent / path
+    try:
+        return joined.resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop (RuntimeError before Python 3.13), a NUL byte
+        fail(spec, "data.path", f"cannot use the corpus path: {file_problem(joined) or 'it does not resolve'}.",
+             "point data.path at a readable file, relative to the scenario file.")
 
 
 def corpus_files(spec) -> list[Path]:
@@ -84,6 +129,30 @@ def read_documents(spec) -> list:
     return docs
 
 
+def check_text(spec, path: Path) -> None:
+    """A text corpus is UTF-8 text: its first and last PROBE bytes are read (cheap at any size), and a NUL
+    byte or bytes that are not UTF-8 there fail now rather than in the middle of a run."""
+    size = path.stat().st_size
+    if size == 0:
+        fail(spec, "data.path", f"the corpus {path} is empty.", "point data.path at a non-empty file.")
+    with open(path, "rb") as f:
+        head = f.read(PROBE)
+        f.seek(max(size - PROBE, len(head)))
+        tail = f.read()
+    for offset, part in ((0, head), (size - len(tail), tail)):
+        nul = part.find(b"\0")
+        if nul >= 0:
+            fail(spec, "data.path", f"the corpus {path} is binary (a NUL byte at offset {offset + nul}), not text.",
+                 "give a UTF-8 text file (source = \"megatron\" reads tokenized datasets).")
+        if offset:  # the tail may start inside a character: skip continuation bytes
+            part = part.lstrip(bytes(range(0x80, 0xC0)))
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(part, final=False)
+        except UnicodeDecodeError as e:
+            fail(spec, "data.path", f"the corpus {path} is not UTF-8 text (byte {offset + e.start}).",
+                 "convert the file to UTF-8.")
+
+
 def megatron_dtype(spec) -> str:
     idx = corpus_files(spec)[0]
     head = read_bytes(spec, idx)[:len(IDX_MAGIC) + 9]
@@ -91,7 +160,39 @@ def megatron_dtype(spec) -> str:
         fail(spec, "data.path", f"{idx} is not a megatron indexed dataset index.",
               "set path to the PREFIX of PREFIX.bin/PREFIX.idx written by megatron's IndexedDatasetBuilder.")
     code = struct.unpack("<B", head[len(IDX_MAGIC) + 8:])[0]
-    return IDX_DTYPES.get(code, "int64")
+    if IDX_DTYPES.get(code) not in ("uint8", "int8", "int16", "int32", "int64", "uint16"):
+        fail(spec, "data.path", f"{idx} stores tokens as dtype code {code} "
+             f"({IDX_DTYPES.get(code, 'unknown')}), not integers.",
+             "write the dataset with an integer dtype (megatron's IndexedDatasetBuilder, e.g. numpy.int32).")
+    return IDX_DTYPES[code]
+
+
+def check_megatron(spec, dtype: str) -> None:
+    """The .idx's sequence lengths must account for the .bin's bytes exactly (a truncated or mismatched
+    pair otherwise reads past the end, or silently drops data, deep inside a run)."""
+    import numpy as np
+
+    idx, bin_path = corpus_files(spec)
+    header = len(IDX_MAGIC) + 8 + 1 + 8 + 8  # magic, version, dtype, sequence count, document count
+    idx_size, bin_size = idx.stat().st_size, bin_path.stat().st_size
+    with open(idx, "rb") as f:
+        f.seek(len(IDX_MAGIC) + 9)
+        counts = f.read(16)
+        if len(counts) < 16:
+            fail(spec, "data.path", f"{idx} is truncated (its header ends at byte {idx_size}).",
+                 "write the .idx again with megatron's IndexedDatasetBuilder.")
+        sequences, documents = struct.unpack("<QQ", counts)
+        need = header + 12 * sequences + 8 * documents
+        if idx_size < need:
+            fail(spec, "data.path", f"{idx} holds {idx_size} bytes; its header announces {sequences} sequences "
+                 f"and {documents} documents ({need} bytes).", "write the .idx again (it is truncated).")
+        lengths = np.fromfile(f, dtype=np.int32, count=sequences)
+    itemsize = np.dtype(dtype).itemsize
+    expected = int(lengths.astype(np.int64).sum()) * itemsize
+    if bin_size != expected:
+        fail(spec, "data.path", f"{bin_path} holds {bin_size} bytes, but {idx.name} describes {expected} "
+             f"({int(lengths.sum())} tokens of {itemsize} byte{'s' * (itemsize > 1)}): the pair disagree.",
+             "use the .bin and .idx written together by one IndexedDatasetBuilder.")
 
 
 def check_vocab(spec, largest: int, what: str) -> None:
@@ -119,24 +220,31 @@ def check_data(spec) -> None:
     if d.tokenizer not in ("byte", "bpe") and not d.tokenizer.startswith("hf:"):
         fail(spec, "data.tokenizer", f"unknown tokenizer '{d.tokenizer}'.", 'use "byte", "bpe" or "hf:PATH".')
     for path in corpus_files(spec):
-        if not path.is_file():
+        problem = file_problem(path)
+        if problem:
             kind = {"text": "text file", "jsonl": "JSON-lines file", "megatron": "indexed dataset file"}[d.source]
-            fail(spec, "data.path", f"{kind} '{d.path}' does not exist (looked for {path}).",
+            missing = problem.endswith("does not exist")
+            fail(spec, "data.path", f"{kind} '{d.path}' does not exist (looked for {path})." if missing
+                 else f"cannot use the {kind} '{d.path}': {problem}.",
                   "give a path relative to the scenario file" +
-                  (" (the PREFIX of PREFIX.bin/PREFIX.idx)." if d.source == "megatron" else ", or builtin:shakespeare."))
+                  (" (the PREFIX of PREFIX.bin/PREFIX.idx)." if d.source == "megatron"
+                   else f", or one of {', '.join('builtin:' + b for b in BUILTIN)}."))
     if d.source == "megatron":
         import numpy as np
 
         dtype, bin_path = megatron_dtype(spec), corpus_files(spec)[1]
         if bin_path.stat().st_size == 0:
             fail(spec, "data.path", f"the corpus {bin_path} is empty.", "point data.path at a non-empty dataset.")
+        check_megatron(spec, dtype)
         tokens = np.memmap(bin_path, dtype=dtype, mode="r")  # mapped, not read: datasets can be large
+        if int(tokens.min()) < 0:
+            fail(spec, "data.path", f"the indexed dataset {d.path} holds a negative token id {int(tokens.min())}.",
+                 "token ids are 0 .. vocab_size - 1; write the dataset with an unsigned or wider dtype.")
         check_vocab(spec, int(tokens.max()), f"the indexed dataset {d.path}")
         return
+    check_text(spec, corpus_files(spec)[0])
     if d.source == "jsonl":
         read_documents(spec)  # line-numbered errors now, not in the middle of a run
-    else:
-        read_bytes(spec, corpus_files(spec)[0])
     if d.tokenizer == "byte" and m.vocab_size < 256:
         fail(spec, "model.vocab_size", f"the byte tokenizer needs vocab_size >= 256, got {m.vocab_size}.",
               "set vocab_size = 256 or more.")
@@ -146,12 +254,40 @@ def check_data(spec) -> None:
                   "use e.g. bpe_vocab_size = 1024.")
         check_vocab(spec, d.bpe_vocab_size - 1, f"the BPE tokenizer (bpe_vocab_size {d.bpe_vocab_size})")
     if d.tokenizer.startswith("hf:"):
-        folder = hf_dir(spec)
-        if not folder.is_dir():
-            fail(spec, "data.tokenizer", f"tokenizer folder {folder} does not exist.",
-                  "give hf:PATH to a local Hugging Face tokenizer folder, relative to the scenario file.")
-        if (folder / "tokenizer.json").is_file():  # fast tokenizers: sized without transformers (or torch)
-            from tokenizers import Tokenizer
+        check_hf_tokenizer(spec)
 
-            size = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
-            check_vocab(spec, size - 1, f"the tokenizer {d.tokenizer} ({size} tokens)")
+
+def check_hf_tokenizer(spec) -> None:
+    """An hf:PATH tokenizer folder exists and holds readable tokenizer files; sized against the model."""
+    d = spec.data
+    fix = "give hf:PATH to a local Hugging Face tokenizer folder (tokenizer.json or tokenizer_config.json), " \
+          "relative to the scenario file."
+    try:
+        folder = hf_dir(spec)
+    except (OSError, RuntimeError, ValueError):
+        folder = Path(spec.file).parent / d.tokenizer.split(":", 1)[1]
+    problem = file_problem(folder, folder=True)
+    if problem:
+        fail(spec, "data.tokenizer", f"tokenizer folder {folder} does not exist." if problem.endswith("does not exist")
+             else f"cannot use the tokenizer folder: {problem}.", fix)
+    files = {name: folder / name for name in ("tokenizer.json", "tokenizer_config.json")}
+    present = {name: path for name, path in files.items() if file_problem(path) is None}
+    if not present:
+        fail(spec, "data.tokenizer", f"the tokenizer folder {folder} has neither tokenizer.json nor "
+             "tokenizer_config.json.", fix)
+    for name, path in present.items():  # both are JSON; a truncated file fails here, not inside transformers
+        try:
+            json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            fail(spec, "data.tokenizer", f"{path} is not valid JSON ({e}); the file is truncated or damaged.",
+                 "save the tokenizer again (tokenizer.save_pretrained(folder)).")
+    if "tokenizer.json" in present:  # fast tokenizers: sized without transformers (or torch)
+        from tokenizers import Tokenizer
+
+        try:
+            size = Tokenizer.from_file(str(present["tokenizer.json"])).get_vocab_size(with_added_tokens=True)
+        except Exception as e:  # the tokenizers library raises its own exception types for a bad file
+            fail(spec, "data.tokenizer", f"{present['tokenizer.json']} is not a tokenizer the tokenizers "
+                 f"library can read ({str(e).splitlines()[0] if str(e) else type(e).__name__}).",
+                 "save the tokenizer again (tokenizer.save_pretrained(folder)).")
+        check_vocab(spec, size - 1, f"the tokenizer {d.tokenizer} ({size} tokens)")

@@ -28,6 +28,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from suite.data.sources import file_problem
 from suite.errors import UserError, did_you_mean
 from suite.scenario.presets import PRESETS, default_ffn
 from suite.scenario.schema import SECTIONS, VariantSpec, describe_range, out_of_range
@@ -37,20 +38,57 @@ from suite.tricks.registry import TRICKS
 TOP_LEVEL = ("name", "description", "extends", "variants", "tricks", *SECTIONS)
 
 
+MAX_EXTENDS = 64  # a longer 'extends' chain is a mistake (the shipped ones are 1 deep)
+MAX_NESTING = 16  # tables in tables: a scenario needs 5 ([variants.x.parallel.cqil.finetune])
+NAME_FIX = "use letters, digits, '_', '-', '.' or '+' (the name becomes part of result paths and records)."
+
+
 def read_toml(path: Path) -> dict:
+    """One TOML file as a table; a UTF-8 byte-order mark at its start is skipped (editors on Windows add it)."""
+    problem = file_problem(path)
+    if problem:
+        missing = problem.endswith("does not exist")
+        raise UserError("file not found." if missing else f"cannot read the file: {problem}.",
+                        file=_shown_path(path), fix="check the path; scenario files live under scenarios/."
+                        if missing else "give a readable UTF-8 TOML file.")
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError("file not found.", file=str(path),
-                        fix="check the path; scenario files live under scenarios/.") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read the file ({e}).", file=str(path),
+        text = path.read_bytes().decode("utf-8-sig")
+    except OSError as e:
+        raise UserError(f"cannot read the file ({e.strerror}).", file=str(path),
                         fix="give a readable UTF-8 text file, not a folder.") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"not UTF-8 text (byte {e.start}).", file=str(path),
+                        fix="save the scenario as UTF-8 text.") from None
     try:
-        return tomllib.loads(text)
+        table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"not valid TOML: {e}.", file=str(path),
                         fix="quote strings, use key = value, one [section] header per table.") from None
+    except RecursionError:  # arrays nested thousands deep exhaust the parser's stack
+        raise UserError("not valid TOML for a scenario: values are nested too deeply.", file=str(path),
+                        fix=f"nest tables and arrays at most {MAX_NESTING} deep.") from None
+    if _depth(table) > MAX_NESTING:
+        raise UserError(f"tables or arrays are nested more than {MAX_NESTING} deep.", file=str(path),
+                        fix="a scenario needs at most [variants.<name>.<section>.<key>] tables.")
+    return table
+
+
+def _shown_path(path: Path) -> str:
+    """The path for an error line: NUL bytes shown escaped, an over-long path shortened."""
+    text = repr(str(path))[1:-1] if "\0" in str(path) else str(path)
+    return text if len(text) <= 200 else f"{text[:80]}...{text[-80:]}"
+
+
+def _depth(value) -> int:
+    """Nesting depth of tables and arrays, without recursion (a deep value must not overflow the stack)."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        v, d = todo.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d + 1)
+            if d + 1 <= MAX_NESTING:  # deeper than that is refused anyway
+                todo.extend((x, d + 1) for x in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def deep_merge(base: dict, over: dict) -> dict:
@@ -63,27 +101,48 @@ def deep_merge(base: dict, over: dict) -> dict:
     return out
 
 
-def load_with_extends(path: Path, _seen: tuple = ()) -> dict:
-    """The file's table merged over everything it extends (recursively)."""
-    path = path.resolve()
-    if path in _seen:
-        chain = " -> ".join(p.name for p in (*_seen, path))
-        raise UserError(f"'extends' forms a cycle ({chain}).", file=str(_seen[0]), key="extends",
-                        fix="remove one of the 'extends' lines.")
-    table = read_toml(path)
-    parent = table.pop("extends", None)
-    if parent is None:
-        return table
-    if not isinstance(parent, str):
-        raise UserError("'extends' must be a file name string.", file=str(path), key="extends",
-                        fix='write extends = "base.toml".')
-    parent_path = path.parent / parent
-    if not parent_path.exists():
-        raise UserError(f"extended file '{parent}' does not exist (looked in {parent_path.parent}).",
-                        file=str(path), key="extends", fix="give a path relative to this file.")
-    base = load_with_extends(parent_path, (*_seen, path))
-    base.pop("name", None)  # a scenario's name is its own
-    return deep_merge(base, table)
+def load_with_extends(path: Path) -> dict:
+    """The file's table merged over everything it extends (a loop, not recursion: chains may be long)."""
+    chain: list[tuple[Path, dict]] = []
+    seen: list[Path] = []
+    while True:
+        try:
+            path = path.resolve()
+        except (OSError, RuntimeError, ValueError):  # symlink loop (RuntimeError before 3.13), NUL byte
+            read_toml(path)  # raises with the reason
+            raise
+        if path in seen:
+            names = " -> ".join(p.name for p in (*seen, path))
+            raise UserError(f"'extends' forms a cycle ({names}).", file=str(seen[0]), key="extends",
+                            fix="remove one of the 'extends' lines.")
+        if len(seen) >= MAX_EXTENDS:
+            raise UserError(f"the 'extends' chain is longer than {MAX_EXTENDS} files.", file=str(seen[0]),
+                            key="extends", fix="extend a file that holds the shared keys directly.")
+        seen.append(path)
+        table = read_toml(path)
+        parent = table.pop("extends", None)
+        chain.append((path, table))
+        if parent is None:
+            break
+        if not isinstance(parent, str) or not parent.strip():
+            raise UserError("'extends' must name a scenario file." if isinstance(parent, str)
+                            else "'extends' must be a file name string.", file=str(path), key="extends",
+                            fix='write extends = "base.toml" (relative to this file), or remove the line.')
+        parent_path = path.parent / parent
+        problem = file_problem(parent_path)
+        if problem and problem.endswith("does not exist"):
+            raise UserError(f"extended file '{_shown_path(Path(parent))}' does not exist (looked in "
+                            f"{parent_path.parent}).", file=str(path), key="extends",
+                            fix="give a path relative to this file.")
+        if problem:
+            raise UserError(f"cannot read the extended file: {problem}.", file=str(path), key="extends",
+                            fix="give a readable scenario file, relative to this file.")
+        path = parent_path
+    merged = chain[-1][1]
+    for _, table in reversed(chain[:-1]):
+        merged.pop("name", None)  # a scenario's name is its own
+        merged = deep_merge(merged, table)
+    return merged
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
@@ -272,6 +331,15 @@ def build_variant(table: dict, *, scenario: str, name: str, file: str, is_baseli
     return spec
 
 
+def _check_name(name: str, file: str, key: str, what: str) -> None:
+    """Scenario and variant names become result folders and record fields: printable, no path separators."""
+    bad = (not name.strip() or len(name) > 100 or name in (".", "..")
+           or any(c in "/\\" or not c.isprintable() or c.isspace() for c in name))
+    if bad:
+        raise UserError(f"{what} {name!r} is empty, too long or has spaces, slashes or control characters.",
+                        file=file, key=key, fix=NAME_FIX)
+
+
 def load_scenario(path: str | Path, overrides: list[str] = (), only: list[str] | None = None
                   ) -> list[VariantSpec]:
     """All variants of a scenario file, resolved and validated (raises UserError)."""
@@ -283,6 +351,7 @@ def load_scenario(path: str | Path, overrides: list[str] = (), only: list[str] |
     scenario = table.pop("name", path.stem)
     if not isinstance(scenario, str):
         raise UserError("'name' must be a string.", file=file, key="name", fix=f'write name = "{scenario}".')
+    _check_name(scenario, file, "name", "scenario name")
     table.pop("description", None)
     variants = table.pop("variants", None)
     if variants is None or variants == {}:
@@ -295,8 +364,10 @@ def load_scenario(path: str | Path, overrides: list[str] = (), only: list[str] |
     if not isinstance(report, dict):
         raise UserError("'report' must be a table.", file=file, key="report",
                         fix="write [report] as a section header.")
+    for name in variants:
+        _check_name(name, file, f"variants.{name}", "variant name")
     baseline = report.get("baseline") or next(iter(variants))
-    if baseline not in variants:
+    if not isinstance(baseline, str) or baseline not in variants:
         raise UserError(f"baseline variant '{baseline}' is not defined{did_you_mean(baseline, variants)}.",
                         file=file, key="report.baseline", fix=f"choose one of {', '.join(variants)}.")
     if only:

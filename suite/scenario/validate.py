@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from suite.data.sources import check_data
+from suite.data.sources import check_data, file_problem
 from suite.errors import fail
 from suite.parallel.cqil import plan_of
 
@@ -140,8 +140,10 @@ def check_accuracy(spec) -> None:
               f"'{spec.data.source}'.", 'set [data] source = "text" (or "jsonl") and a path.')
     for i, task in enumerate(spec.eval.tasks):
         path = Path(spec.file).parent / task
-        if not path.is_file():
-            fail(spec, f"eval.tasks[{i}]", f"no task file at {path}.",
+        problem = file_problem(path)
+        if problem:
+            fail(spec, f"eval.tasks[{i}]", f"no task file at {path}." if problem.endswith("does not exist")
+                 else f"cannot use the task file: {problem}.",
                  "give JSON-lines files of {context, choices, label}, relative to the scenario file.")
     if spec.tricks:
         fail(spec, "tricks", f"techniques {', '.join(spec.tricks)} change training; the accuracy workload "
