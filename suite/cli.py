@@ -1,4 +1,4 @@
-"""Command line: ``python -m suite {run,validate,plan,report,compare,data,analyze}``.
+"""Command line: ``python -m suite {run,validate,plan,report,compare,data,analyze,export-hf}``.
 
 User errors (``UserError``) print one line and exit 2; bugs keep their traceback.
 """
@@ -99,6 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--degree", type=int, default=2, help="layers per suggested group (default 2)")
     sim.add_argument("--batches", type=int, default=None, help="held-out batches (default: workload.eval_batches)")
     sim.add_argument("-o", "--output", default=None, help="folder (default: results/<scenario>/similarity)")
+    exp = sub.add_parser("export-hf", help="write a variant's model as a Hugging Face folder (config.json + "
+                         "safetensors)", description="Loads [model] init (a checkpoint saved at any TP/PP layout, "
+                         "or hf:PATH) on one process and writes config.json, safetensors and the tokenizer files, "
+                         "readable by transformers and lm-evaluation-harness.")
+    exp.add_argument("scenario")
+    _add_scenario_args(exp)
+    exp.add_argument("-o", "--output", required=True, help="folder to write (new, empty, or an earlier export)")
+    exp.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                     help="of the saved tensors (default: the hf: source's, else the model's)")
     return parser
 
 
@@ -118,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 print(f"{path}: ok ({len(variants)} variant{'s' * (len(variants) != 1)}: "
                       f"{', '.join(v.name for v in variants)})")
-            return 0
+            if bad and len(args.scenarios) > 1:
+                print(f"{bad} of {len(args.scenarios)} scenario files are invalid", file=sys.stderr)
+            return 2 if bad else 0
         if args.command == "plan":
             from suite.plan import print_plan
 
@@ -147,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
             from suite.analyze.similarity import similarity_command
 
             return similarity_command(args)
+        if args.command == "export-hf":
+            from suite.models.hf_export import export_command
+
+            return export_command(args)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

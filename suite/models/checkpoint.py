@@ -30,6 +30,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 
 from suite.errors import UserError
+from suite.models import gpt
 
 # Scenario [model] keys that fix the parameters' shapes and the function the model computes.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
@@ -75,6 +76,14 @@ def is_checkpoint(path: Path) -> bool:
     return (path / "metadata.json").is_file() and (path / "common.pt").is_file()
 
 
+def saved_architecture(path: Path) -> dict:
+    """The checkpoint's ``gpt.architecture`` ({} when absent: plain LLaMA, or not a checkpoint, which
+    ``load`` reports)."""
+    if not is_checkpoint(path):
+        return {}
+    return dict(dist_checkpointing.load_common_state_dict(str(path)).get("suite_architecture") or {})
+
+
 def check_shape(spec, saved: dict, path: Path) -> None:
     """UserError naming the first [model] key whose value differs from the checkpoint's."""
     wrong = [k for k in SHAPE_KEYS if k in saved and saved[k] != getattr(spec.model, k)]
@@ -108,6 +117,7 @@ def save(spec, chunks, log=print) -> Path:
     dist.barrier()
     state = _sharded_state_dict(chunks)
     state["suite_model"] = model_shape(spec)  # plain values go to common.pt
+    state["suite_architecture"] = gpt.architecture(spec)  # q/k/v biases, RoPE scaling: needed to rebuild
     dist_checkpointing.save(state, str(path), sharded_strategy=_SyncTorchDistSave())
     log(f"checkpoint saved to {path}")
     return path

@@ -1,6 +1,7 @@
 """Build a LLaMA-style megatron-core ``GPTModel`` for a variant, and initialise it deterministically.
 
-LLaMA style: RMSNorm, SwiGLU MLP, RoPE, no biases, grouped-query attention, untied embeddings.
+LLaMA style: RMSNorm, SwiGLU MLP, RoPE, no biases, grouped-query attention, untied embeddings; imported
+weights may add q/k/v biases (Qwen2) and llama3 RoPE scaling (``architecture``).
 The layer recipe is megatron-core's local spec with the core attention swapped for torch SDPA
 (``suite.models.attention``); techniques change the recipe through ``layer_spec`` hooks rather than
 forking the model.
@@ -31,6 +32,27 @@ from suite.metrics.flops import padded_vocab
 from suite.models.attention import SDPAttention
 
 
+ARCHITECTURE = {"qkv_bias": False, "rope_scaling_factor": None}
+
+
+def architecture(spec) -> dict:
+    """Choices of the model that [model] does not express, decided by the weights ``[model] init`` loads:
+    ``qkv_bias`` (q/k/v biases, as Qwen2 has) and ``rope_scaling_factor`` (llama3 RoPE scaling; None: none).
+    Read from a Hugging Face config.json (``hf_import.architecture``) or a suite checkpoint's common.pt
+    (saved with it); a random model is plain LLaMA."""
+    kind, _, where = spec.model.init.partition(":")
+    if kind not in ("hf", "checkpoint"):
+        return dict(ARCHITECTURE)
+    from suite.models import checkpoint
+
+    path = checkpoint.resolve(spec, where)
+    if kind == "checkpoint":
+        return {**ARCHITECTURE, **checkpoint.saved_architecture(path)}
+    from suite.models import hf_import
+
+    return {**ARCHITECTURE, **hf_import.architecture(hf_import.read_config(spec, path))}
+
+
 def transformer_config(spec, **overrides) -> TransformerConfig:
     m, p, w = spec.model, spec.parallel, spec.workload
     bf16 = w.precision == "bf16"
@@ -43,7 +65,8 @@ def transformer_config(spec, **overrides) -> TransformerConfig:
         num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_attention_heads,
         num_query_groups=m.num_query_groups, ffn_hidden_size=m.ffn_hidden_size,
         normalization="RMSNorm", layernorm_epsilon=m.norm_epsilon, gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=False,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False,
+        add_qkv_bias=architecture(spec)["qkv_bias"],
         hidden_dropout=0.0, attention_dropout=0.0,
         tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=p.vpp, sequence_parallel=p.sequence_parallel,
@@ -67,6 +90,7 @@ def layer_spec():
 def build_chunks(spec, config: TransformerConfig, transformer_layer_spec=None) -> list[GPTModel]:
     """This rank's model chunks (one, or vpp of them for the interleaved schedule)."""
     vpp = spec.parallel.vpp if spec.parallel.vpp and spec.parallel.vpp > 1 else None
+    factor = architecture(spec)["rope_scaling_factor"]
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
@@ -77,7 +101,9 @@ def build_chunks(spec, config: TransformerConfig, transformer_layer_spec=None) -
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=not vpp, vp_stage=stage),
             post_process=ps.is_pipeline_last_stage(ignore_virtual=not vpp, vp_stage=stage),
             parallel_output=True, share_embeddings_and_output_weights=False,
-            position_embedding_type="rope", rotary_base=int(spec.model.rope_base), vp_stage=stage,
+            # the exact float base (int() here once truncated e.g. 5000.5 silently)
+            position_embedding_type="rope", rotary_base=float(spec.model.rope_base),
+            rope_scaling=factor is not None, rope_scaling_factor=factor or 8.0, vp_stage=stage,
         )
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
@@ -112,6 +138,8 @@ def partition_dims(model: torch.nn.Module) -> dict[str, int]:
     for mname, module in model.named_modules():
         if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
             dims[f"{mname}.weight"] = 0
+            if getattr(module, "bias", None) is not None:  # q/k/v biases: split with their rows
+                dims[f"{mname}.bias"] = 0
         elif isinstance(module, RowParallelLinear):
             dims[f"{mname}.weight"] = 1
     return dims
@@ -142,22 +170,27 @@ def unshard(local: torch.Tensor, dim: int, gname: str) -> torch.Tensor:
 
 @torch.no_grad()
 def init_parameters(chunks, seed: int, std: float, num_layers: int) -> None:
-    """Normal(0, std) weights (output projections std/sqrt(2L)), norms at 1, by global name."""
+    """Normal(0, std) weights (output projections std/sqrt(2L)), norms at 1, biases 0, by global name."""
     tp = ps.get_tensor_model_parallel_world_size()
     out_std = std / math.sqrt(2 * num_layers)
     for chunk in chunks:
         names, dims = global_names(chunk), partition_dims(chunk)
         for name, param in chunk.named_parameters():
             gname = names[name]
-            if param.dim() == 1:  # RMSNorm weights (the model has no biases)
-                param.fill_(1.0)
-                continue
             shape = list(param.shape)
             dim = dims.get(name)
             if dim is not None:
                 shape[dim] *= tp
                 # the grad-norm and optimizer code tell shards from replicas by these attributes
-                set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+                # (megatron tags biases itself)
+                if not hasattr(param, "tensor_model_parallel"):
+                    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=dim, stride=1)
+            if gname.endswith(".bias"):  # q/k/v biases (gpt.architecture)
+                param.zero_()
+                continue
+            if param.dim() == 1:  # RMSNorm weights
+                param.fill_(1.0)
+                continue
             gen = torch.Generator(device=param.device).manual_seed(seed * 1_000_003 + zlib.crc32(gname.encode()))
             full = torch.empty(shape, dtype=torch.float32, device=param.device)
             s = out_std if gname.endswith(("linear_proj.weight", "linear_fc2.weight")) else std
