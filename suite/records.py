@@ -160,8 +160,9 @@ def append_record(results: str | Path, record: dict) -> Path:
 
 # --------------------------------------------------------------------------------------------- checking
 
-# Type specs of the fields readers use. null is always allowed (not measured); a missing key is too,
-# except for REQUIRED ones. "[]" in a path: every element of that list.
+# Type specs of the fields readers use. null is allowed (not measured) and so is a missing key, except
+# where the type ends in "!": wherever its parent object is present, the key must hold a value.
+# "[]" in a path: every element of that list. Plug-ins add the fields of their own blocks.
 NUM, INT, STR, BOOL, DICT, LIST = "number", "integer", "string", "boolean", "object", "list"
 REQUIRED = ("scenario", "variant", "status")
 FIELDS: dict[str, str] = {
@@ -171,7 +172,7 @@ FIELDS: dict[str, str] = {
     "config.workload": DICT, "config.workload.kind": STR, "config.workload.seed": INT,
     "env": DICT, "error": DICT, "error.type": STR, "error.message": STR,
     "world_size": INT, "tp": INT, "pp": INT, "dp": INT, "layout": DICT,
-    "measures": LIST, "measures[]": DICT, "measures[].name": STR, "measures[].unit": STR, "measures[].kind": STR,
+    "measures": LIST, "measures[]": DICT, "measures[].name": STR + "!", "measures[].unit": STR, "measures[].kind": STR,
     "measures[].direction": STR, "measures[].compare": STR, "measures[].point": DICT, "measures[].value": NUM,
     "measures[].samples": LIST, "measures[].samples[]": NUM, "measures[].tolerance": NUM,
     "metrics": DICT, "metrics.parameters": NUM, "metrics.steps": INT, "metrics.timed_steps": INT,
@@ -187,8 +188,9 @@ FIELDS: dict[str, str] = {
     "metrics.target": DICT, "metrics.target.target_loss": NUM, "metrics.target.reached": BOOL,
     "metrics.target.steps": NUM, "metrics.target.tokens": NUM, "metrics.target.flops": NUM,
     "metrics.target.walltime_s": NUM, "metrics.extra": DICT,
-    "metrics.inference": LIST, "metrics.inference[]": DICT, "metrics.inference[].batch": INT,
-    "metrics.inference[].prompt": INT, "metrics.inference[].gen": INT, "metrics.inference[].cuda_graph": BOOL,
+    "metrics.inference": LIST, "metrics.inference[]": DICT, "metrics.inference[].batch": INT + "!",
+    "metrics.inference[].prompt": INT + "!", "metrics.inference[].gen": INT + "!",
+    "metrics.inference[].cuda_graph": BOOL,
     "metrics.inference[].repeats": INT, "metrics.inference[].repeats_same_tokens": BOOL,
     "metrics.inference[].same_tokens_as_eager": BOOL,
     **{f"metrics.inference[].{phase}_ms_{k}": NUM for phase in ("prefill", "decode")
@@ -201,11 +203,8 @@ FIELDS: dict[str, str] = {
     **{f"metrics.accuracy.{model}.{k}": NUM for model in ("original", "concurrent", "finetuned")
        for k in ("loss", "perplexity", "bpb", "tokens", "bytes", "seq_length", "kl_to_original")},
     **{f"metrics.accuracy.{model}.tasks": DICT for model in ("original", "concurrent", "finetuned")},
+    **{f"metrics.accuracy.original.{k}": NUM + "!" for k in ("perplexity", "tokens", "seq_length")},
 }
-# fields that, when present, must hold a value (a block without its central number is unreadable)
-NOT_NULL = ("metrics.inference[].batch", "metrics.inference[].prompt", "metrics.inference[].gen",
-            "metrics.accuracy.original.perplexity", "metrics.accuracy.original.tokens",
-            "metrics.accuracy.original.seq_length", "measures[].name")
 _CHECKS = {NUM: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
            INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
            STR: lambda v: isinstance(v, str), BOOL: lambda v: isinstance(v, bool),
@@ -235,6 +234,10 @@ def _at(value, tokens: list[str], where: str = ""):
         yield from _at(value[head], rest, f"{where}.{head}" if where else head)
 
 
+def _n(word: str) -> str:
+    return "n" if word[0] in "aeiou" else ""
+
+
 def check_record(rec, fields: dict[str, str] | None = None) -> str | None:
     """None when ``rec`` is a record the readers can use, else what is wrong (key and found type)."""
     if not isinstance(rec, dict):
@@ -244,15 +247,18 @@ def check_record(rec, fields: dict[str, str] | None = None) -> str | None:
     for key in REQUIRED:
         if not isinstance(rec.get(key), str):
             return f"has no {key!r} text (every record names its scenario, variant and status)"
-    for path, kind in {**FIELDS, **(fields or {})}.items():
-        for where, value in _at(rec, _tokens(path)):
+    for path, spec in {**FIELDS, **(fields or {})}.items():
+        kind, tokens = spec.rstrip("!"), _tokens(path)
+        if spec.endswith("!"):
+            for where, parent in _at(rec, tokens[:-1]):
+                if isinstance(parent, dict) and parent.get(tokens[-1]) is None:
+                    return f"has no value at {where}.{tokens[-1]}; it must hold a{_n(kind)} {kind}"
+        for where, value in _at(rec, tokens):
             if value is None:
-                if path in NOT_NULL:
-                    return f"has {where} = null; it must hold a {kind}"
                 continue
             if not _CHECKS[kind](value):
                 shown = json.dumps(value)[:40]
-                return f"has {where} = {shown}, which is not a{'n' if kind[0] in 'aeiou' else ''} {kind}"
+                return f"has {where} = {shown}, which is not a{_n(kind)} {kind}"
     return None
 
 

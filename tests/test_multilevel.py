@@ -621,7 +621,7 @@ def test_report_reaches_the_target_in_the_final_phase_only(records):
 @pytest.mark.slow
 def test_report_lists_every_phase_of_a_vcycle(records):
     """The phases table: one row per phase with its level's shape, steps and FLOPs, as recorded."""
-    from suite.report.vcycle import phases_section
+    from suite.tricks.multilevel.report import phases_section
 
     text = "\n".join(phases_section(list(records.values())))
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()

@@ -84,7 +84,9 @@ def by_variant(records: list[dict]) -> dict[str, dict]:
 
 
 def test_reporter_never_imports_torch():
-    code = ("import suite.report.render, suite.report.compare, sys; "
+    """Also every plug-in's report module (suite.tricks.report_builtin) and the record reader."""
+    code = ("import suite.report.render, suite.report.compare, suite.report.plugins as p, suite.records, sys; "
+            "p.plugins(); "
             "assert 'torch' not in sys.modules and 'megatron' not in sys.modules, "
             "sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'megatron'))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)

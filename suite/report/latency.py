@@ -3,8 +3,8 @@
 An inference record has no training numbers; its ``metrics.inference`` holds one entry per (batch,
 prompt, gen, cuda_graph) point (see suite/workloads/inference.py). Here each point becomes one flat
 row: time to first token, decode ms/token, throughput, bandwidth, MFU, the graph check, and the
-latency cut Δ against the baseline variant at the same point. With ``metrics.cqil`` a line per CQIL
-variant sets the measured decode cut next to the ideal one, 1 − sequential depth / layers.
+latency cut Δ against the baseline variant at the same point. Plug-ins label their layouts and add
+their own lines below the tables (``suite.report.plugins``), from the rows computed here.
 
 Noise: a run's relative spread is half its p10–p90 spread over its median; a Δ smaller than the
 larger of the two runs' spreads is marked "(noise)" (as in ``suite compare``).
@@ -12,6 +12,7 @@ larger of the two runs' spreads is marked "(noise)" (as in ``suite compare``).
 from __future__ import annotations
 
 from suite.report import fmt
+from suite.report.plugins import layout_label
 from suite.report.select import baseline_of, failure, is_ok, metric, relative_change
 
 NOTE = ("TTFT: time to first token (prefill + first greedy token), median ± half the p10–p90 spread of the "
@@ -25,17 +26,6 @@ NOTE = ("TTFT: time to first token (prefill + first greedy token), median ± hal
 
 def is_inference(rec: dict) -> bool:
     return ((rec.get("config") or {}).get("workload") or {}).get("kind") == "inference"
-
-
-def cqil_table(rec: dict) -> dict | None:
-    return ((rec.get("config") or {}).get("parallel") or {}).get("cqil")
-
-
-def layout(rec: dict) -> str:
-    """'tp1 × cqil2' for CQIL (the record's dp field holds the CQIL degree), else 'tp1 pp2 dp1'."""
-    if cqil_table(rec):
-        return f"tp{rec.get('tp')} × cqil{rec.get('dp')}"
-    return f"tp{rec.get('tp')} pp{rec.get('pp')} dp{rec.get('dp')}"
 
 
 def point_key(entry: dict) -> tuple:
@@ -87,7 +77,7 @@ def latency_rows(records: list[dict]) -> list[dict]:
             delta_prefill, prefill_noise = _delta(e, ref, "prefill")
             rows.append({
                 "row": "latency", "scenario": rec["scenario"], "variant": rec["variant"], "baseline": rec is base,
-                "layout": layout(rec), "world_size": rec.get("world_size"),
+                "layout": layout_label(rec), "world_size": rec.get("world_size"),
                 "batch": key[0], "prompt": key[1], "gen": key[2], "cuda_graph": key[3], "repeats": e.get("repeats"),
                 "ttft_ms_median": e.get("prefill_ms_median"), "ttft_ms_half_spread": _half_spread(e, "prefill"),
                 "ttft_ms_p99": e.get("prefill_ms_p99"),
@@ -165,7 +155,7 @@ def _variants_table(records: list[dict]) -> str:
     body = []
     for rec in records:
         name = rec["variant"] + (" (baseline)" if rec is base else "")
-        fixed = [name, layout(rec), str(rec.get("world_size"))]
+        fixed = [name, layout_label(rec), str(rec.get("world_size"))]
         if not is_ok(rec):
             body.append(fixed + [f"**{failure(rec)}**", ""])
             continue
@@ -173,33 +163,6 @@ def _variants_table(records: list[dict]) -> str:
         body.append(fixed + [fmt.count(metric(rec, "parameters")),
                              fmt.NA if memory is None else fmt.fixed(memory, 2, 2 ** -30)])
     return fmt.table(["variant", "layout", "GPUs", "parameters", "peak memory (GiB)"], body, "llrrr")
-
-
-def _cut(r: dict) -> str:
-    """The measured decode cut, −Δ decode, with the Δ's noise mark."""
-    if r["delta_decode_pct"] is None:
-        return fmt.NA
-    return fmt.fixed(-r["delta_decode_pct"], 1, unit="%") + (" (noise)" if r["delta_decode_noise"] else "")
-
-
-def _cqil_lines(records: list[dict], rows: list[dict]) -> list[str]:
-    """Per CQIL variant: its plan, the ideal decode cut 1 − depth/L and the measured one per point."""
-    lines = []
-    for rec in records:
-        plan = metric(rec, "cqil") if is_ok(rec) else None
-        if not plan:
-            continue
-        layers = ((rec.get("config") or {}).get("model") or {}).get("num_layers")
-        ideal = fmt.NA if not layers else fmt.percent(1 - plan["depth"] / layers)
-        measured = ", ".join(
-            f"{_cut(r)} at {point_name((r['batch'], r['prompt'], r['gen'], r['cuda_graph']))}"
-            for r in rows if r["variant"] == rec["variant"] and not r["baseline"]) or fmt.NA
-        lines.append(f"- {rec['variant']}: CQIL degree {plan['degree']}, bypass {plan['bypass']}, "
-                     f"sequential depth {plan['depth']} of {layers} layers ({plan['layers_per_gpu']} per GPU); "
-                     f"ideal decode cut {ideal}, measured {measured}")
-    if not lines:
-        return []
-    return ["Decode cut of CQIL (1 − decode time / baseline's; ideal: 1 − depth / layers):\n" + "\n".join(lines)]
 
 
 def _fastest_lines(rows: list[dict]) -> list[str]:
@@ -219,13 +182,14 @@ def _fastest_lines(rows: list[dict]) -> list[str]:
     return ["Fastest per point and GPU count (median):\n" + "\n".join(lines)] if lines else []
 
 
-def latency_section(records: list[dict]) -> list[str]:
-    """Markdown parts of an inference scenario: variants, latency table, notes, fastest, CQIL lines."""
-    rows = latency_rows(records)
+def latency_section(records: list[dict], ctx: dict) -> list[str]:
+    """Markdown parts of an inference scenario: variants, latency table, notes, fastest per point; the
+    rows go to ``ctx["latency_rows"]`` for the plug-ins' sections."""
+    rows = ctx["latency_rows"] = latency_rows(records)
     parts = [_variants_table(records)]
     if rows:
         parts += ["### Latency",
                   fmt.table([h for h, _ in COLUMNS], [[cell(r) for _, cell in COLUMNS] for r in rows],
                             "lrrrl" + "r" * (len(COLUMNS) - 5)),
                   NOTE] + _fastest_lines(rows)
-    return parts + _cqil_lines(records, rows)
+    return parts

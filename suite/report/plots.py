@@ -13,17 +13,15 @@ import itertools
 import re
 from pathlib import Path
 
+from suite.report import plugins
 from suite.report.quality import group_name, repeat_groups
 from suite.report.select import baseline_of, is_ok, metric
 
 
 def curve(rec: dict) -> list[list]:
-    """[step, loss, walltime_s, flops, phase] points. A V-cycle's record keeps only its final phase in
-    validation_curve (the full-size model the cost table compares); the plot shows every phase."""
-    vcycle = metric(rec, "extra", "multilevel", "validation_curve")
-    if vcycle:
-        return [p[:5] for p in vcycle if len(p) >= 5]
-    return [p[:4] + [0] for p in metric(rec, "validation_curve") or [] if len(p) >= 4]
+    """[step, loss, walltime_s, flops, phase] points: a plug-in's fuller curve where it keeps one (a
+    technique whose phases train other models than the final one), else the record's validation_curve."""
+    return plugins.curve(rec) or [p[:4] + [0] for p in metric(rec, "validation_curve") or [] if len(p) >= 4]
 
 
 def figure_name(scenario: str, report: Path) -> str:
@@ -68,7 +66,7 @@ def draw(path: Path, title: str, records: list[dict], target: float | None) -> b
         points = curves[id(rec)]
         color, label = colors[id(rec)], labels[id(rec)]
         width = 2.2 if color == "black" else 1.4
-        # the last validation of every phase but the final one: where a V-cycle changes level
+        # the last validation of every phase but the final one: where a multi-phase run changes model
         ends = [p for p, q in zip(points, points[1:]) if q[4] != p[4]]
         for ax, x in zip(axes, (3, 2)):  # model FLOPs, walltime
             ax.plot([p[x] for p in points], [p[1] for p in points], color=color, linewidth=width, marker="o",
@@ -83,7 +81,7 @@ def draw(path: Path, title: str, records: list[dict], target: float | None) -> b
         ax.grid(True, alpha=0.3)
     if phase_ends:
         axes[0].plot([], [], linestyle="none", marker="D", markerfacecolor="white", markeredgecolor="black",
-                     label="end of a V-cycle phase")
+                     label="end of a phase")
     if losses:  # loss spikes and the first validations would squeeze the part where variants differ
         top = losses[int(0.95 * (len(losses) - 1))]
         bottom = min(losses[0], target if target is not None else losses[0])

@@ -9,7 +9,10 @@ optional:
                               being built (``rec["layout"]`` keys, ``rec["measures"]``); mutates ``rec``
     fields                    {dotted path: type spec} of record fields the plug-in's sections read, checked
                               on read like the core fields (``suite.records.check_record``)
-    layout_label(rec)         a short text for the record's parallel layout ('tp1 × cqil2'), or None
+    layout_label(rec)         a short text for the record's parallel layout ('tp1 × xyz2'), or None
+    curve(rec)                the validation curve to plot, [[step, loss, walltime_s, flops, phase], ...], when
+                              the plug-in keeps a fuller one than ``metrics.validation_curve``; else None
+    body(records)             the tables of a scenario the plug-in claims, replacing the core ones; else None
     sections(records, ctx)    markdown parts appended after a scenario's tables; ``ctx`` holds what the
                               core report computed ({"latency_rows": [...]} for inference scenarios)
 """
@@ -26,6 +29,8 @@ class ReportPlugin:
     upgrade_v1: Callable[[dict], None] | None = None
     fields: dict = field(default_factory=dict)
     layout_label: Callable[[dict], str | None] | None = None
+    curve: Callable[[dict], list | None] | None = None
+    body: Callable[[list[dict]], list[str] | None] | None = None
     sections: Callable[[list[dict], dict], list[str]] | None = None
 
 
@@ -55,11 +60,25 @@ def plugins() -> list[ReportPlugin]:
 
 def layout_label(rec: dict) -> str:
     """A plug-in's label for the record's layout, else 'tp1 pp2 dp1'."""
+    return _first("layout_label", rec) or f"tp{rec.get('tp')} pp{rec.get('pp')} dp{rec.get('dp')}"
+
+
+def _first(hook: str, *args):
+    """The first non-empty answer of the plug-ins' ``hook``, else None."""
     for p in plugins():
-        label = p.layout_label(rec) if p.layout_label else None
-        if label:
-            return label
-    return f"tp{rec.get('tp')} pp{rec.get('pp')} dp{rec.get('dp')}"
+        fn = getattr(p, hook)
+        answer = fn(*args) if fn else None
+        if answer:
+            return answer
+    return None
+
+
+def curve(rec: dict) -> list | None:
+    return _first("curve", rec)
+
+
+def body(records: list[dict]) -> list[str] | None:
+    return _first("body", records)
 
 
 def sections(records: list[dict], ctx: dict) -> list[str]:

@@ -50,7 +50,7 @@ def repeat_groups(records: list[dict]) -> list[list[dict]]:
 
 
 def group_name(group: list[dict]) -> str:
-    """The shortest variant name of a group: "multilevel_2" of it, its _seed2 and _seed3."""
+    """The shortest variant name of a group: "big_lr" of it, its _seed2 and _seed3."""
     return min((r["variant"] for r in group), key=len)
 
 

@@ -11,12 +11,11 @@ import io
 import json
 from pathlib import Path
 
-from suite.report import fmt
-from suite.report.accuracy import accuracy_section, is_accuracy
+from suite.report import fmt, plugins
+from suite.report.accuracy import accuracy_section, is_accuracy, model_blocks
 from suite.report.latency import is_inference, latency_rows, latency_section
 from suite.report.plots import loss_curves
 from suite.report.quality import quality_section, target_of
-from suite.report.vcycle import phases_section
 from suite.report.select import (baseline_of, by_scenario, failure, is_ok, load_latest, machine, metric,
                                  relative_change, step_half_spread_s, step_median_s)
 
@@ -72,8 +71,8 @@ def variant_row(rec: dict, base: dict) -> dict:
         "git_commit": env.get("git_commit"), "date": (rec.get("finished_at") or rec.get("started_at") or "")[:10],
     }
     row.update(flatten("heldout", metric(rec, "heldout") or {}))  # only where measured, as target.* / extra.*
-    for phase in ("original", "concurrent", "finetuned"):  # the accuracy workload's blocks, likewise
-        row.update(flatten(phase, metric(rec, "accuracy", phase) or {}))
+    for model, block in model_blocks(rec).items():  # the accuracy workload's blocks, likewise
+        row.update(flatten(model, block))
     row.update(flatten("target", metric(rec, "target") or {}))
     row.update(flatten("extra", metric(rec, "extra") or {}))
     return row
@@ -184,11 +183,16 @@ def _header(rows: list[dict]) -> str:
 def _section(scenario: str, rows: list[dict], records: list[dict], output: Path | None,
              target_loss: float | None = None) -> list[str]:
     """Heading, header line, table and notes of one scenario (inference: the latency tables instead);
-    with a quality section, its loss-curve plot (a PNG beside `output`, the markdown file)."""
+    with a quality section, its loss-curve plot (a PNG beside `output`, the markdown file); then what
+    plug-ins add (``suite.report.plugins``), or a plug-in's own tables for a scenario it claims."""
+    head, ctx = [f"## {scenario}", _header(rows)], {}
     if any(is_inference(r) for r in records):
-        return [f"## {scenario}", _header(rows)] + latency_section(records)
+        return head + latency_section(records, ctx) + plugins.sections(records, ctx)
+    claimed = plugins.body(records)
+    if claimed:
+        return head + claimed + plugins.sections(records, ctx)
     if any(is_accuracy(r) for r in records):
-        return [f"## {scenario}", _header(rows)] + accuracy_section(records)
+        return head + accuracy_section(records) + plugins.sections(records, ctx)
     columns, optional = _columns(rows), _optional_columns(rows)
     headers = [h for h, _ in columns] + optional
     table = fmt.table(headers, [_cells(r, columns, optional) for r in rows], "ll" + "r" * (len(headers) - 2))
@@ -198,7 +202,7 @@ def _section(scenario: str, rows: list[dict], records: list[dict], output: Path 
         notes.append(HELDOUT_NOTE.format(tokens=" / ".join(scored) or "n/a"))
     quality = quality_section(records, target_loss)
     plot = loss_curves(scenario, records, target_of(records, target_loss), output) if quality else []
-    return [f"## {scenario}", _header(rows), table, "\n".join(notes)] + quality + plot + phases_section(records)
+    return head + [table, "\n".join(notes)] + quality + plot + plugins.sections(records, ctx)
 
 
 def markdown(latest: dict, sources, output: Path | None = None, target_loss: float | None = None) -> str:
