@@ -139,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
 
             return entry.run(args)
         if args.command == "report":
+            from suite.report.compare import parse_amount
             from suite.report.render import report_command
 
+            if args.target_loss is not None:  # NaN, inf or a negative loss would silently match nothing
+                args.target_loss = parse_amount(args.target_loss, "--target-loss", "2.5")
             return report_command(args)
         if args.command == "compare":
             from suite.report.compare import compare_command

@@ -416,6 +416,13 @@ def test_bad_limits_exit_2_with_the_fix(option, value):
     assert proc.stdout == ""
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_bad_target_loss_exits_2(value):
+    proc = run_suite("report", GPU, f"--target-loss={value}")
+    assert proc.returncode == 2 and "--target-loss" in proc.stderr and "Fix:" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
 @pytest.mark.parametrize("text, fraction", [("5%", 0.05), ("5", 0.05), (" 2.5 % ", 0.025), ("0", 0.0),
                                             ("0.5%", 0.005), ("12", 0.12)])
 def test_parse_percent(text, fraction):
