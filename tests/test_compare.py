@@ -75,6 +75,8 @@ def scaled(rec: dict, factor: float, jitter: float | None = None, names=("step_t
     m = rec.get("metrics") or {}
     if "step_time" in names and isinstance(m.get("step_time_s"), dict):
         _scale_summary(m["step_time_s"], "", factor, jitter)
+        if m.get("walltime_s") is not None:
+            m["walltime_s"] *= factor
     for entry in m.get("inference") or []:
         point = {"batch": entry["batch"], "prompt": entry["prompt"], "gen": entry["gen"],
                  "graph": "on" if entry.get("cuda_graph") else "off"}
@@ -340,6 +342,17 @@ def test_random_ltd_baseline_catches_x1_10(tmp_path):
     assert gate_cli(tmp_path, [scaled(base, 1.02)], [base]).returncode == 0
     proc = gate_cli(tmp_path, [scaled(base, 1.10)], [base])
     assert proc.returncode == 1 and rows_of(proc.stdout, "step_time")[0][7] == "REGRESSION: slower"
+
+
+def test_variable_shape_schema1_record_compares_whole_run_walltime(tmp_path):
+    """The schema-1 random-LTD record kept one pooled step spread (kept lengths 128..2048), which is
+    no step_time measure; x1.10 is caught on its whole-run walltime, x1.02 passes."""
+    base = variant(LTD, "random_ltd")
+    proc = gate_cli(tmp_path, [scaled(base, 1.10)], [base])
+    assert proc.returncode == 1 and not rows_of(proc.stdout, "step_time")
+    [row] = rows_of(proc.stdout, "walltime")
+    assert row[5] == "+10.0%" and row[6] == "threshold only (no samples or spread)" and row[7] == "REGRESSION: slower"
+    assert gate_cli(tmp_path, [scaled(base, 1.02)], [base]).returncode == 0
 
 
 @pytest.mark.parametrize("path, name", [(GPT1B, "single"), (LTD, "baseline")])

@@ -108,6 +108,19 @@ def target_measures(rec: dict) -> list[dict]:
     return out
 
 
+def whole_run_time(cur: list[dict], base: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Whole-run walltime, gated on the minimum effect, for pairs that have no gated time measure:
+    schema-1 records of variable-shape runs kept one pooled step spread, which the reader does not turn
+    into a step_time measure (it would mix schedule with noise); the same configuration runs the same
+    schedule, so the sum of its step times compares like for like."""
+    if any(m.get("kind") == "time" and gate.is_gated(m) for m in cur + base):
+        return [], []
+    def pick(measures):
+        return [{**m, "compare": "median", "samples": None, "summary": None} for m in measures
+                if m.get("name") == "walltime" and m.get("kind") == "time" and not (m.get("point") or {})]
+    return pick(cur), pick(base)
+
+
 def judge_variant(cur: dict | None, base: dict | None, limits: Limits, allow_config_change: bool) -> dict:
     """One pair of records: a variant-level kind and verdict, and the per-measure rows."""
     out = {"kind": SAME, "verdict": "", "rows": [], "config": []}
@@ -127,8 +140,9 @@ def judge_variant(cur: dict | None, base: dict | None, limits: Limits, allow_con
         out["config"] = config_diff(cur, base)
         if not allow_config_change:
             return {**out, "kind": NOT_COMPARABLE, "verdict": "NOT COMPARABLE: resolved config differs"}
-    rows = gate.judge_measures((cur.get("measures") or []) + target_measures(cur),
-                               (base.get("measures") or []) + target_measures(base), limits)
+    cur_m, base_m = cur.get("measures") or [], base.get("measures") or []
+    cur_w, base_w = whole_run_time(cur_m, base_m)
+    rows = gate.judge_measures(cur_m + cur_w + target_measures(cur), base_m + base_w + target_measures(base), limits)
     kinds = {r["kind"] for r in rows}
     kind = REGRESSION if REGRESSION in kinds else IMPROVEMENT if IMPROVEMENT in kinds else SAME
     verdict = {REGRESSION: "REGRESSION", IMPROVEMENT: "IMPROVEMENT", SAME: "same"}[kind]
