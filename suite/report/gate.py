@@ -272,7 +272,8 @@ def _judge_mean(cur: dict, base: dict, row: dict, limits: Limits) -> dict:
         diff, se = est["diff"], est["se"]
         mde = (Z + Z_POWER) * se
         row.update(change=diff, low=diff - Z * se, high=diff + Z * se,
-                   method=f"{'paired' if est['paired'] else 'unpaired'} mean difference ± SE, n={est['n']}",
+                   method=f"{'paired' if est['paired'] else 'unpaired'} mean difference ± SE, n={est['n']}, "
+                          f"detectable {fmt_num(mde)}",
                    mde=mde)
         if mde > min_effect:
             row["note"] = (f"sample too small to detect a change of {fmt_num(min_effect)} "
