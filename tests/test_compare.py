@@ -148,6 +148,14 @@ def one_row(cur: dict, base: dict, limits: Limits = Limits()) -> dict:
 # ---------------------------------------------------------------------------------------------- statistics
 
 
+def test_gate_and_export_never_import_torch():
+    import subprocess
+    code = ("import suite.report.gate, suite.report.compare, suite.report.export, sys; "
+            "assert not {'torch', 'megatron'} & {m.split('.')[0] for m in sys.modules}")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
 def test_bootstrap_of_the_median_ratio():
     base, cur = gaussian(50, 0.6, 0.01, 1), gaussian(50, 0.6 * 1.10, 0.01, 2)
     point, low, high = gate.bootstrap_median_ratio(cur, base, seed=3)
