@@ -23,7 +23,8 @@ class UserError(Exception):
         text = (": ".join(where) + ": " if where else "") + self.message
         if self.fix:
             text += f" Fix: {self.fix}"
-        return text
+        # One line whatever the input held: a key or value with a newline or control character is escaped.
+        return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def fail(spec, key: str, message: str, fix: str):

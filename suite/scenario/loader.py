@@ -366,7 +366,7 @@ def load_scenario(path: str | Path, overrides: list[str] = (), only: list[str] |
                         fix="write [report] as a section header.")
     for name in variants:
         _check_name(name, file, f"variants.{name}", "variant name")
-    baseline = report.get("baseline") or next(iter(variants))
+    baseline = report.get("baseline", next(iter(variants)))
     if not isinstance(baseline, str) or baseline not in variants:
         raise UserError(f"baseline variant '{baseline}' is not defined{did_you_mean(baseline, variants)}.",
                         file=file, key="report.baseline", fix=f"choose one of {', '.join(variants)}.")
