@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -102,10 +103,12 @@ def test_report_markdown_golden():
     check_golden("report.md", proc.stdout)
 
 
-def test_report_output_file_equals_stdout(tmp_path):
+def test_report_output_file_equals_stdout_and_names_its_command(tmp_path):
     out = tmp_path / "sub" / "report.md"
     assert run_cli("report", CPU, GPU, "-o", out).returncode == 0
-    assert out.read_text(encoding="utf-8") == run_cli("report", CPU, GPU).stdout
+    parts = run_cli("report", CPU, GPU).stdout.split("\n\n")
+    parts.insert(2, f"Rendered by: `python -m suite report {CPU} {GPU} -o {out}`")  # after the Records line
+    assert out.read_text(encoding="utf-8") == "\n\n".join(parts)
 
 
 def test_latest_record_per_variant_wins():
@@ -505,3 +508,33 @@ def test_report_target_loss_flag_sets_the_equal_quality_target(tmp_path):
     proc = run_cli("report", curves, "--target-loss", "9.5", "-o", out)
     assert proc.returncode == 0, proc.stderr
     assert "### Cost to reach validation loss 9.5000" in out.read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- committed reports
+
+REPORTS = sorted(p for p in (ROOT / "reports").glob("*.md") if "Rendered by: `" in p.read_text())
+
+
+def test_every_committed_report_with_records_names_its_command():
+    records = {p.stem for p in (ROOT / "reports" / "records").glob("*.jsonl")}
+    named = {p.stem for p in REPORTS}
+    assert {p.stem for p in (ROOT / "reports").glob("*.md")} & records <= named
+
+
+@pytest.mark.parametrize("report", REPORTS, ids=lambda p: p.name)
+def test_committed_report_renders_again_identically(report, tmp_path, monkeypatch):
+    """Each committed report, rendered again from its committed records by the command it names, is
+    byte for byte the same (the plots go to a scratch folder, not over the committed PNGs)."""
+    from suite.cli import main
+
+    text = report.read_text()
+    if "![" in text:
+        pytest.importorskip("matplotlib")
+    command = shlex.split(re.search(r"^Rendered by: `(.+)`$", text, re.M).group(1))
+    assert command[:4] == ["python", "-m", "suite", "report"]
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "records").symlink_to(ROOT / "reports" / "records")
+    monkeypatch.chdir(tmp_path)
+    assert main(command[3:]) == 0
+    rendered = (tmp_path / command[command.index("-o") + 1]).read_text()
+    assert rendered == text, "".join(difflib.unified_diff(text.splitlines(True), rendered.splitlines(True)))

@@ -5,6 +5,8 @@ import math
 import sys
 from pathlib import Path
 
+from suite.errors import UserError
+
 NA = "n/a"
 
 
@@ -65,11 +67,30 @@ def table(headers: list[str], rows: list[list[str]], align: str) -> str:
     return "\n".join([line(headers), rule] + [line(r) for r in rows])
 
 
+def check_output(output: str | None) -> None:
+    """A UserError, before any work, when `output` cannot be the file a report is written to."""
+    if output is None:
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise UserError(f"-o {output} is a folder.", file=output,
+                        fix=f"name a file, e.g. -o {path / 'report.md'}.")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise UserError(f"-o {output}: {parent} is a file, not a folder.", file=output,
+                        fix="write the report into a folder (or a new path).")
+
+
 def emit(text: str, output: str | None) -> None:
     """Write to `output` (creating its folder) or, without one, to stdout."""
     if output is None:
         sys.stdout.write(text)
         return
+    check_output(output)
     path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot write the report ({e.strerror}).", file=output,
+                        fix="choose a path you can write to.") from None

@@ -205,10 +205,20 @@ def _section(scenario: str, rows: list[dict], records: list[dict], output: Path 
     return head + [table, "\n".join(notes)] + quality + plot + plugins.sections(records, ctx)
 
 
+def command_line(sources, output: Path | None, target_loss: float | None) -> str:
+    """The `suite report` command that renders this report again (the paths as they were given)."""
+    words = ["python -m suite report", *map(str, sources)]
+    words += [f"--target-loss {target_loss:g}"] if target_loss is not None else []
+    return " ".join(words + ([f"-o {output}"] if output else []))
+
+
 def markdown(latest: dict, sources, output: Path | None = None, target_loss: float | None = None) -> str:
-    """The report; `output`, the file it will be written to, is where plots go (none without it);
-    `target_loss` overrides the loss the equal-quality tables compare at."""
+    """The report; `output`, the file it will be written to, is where plots go (none without it), and
+    a report written to a file names the command that renders it again; `target_loss` overrides the
+    loss the equal-quality tables compare at."""
     parts = ["# Benchmark report", f"Records: {', '.join(map(str, sources))}"]
+    if output is not None:
+        parts.append(f"Rendered by: `{command_line(sources, output, target_loss)}`")
     for scenario, records in by_scenario(latest).items():
         base = baseline_of(records)
         parts += _section(scenario, [variant_row(r, base) for r in records], records, output, target_loss)
@@ -229,6 +239,7 @@ def to_json(rows: list[dict]) -> str:
 
 
 def report_command(args) -> int:
+    fmt.check_output(args.output)
     latest = load_latest(args.results)
     if args.format == "csv":
         text = to_csv(build_rows(latest))
