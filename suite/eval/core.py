@@ -108,9 +108,24 @@ def rolling_loglikelihood(model: Model, tokens: Sequence[int], max_length: int, 
     With ``prefix`` (a BOS/EOT id) every token is scored, conditioned on it, as lm-eval does; without
     one (the byte tokenizer) the first token only serves as context.
     """
-    tokens = ([prefix] if prefix is not None else []) + list(tokens)
-    windows = rolling_windows(tokens, max_length)
-    return sum(ll for ll, _ in score(model, windows, batch_size)), sum(n for _, n in windows)
+    (out,) = rolling_loglikelihoods(model, [tokens], max_length, prefix, batch_size)
+    return out
+
+
+def rolling_loglikelihoods(model: Model, texts: Sequence[Sequence[int]], max_length: int, prefix: int | None = None,
+                           batch_size: int = 16) -> list[tuple[float, int]]:
+    """``rolling_loglikelihood`` of many token sequences, their windows batched together (lm-eval's
+    ``loglikelihood_rolling`` requests are mostly shorter than one window each)."""
+    windows, owner = [], []
+    for i, tokens in enumerate(texts):
+        mine = rolling_windows(([prefix] if prefix is not None else []) + list(tokens), max_length)
+        windows += mine
+        owner += [i] * len(mine)
+    out = [[0.0, 0] for _ in texts]
+    for i, (ll, _), (_, n) in zip(owner, score(model, windows, batch_size), windows):
+        out[i][0] += ll
+        out[i][1] += n
+    return [(ll, n) for ll, n in out]
 
 
 @torch.no_grad()

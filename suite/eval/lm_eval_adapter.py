@@ -6,7 +6,12 @@
     lm = SuiteLM(MegatronLM(...), ByteTokenizer(), max_length=spec.model.max_sequence_length)
     results = lm_eval.simple_evaluate(model=lm, tasks=["hellaswag"])
 
-Importable only when lm_eval is installed (``pip install lm-eval``). The tokenizer needs
+Requests are batched: every ``loglikelihood`` request of a task (and every rolling window of its
+``loglikelihood_rolling`` requests) goes through ``suite.eval.core.score`` in batches of ``batch_size``
+windows of similar length. A task of one's own is a YAML file over local JSON-lines files (see
+tests/test_lm_eval.py), passed with ``lm_eval.tasks.TaskManager(include_path=FOLDER)``.
+
+Importable only when lm_eval is installed (``pip install lm-eval``; in the dev extras). The tokenizer needs
 ``encode(str) -> ids`` without special tokens, ``decode(ids) -> str`` and ``bos_token_id`` /
 ``eos_token_id`` (None when absent). A multi-process megatron model is SPMD: run the same evaluation
 on every rank and keep rank 0's results.
@@ -15,7 +20,7 @@ from __future__ import annotations
 
 from lm_eval.api.model import LM
 
-from suite.eval.core import greedy_generate, loglikelihoods, rolling_loglikelihood
+from suite.eval.core import greedy_generate, loglikelihoods, rolling_loglikelihoods
 
 
 class SuiteLM(LM):
@@ -32,8 +37,8 @@ class SuiteLM(LM):
         # lm-eval conditions the first token on a BOS/EOT prefix; without one it is context only
         prefix = self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None \
             else self.tokenizer.eos_token_id
-        return [rolling_loglikelihood(self.model, self.tokenizer.encode(r.args[0]), self.max_length, prefix,
-                                      self.batch_size)[0] for r in requests]
+        texts = [self.tokenizer.encode(r.args[0]) for r in requests]
+        return [ll for ll, _ in rolling_loglikelihoods(self.model, texts, self.max_length, prefix, self.batch_size)]
 
     def generate_until(self, requests) -> list[str]:
         out = []
