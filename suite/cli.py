@@ -21,7 +21,8 @@ def _add_scenario_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="suite", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="suite", description="Benchmark LLM efficiency techniques on "
+                                     "megatron-core: scenarios in, result records and reports out.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a scenario's variants and append result records",
@@ -108,11 +109,25 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("-o", "--output", required=True, help="folder to write (new, empty, or an earlier export)")
     exp.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
                      help="of the saved tensors (default: the hf: source's, else the model's)")
+    _add_verbose(parser)
     return parser
+
+
+def _add_verbose(parser: argparse.ArgumentParser) -> None:
+    """--verbose on the command and every subcommand (so it may follow the subcommand's arguments)."""
+    parser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show the libraries' warnings and logs, which are hidden by default (suite.quiet)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _add_verbose(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from suite import quiet
+
+    quiet.install(getattr(args, "verbose", False))  # before anything imports megatron-core
     try:
         if args.command == "validate":
             from suite.scenario import load_scenario

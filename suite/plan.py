@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from suite.metrics import flops
+from suite.report import fmt  # torch-free: parameters are written as the report writes them
 from suite.scenario import load_scenario
 
 
@@ -59,7 +60,7 @@ def print_plan(path: str, overrides, only) -> int:
     print("| variant | layout | GPUs | parameters | tokens/step | FLOPs/step | est. memory/GPU |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for r in plan_rows(variants):
-        print(f"| {r['variant']} | {r['layout']} | {r['gpus']} | {_si(r['parameters'])} | "
+        print(f"| {r['variant']} | {r['layout']} | {r['gpus']} | {fmt.count(r['parameters'])} | "
               f"{r['tokens_per_step']:,} | {_si(r['flops_per_step'], 'FLOP')} | "
               f"{r['memory_per_gpu'] / 2**30:.2f} GiB |")
     return 0

@@ -46,6 +46,9 @@ def enable() -> None:
     global _enabled
     if _enabled or torch.cuda.is_available():
         return
+    from suite import quiet
+
+    quiet.install_cpu()  # GPU-only advice from megatron-core (CUDA_DEVICE_MAX_CONNECTIONS)
     from megatron.core.tensor_parallel import random as mrandom
 
     torch.Tensor.cuda = lambda self, *a, **k: self
