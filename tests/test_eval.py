@@ -17,6 +17,7 @@ acc = 2/4 = 0.5 (stderr sqrt(1/3 / 4) = 0.2887), acc_norm = 3/4 = 0.75 (stderr 0
 """
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -222,3 +223,162 @@ def test_lm_eval_adapter():
     assert out == ["a", "abb"]
     with pytest.raises(ValueError, match="greedily"):
         lm.generate_until([req("generate_until", "Q", {"do_sample": True, "temperature": 0.7})])
+
+
+# --- [eval] text: any UTF-8 file, strided rolling windows ------------------------------------------
+
+def test_strided_windows_score_every_token_once_with_more_context():
+    tokens = list(range(20))
+    for stride in (1, 3, 8):
+        windows = rolling_windows(tokens, 8, stride)
+        scored = [t for w, n in windows for t in w[len(w) - n:]]
+        assert scored == tokens[1:]  # each token after the first, once, in order
+        assert all(len(w) == 9 for w, _ in windows[1:])  # full windows: 8 inputs
+        assert all(n <= stride for _, n in windows[1:])
+    assert rolling_windows(tokens, 8, 8) == rolling_windows(tokens, 8)  # the default: lm-eval's
+    assert rolling_windows(tokens, 8, 3)[1] == (list(range(3, 12)), 3)  # tokens 9-11, 5 more of context
+    with pytest.raises(ValueError, match="stride 9"):
+        rolling_windows(tokens, 8, 9)
+
+
+class _BosBytes(ByteTokenizer):
+    bos_token_id = ord("Q")
+
+
+def _text_spec(tmp_path, text: bytes | str, **eval_keys):
+    from suite.scenario import load_scenario
+
+    (tmp_path / "test.txt").write_bytes(text if isinstance(text, bytes) else text.encode())
+    keys = "".join(f"{k} = {v!r}\n".replace("'", '"') for k, v in {"text": "test.txt", **eval_keys}.items())
+    (tmp_path / "s.toml").write_text('[model]\npreset = "tiny"\n[workload]\nkind = "accuracy"\nseq_length = 8\n'
+                                     '[data]\nsource = "text"\npath = "builtin:shakespeare"\n[eval]\n' + keys)
+    return load_scenario(tmp_path / "s.toml")[0]
+
+
+def test_file_text_by_hand(tmp_path):
+    """"abab...ab" (40 bytes): the bigram's log-likelihood does not depend on the windows, so every
+    stride gives the same numbers; with a BOS token ('Q') the first byte is scored too, after it."""
+    from suite.eval.metrics import file_text
+
+    want_ll = 20 * math.log(.6) + 19 * math.log(.1 / 255)
+    for stride in (None, 1, 5, 8):
+        spec = _text_spec(tmp_path, "ab" * 20, **({"text_stride": stride} if stride else {}))
+        m = file_text(spec, bigram, ByteTokenizer())
+        assert (m["tokens"], m["bytes"], m["seq_length"], m["stride"]) == (39, 39, 8, stride or 8)
+        assert m["loss"] == pytest.approx(-want_ll / 39)
+        assert m["bpb"] == pytest.approx(-want_ll / (39 * math.log(2)))
+        assert m["perplexity"] == pytest.approx(math.exp(-want_ll / 39))
+    m = file_text(_text_spec(tmp_path, "ab" * 20), bigram, _BosBytes())
+    with_bos = want_ll + math.log(.5)  # 'a' after 'Q' (any byte but a/b): 0.5
+    assert (m["tokens"], m["bytes"]) == (40, 40)
+    assert m["loss"] == pytest.approx(-with_bos / 40)
+    # bits per byte count UTF-8 bytes: 'é' is 2 bytes (and 2 byte tokens)
+    m = file_text(_text_spec(tmp_path, "é" * 10), bigram, ByteTokenizer())
+    assert m["tokens"] == m["bytes"] == 19
+
+
+@pytest.mark.parametrize("keys, content, key, words", [
+    ({"text": "missing.txt"}, b"x", "eval.text", "no text file at"),
+    ({"text": "test.txt"}, b"caf\xe9 au lait", "eval.text", "is not UTF-8 (byte 3"),
+    ({"text": "test.txt", "text_stride": 9}, b"abc", "eval.text_stride", "exceeds seq_length 8"),
+    ({"text_stride": 4}, b"abc", "eval.text_stride", "[eval] text, which is not set"),
+])
+def test_eval_text_checked_at_validate(tmp_path, keys, content, key, words):
+    from suite.scenario import load_scenario
+
+    (tmp_path / "test.txt").write_bytes(content)
+    lines = "".join(f'{k} = {json.dumps(v)}\n' for k, v in keys.items())
+    (tmp_path / "s.toml").write_text('[model]\npreset = "tiny"\n[workload]\nkind = "accuracy"\nseq_length = 8\n'
+                                     '[data]\nsource = "text"\npath = "builtin:shakespeare"\n[eval]\n' + lines)
+    with pytest.raises(UserError) as e:
+        load_scenario(tmp_path / "s.toml")
+    assert e.value.key == key and words in str(e.value), str(e.value)
+
+
+def test_eval_text_belongs_to_the_accuracy_workload(tmp_path):
+    from suite.scenario import load_scenario
+
+    (tmp_path / "test.txt").write_text("some text")
+    (tmp_path / "s.toml").write_text('[model]\npreset = "tiny"\n[eval]\ntext = "test.txt"\n')
+    with pytest.raises(UserError) as e:
+        load_scenario(tmp_path / "s.toml")
+    assert e.value.key == "eval.text" and 'kind = "accuracy"' in e.value.fix
+
+
+@pytest.mark.slow
+def test_accuracy_workload_scores_a_text_file_like_transformers(tmp_path, monkeypatch):
+    """`suite run` of an accuracy scenario: a random transformers LLaMA (hf: init) with its own BPE
+    tokenizer (hf: folder, BOS <s>) scores [eval] text in windows of 16 moved by 8; the record's
+    perplexity and bits per byte equal the same windows scored by transformers itself."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from check_worker import run_suite
+
+    corpus = ("The quick brown fox jumps over the lazy dog. " * 3 + "Pack my box with five dozen liquor jugs. ") * 40
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator([corpus], trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    hf_tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    hf_tok.save_pretrained(tmp_path / "tok")
+    vocab = len(hf_tok)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1) if p.dim() > 1 else p.fill_(1.0)
+    model.save_pretrained(tmp_path / "model")
+    text = "A lazy dog, a quick fox: five dozen jugs — and a box (déjà vu). " * 2
+    (tmp_path / "test.txt").write_text(text, encoding="utf-8")
+    (tmp_path / "corpus.txt").write_text(corpus)
+    (tmp_path / "s.toml").write_text(f"""
+name = "eval_text"
+[model]
+num_layers = 2
+hidden_size = 64
+num_attention_heads = 4
+num_query_groups = 2
+ffn_hidden_size = 128
+vocab_size = {vocab}
+max_sequence_length = 64
+norm_epsilon = 1e-6
+init = "hf:model"
+[workload]
+kind = "accuracy"
+seq_length = 16
+precision = "fp32"
+[data]
+source = "text"
+path = "corpus.txt"
+tokenizer = "hf:tok"
+[eval]
+heldout_max_tokens = 32
+text = "test.txt"
+text_stride = 8
+""")
+    monkeypatch.setenv("SUITE_CACHE", str(tmp_path / "cache"))
+    r = run_suite("run", tmp_path / "s.toml", "--out", tmp_path / "out", timeout_s=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (record,) = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    got = record["metrics"]["accuracy"]["original"]["text"]
+
+    # the oracle: BOS, then every token scored once; the first window scores 16, each later one the next
+    # 8 with the 16 tokens before its last as inputs
+    ids = [hf_tok.bos_token_id] + hf_tok.encode(text, add_special_tokens=False)
+    assert len(ids) > 40  # several windows
+    ll, end = 0.0, 0
+    while end < len(ids) - 1:
+        new_end = min(len(ids) - 1, 16 if end == 0 else end + 8)  # last scored position
+        start = max(0, new_end - 16)
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids[start:new_end]])).logits[0].double(), -1)
+        for t in range(end + 1, new_end + 1):
+            ll += float(logp[t - 1 - start, ids[t]])
+        end = new_end
+    n = len(ids) - 1
+    assert (got["tokens"], got["bytes"], got["stride"], got["seq_length"]) == (n, len(text.encode()), 8, 16)
+    assert got["loss"] == pytest.approx(-ll / n, rel=1e-5)
+    assert got["bpb"] == pytest.approx(-ll / (len(text.encode()) * math.log(2)), rel=1e-5)

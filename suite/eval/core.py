@@ -88,37 +88,47 @@ def loglikelihoods(model: Model, tokenizer, pairs: Sequence[tuple[str, str]], ma
     return score(model, windows, batch_size)
 
 
-def rolling_windows(tokens: Sequence[int], max_length: int) -> list[tuple[list[int], int]]:
+def rolling_windows(tokens: Sequence[int], max_length: int, stride: int | None = None
+                    ) -> list[tuple[list[int], int]]:
     """Windows scoring every token after the first exactly once, each with as much context as fits
-    in ``max_length`` inputs (lm-eval's ``get_rolling_token_windows`` with tokens[0] as the prefix)."""
+    in ``max_length`` inputs (lm-eval's ``get_rolling_token_windows`` with tokens[0] as the prefix).
+
+    ``stride`` (default ``max_length``): after the first window, each window moves on ``stride`` tokens
+    and scores those, seeing the ``max_length - stride`` tokens before them as extra context (the
+    strided perplexity of transformers' guide; more context per token, max_length / stride times the
+    compute)."""
+    stride = max_length if stride is None else stride
+    if not 1 <= stride <= max_length:
+        raise ValueError(f"stride {stride} is not between 1 and max_length {max_length}")
     tokens = list(tokens)
     end = min(max_length + 1, len(tokens))
     windows = [(tokens[:end], end - 1)] if end > 1 else []
     while end < len(tokens):
-        new_end = min(end + max_length, len(tokens))
+        new_end = min(end + stride, len(tokens))
         windows.append((tokens[max(0, new_end - max_length - 1):new_end], new_end - end))
         end = new_end
     return windows
 
 
 def rolling_loglikelihood(model: Model, tokens: Sequence[int], max_length: int, prefix: int | None = None,
-                          batch_size: int = 16) -> tuple[float, int]:
+                          batch_size: int = 16, stride: int | None = None) -> tuple[float, int]:
     """(total log-likelihood, tokens scored) of a token sequence in rolling windows.
 
     With ``prefix`` (a BOS/EOT id) every token is scored, conditioned on it, as lm-eval does; without
     one (the byte tokenizer) the first token only serves as context.
     """
-    (out,) = rolling_loglikelihoods(model, [tokens], max_length, prefix, batch_size)
+    (out,) = rolling_loglikelihoods(model, [tokens], max_length, prefix, batch_size, stride)
     return out
 
 
 def rolling_loglikelihoods(model: Model, texts: Sequence[Sequence[int]], max_length: int, prefix: int | None = None,
-                           batch_size: int = 16) -> list[tuple[float, int]]:
+                           batch_size: int = 16, stride: int | None = None) -> list[tuple[float, int]]:
     """``rolling_loglikelihood`` of many token sequences, their windows batched together (lm-eval's
-    ``loglikelihood_rolling`` requests are mostly shorter than one window each)."""
+    ``loglikelihood_rolling`` requests are mostly shorter than one window each); ``stride``: see
+    ``rolling_windows``."""
     windows, owner = [], []
     for i, tokens in enumerate(texts):
-        mine = rolling_windows(([prefix] if prefix is not None else []) + list(tokens), max_length)
+        mine = rolling_windows(([prefix] if prefix is not None else []) + list(tokens), max_length, stride)
         windows += mine
         owner += [i] * len(mine)
     out = [[0.0, 0] for _ in texts]

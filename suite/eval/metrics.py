@@ -15,14 +15,15 @@ from suite.eval.core import Model, loglikelihoods, rolling_loglikelihood
 
 
 def text_metrics(model: Model, tokens: Sequence[int] | torch.Tensor, seq_length: int, num_bytes: int | None = None,
-                 batch_size: int = 8) -> dict:
-    """loss (nats/token), perplexity and bits per byte of a token stream (tokens[0] is context only).
+                 batch_size: int = 8, stride: int | None = None, prefix: int | None = None) -> dict:
+    """loss (nats/token), perplexity and bits per byte of a token stream (tokens[0] is context only,
+    unless a ``prefix`` token such as BOS conditions it).
 
-    ``num_bytes``: UTF-8 bytes of the scored tokens (all but the first); default: one byte per
-    token, right for the byte tokenizer.
+    ``num_bytes``: UTF-8 bytes of the scored tokens; default: one byte per token, right for the byte
+    tokenizer. ``stride``: see ``suite.eval.core.rolling_windows``.
     """
     tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
-    ll, n = rolling_loglikelihood(model, tokens, seq_length, batch_size=batch_size)
+    ll, n = rolling_loglikelihood(model, tokens, seq_length, prefix, batch_size, stride)
     if n == 0:
         raise ValueError("a text of fewer than 2 tokens has nothing to score")
     num_bytes = n if num_bytes is None else num_bytes
@@ -75,6 +76,47 @@ def heldout_text(spec, model: Model, valid: torch.Tensor | None = None, batch_si
     seq = spec.workload.seq_length
     m = text_metrics(model, tokens, seq, text_bytes(spec, tokens[1:].tolist()), batch_size)
     return {**m, "seq_length": seq}
+
+
+def file_text(spec, model: Model, tokenizer, batch_size: int = 8) -> dict:
+    """``[eval] text``: ``text_metrics`` of a UTF-8 file tokenized by the variant's tokenizer, in windows
+    of ``seq_length`` moved by ``text_stride`` (default seq_length). With a BOS token every token is
+    scored conditioned on it and the bytes are the file's; without, the first token is context only
+    and its bytes are not counted.
+
+    {loss, perplexity (per token), bpb, tokens, bytes, seq_length, stride, path}
+    """
+    path = Path(spec.file).parent / spec.eval.text
+    text = read_text(spec)
+    ids = tokenizer.encode(text)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    seq = spec.workload.seq_length
+    stride = spec.eval.text_stride or seq
+    if bos is not None:
+        num_bytes = len(text.encode("utf-8"))
+    else:  # the first token is not scored: the bytes of the others (suite.data.prepare.text_bytes)
+        from suite.data.prepare import text_bytes
+
+        num_bytes = text_bytes(spec, ids[1:])
+    m = text_metrics(model, ids, seq, num_bytes, batch_size, stride, prefix=bos)
+    return {**m, "seq_length": seq, "stride": stride, "path": str(path)}
+
+
+def read_text(spec) -> str:
+    """The ``[eval] text`` file's text; UserError when it is missing, not UTF-8 or too short to score."""
+    path = Path(spec.file).parent / spec.eval.text
+    where = dict(file=spec.file, variant=spec.name, key="eval.text")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e}).", **where,
+                        fix="give a UTF-8 text file, relative to the scenario file.") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 (byte {e.start}: {e.reason}).", **where,
+                        fix="convert the file to UTF-8 (e.g. iconv -t UTF-8).") from None
+    if len(text.strip()) < 2:
+        raise UserError(f"{path} holds no text to score.", **where, fix="give a file with the text to score.")
+    return text
 
 
 @dataclass(frozen=True)

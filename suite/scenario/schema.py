@@ -189,6 +189,15 @@ class EvalConfig:
                            "choices, label} (as HellaSwag, PIQA, ARC ship), relative to the scenario file; "
                            "acc and acc_norm (lm-evaluation-harness's definitions) of every model measured.",
                            factory=list)
+    text: str | None = doc("accuracy workload: a UTF-8 text file (relative to the scenario file, e.g. WikiText-2's "
+                           "test split) scored with the variant's tokenizer in rolling windows of seq_length "
+                           "moved by text_stride tokens; perplexity per token and bits per byte of every model "
+                           "measured. A tokenizer with a BOS token conditions the first token on it (as "
+                           "lm-evaluation-harness does); otherwise the first token is context only.")
+    text_stride: int | None = doc("text: tokens each window moves on, and scores (each with seq_length - stride "
+                                  "tokens of extra context); default seq_length: windows that overlap by one "
+                                  "token, lm-evaluation-harness's loglikelihood_rolling.",
+                                  range="[1, 1099511627776]")
 
 
 @dataclass

@@ -99,6 +99,10 @@ def check_variant(spec) -> None:
     elif spec.eval.tasks:
         fail(spec, "eval.tasks", "multiple-choice tasks are scored by the accuracy workload.",
              'set [workload] kind = "accuracy" (it evaluates [model] init), or remove tasks.')
+    elif spec.eval.text is not None or spec.eval.text_stride is not None:
+        key = "eval.text" if spec.eval.text is not None else "eval.text_stride"
+        fail(spec, key, "a text file is scored by the accuracy workload.",
+             'set [workload] kind = "accuracy" (it evaluates [model] init), or remove text and text_stride.')
     plan_of(spec)  # CQIL groups (suite.parallel.cqil); None without [parallel] cqil
 
 
@@ -145,9 +149,33 @@ def check_accuracy(spec) -> None:
             fail(spec, f"eval.tasks[{i}]", f"no task file at {path}." if problem.endswith("does not exist")
                  else f"cannot use the task file: {problem}.",
                  "give JSON-lines files of {context, choices, label}, relative to the scenario file.")
+    check_eval_text(spec)
     if spec.tricks:
         fail(spec, "tricks", f"techniques {', '.join(spec.tricks)} change training; the accuracy workload "
               "evaluates a model.", "remove the [tricks.*] sections from accuracy variants.")
+
+
+def check_eval_text(spec) -> None:
+    """[eval] text: a readable UTF-8 file; text_stride within seq_length (and only with text)."""
+    e, seq = spec.eval, spec.workload.seq_length
+    if e.text_stride is not None and e.text is None:
+        fail(spec, "eval.text_stride", "text_stride moves the windows over [eval] text, which is not set.",
+             'set text = "PATH" or remove text_stride.')
+    if e.text is None:
+        return
+    if e.text_stride is not None and e.text_stride > seq:
+        fail(spec, "eval.text_stride", f"text_stride {e.text_stride} exceeds seq_length {seq}: tokens between "
+             "windows would never be scored.", f"set text_stride between 1 and {seq}.")
+    path = Path(spec.file).parent / e.text
+    problem = file_problem(path)
+    if problem:
+        fail(spec, "eval.text", f"no text file at {path}." if problem.endswith("does not exist") else
+             f"cannot read the text file: {problem}.", "give a UTF-8 text file, relative to the scenario file.")
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        fail(spec, "eval.text", f"{path} is not UTF-8 (byte {err.start}: {err.reason}).",
+             "convert the file to UTF-8 (e.g. iconv -t UTF-8).")
 
 
 def check_target(spec) -> None:

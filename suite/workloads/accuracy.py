@@ -12,7 +12,8 @@ of ``workload.seq_length``, as ``suite.eval.metrics.heldout_text`` scores traini
     finetuned       the same after ``[parallel.cqil.finetune]`` (LoRA + distillation on the training split)
     finetune        its settings, tokens, trainable parameters, walltime and KL curve
 
-Each block also holds ``tasks``, per ``[eval] tasks`` file, its zero-shot multiple-choice acc and acc_norm
+With ``[eval] text`` each block also holds ``text``: perplexity per token and bits per byte of that file
+(``suite.eval.metrics.file_text``). Each block also holds ``tasks``, per ``[eval] tasks`` file, its zero-shot multiple-choice acc and acc_norm
 (with standard errors and the number of examples). Without CQIL only ``original`` is measured (an
 evaluation of the checkpoint).
 """
@@ -25,7 +26,7 @@ import torch
 
 from suite.data.prepare import text_tokenizer
 from suite.data.tokens import TokenSource
-from suite.eval.metrics import heldout_max_tokens, heldout_text, multiple_choice, read_examples
+from suite.eval.metrics import file_text, heldout_max_tokens, heldout_text, multiple_choice, read_examples
 from suite.metrics import flops as F
 from suite.metrics.collect import peak_memory
 from suite.models import checkpoint, gpt
@@ -55,7 +56,7 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
     plan, tune = cqil.plan_of(spec), cqil.finetune_of(spec)
     started = time.perf_counter()
     tasks = {Path(t).stem: read_examples(Path(spec.file).parent / t) for t in spec.eval.tasks}
-    tokenizer = text_tokenizer(spec) if tasks else None
+    tokenizer = text_tokenizer(spec) if tasks or spec.eval.text else None
     heldout = data.valid[:heldout_max_tokens(spec) + 1]  # the tokens heldout_text scores
 
     def quality(plan, lora=None) -> dict:
@@ -63,6 +64,8 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         the original model."""
         scorer = _scorer(model, plan, vocab)
         block = heldout_text(spec, scorer, data.valid)
+        if spec.eval.text:  # [eval] text: any UTF-8 file, e.g. a standard test set
+            block["text"] = file_text(spec, scorer, tokenizer)
         if tasks:
             scored = {name: multiple_choice(scorer, tokenizer, ex, max_length=seq) for name, ex in tasks.items()}
             block["tasks"] = {name: {k: v for k, v in r.items() if k not in ("loglikelihoods", "per_example")}
