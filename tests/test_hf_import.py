@@ -266,6 +266,23 @@ def test_families_match_transformers_tp2_pp2(hf):
     assert (hf["dir"] / "export" / "llama_1x2" / "model.safetensors.index.json").is_file()
 
 
+def test_export_hf_command(hf, tmp_path):
+    """`suite export-hf`: one process, hf: init -> a folder transformers reads, tied as the source was;
+    a random init is a one-line user error."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from check_worker import run_suite
+
+    out = tmp_path / "exported"
+    r = run_suite("export-hf", hf["dir"] / "llama_tied.toml", "-o", out, timeout_s=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "Hugging Face folder written to" in r.stdout and "tied embeddings" in r.stdout
+    check_export(hf, "llama_tied", out, hf["lm"]("llama_tied", hf["tokens"]))
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    (tmp_path / "random.toml").write_text(SCENARIO.replace('init = "hf:hf_model"', 'init = "random"'))
+    r = run_suite("export-hf", tmp_path / "random.toml", "-o", tmp_path / "nothing", timeout_s=180)
+    assert r.returncode == 2 and "init is random" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_llama3_inverse_frequencies_are_transformers():
     """megatron-core's llama3 RoPE scaling, as gpt.build_chunks asks for it, against transformers'
     _compute_llama3_parameters, for Llama 3.1 (factor 8) and 3.2 (factor 32) at head size 128."""
