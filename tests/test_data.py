@@ -215,3 +215,31 @@ def test_shipped_technique_corpus_is_the_one_the_reports_were_measured_on(tmp_pa
         old = spec_for(tmp_path, f'source = "text"\npath = ".data/shakespeare_wikitext.txt"\ntokenizer = "{tokenizer}"',
                        model=model)
         assert cache_key(builtin) == cache_key(old)
+
+
+def test_hf_dataset_saved_to_disk_gives_the_tokens_of_the_same_json_lines(tmp_path):
+    """source = "hf" reads a `datasets` folder offline (load_from_disk); rows are documents, as JSON lines are."""
+    datasets = pytest.importorskip("datasets")
+    rows = [json.loads(line)["text"] for line in (CORPUS / "docs.jsonl").read_text().splitlines() if line.strip()]
+    datasets.Dataset.from_dict({"text": rows, "n": list(range(len(rows)))}).save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": rows}),
+                          "test": datasets.Dataset.from_dict({"body": ["held out"]})}).save_to_disk(str(tmp_path / "dd"))
+    model = 'preset = "tiny"\nvocab_size = 512'
+    jsonl = tokenize(jsonl_spec(tmp_path))
+    one = spec_for(tmp_path, f'source = "hf"\npath = "{tmp_path / "one"}"', model=model)
+    assert np.array_equal(tokenize(one), jsonl)
+    split = spec_for(tmp_path, f'source = "hf"\npath = "{tmp_path / "dd"}"\ntext_key = "body"', model=model)
+    assert np.array_equal(tokenize(split), jsonl)  # the train split by default
+    test = spec_for(tmp_path, f'source = "hf"\npath = "{tmp_path / "dd"}"\ntext_key = "body"\nsplit = "test"',
+                    model=model)
+    assert bytes(tokenize(test).astype(np.uint8)) == b"held out\n"
+    assert cache_key(test) != cache_key(split)
+    for data, key, words in [
+            (f'path = "{tmp_path / "dd"}"\ntext_key = "body"\nsplit = "dev"', "data.split", "splits train, test"),
+            (f'path = "{tmp_path / "one"}"\ntext_key = "n"', "data.text_key", "no string column 'n'"),
+            (f'path = "{tmp_path / "one"}"\nsplit = "train"', "data.split", "a single Dataset, without splits"),
+            (f'path = "{CORPUS}"', "data.path", "is not a dataset saved with save_to_disk"),
+            (f'path = "{tmp_path / "nowhere"}"', "data.path", "does not exist")]:
+        with pytest.raises(UserError) as e:
+            spec_for(tmp_path, 'source = "hf"\n' + data, model=model)
+        assert e.value.key == key and words in str(e.value), str(e.value)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from suite.data.sources import (BPE_END, check_data, check_vocab, corpus_files, hf_dir, read_documents,
-                                resolve_path)
+from suite.data.sources import (BPE_END, check_data, check_vocab, corpus_files, hf_dir, hf_split_folder,
+                                read_documents, resolve_path)
 
 CHUNK_CHARS = 1 << 16  # text is tokenized in newline-aligned pieces: progress, and bounded memory
 
@@ -48,7 +48,8 @@ def tokenizer_identity(spec) -> str:
 def cache_key(spec) -> str:
     d = spec.data
     digest = hashlib.sha256(json.dumps({
-        "version": 1, "source": d.source, "text_key": d.text_key if d.source == "jsonl" else None,
+        "version": 1, "source": d.source, "text_key": d.text_key if d.source in ("jsonl", "hf") else None,
+        **({"split": hf_split_folder(spec).name} if d.source == "hf" else {}),
         "tokenizer": tokenizer_identity(spec), "valid_fraction": d.valid_fraction}).encode())
     _hash_files(digest, corpus_files(spec))
     return digest.hexdigest()[:32]
@@ -186,7 +187,7 @@ def tokenize(spec, show: bool = False) -> np.ndarray:
     """The whole corpus as token ids (not read from the token cache; a trained BPE is saved there):
     documents of a JSON-lines file end with an end token."""
     d = spec.data
-    jsonl = d.source == "jsonl"
+    jsonl = d.source in ("jsonl", "hf")  # documents, each ended by an end token
     if d.tokenizer == "byte":
         docs = read_documents(spec)
         data = b"".join(doc.encode() + b"\n" for doc in docs) if jsonl else docs[0]

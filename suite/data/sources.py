@@ -2,7 +2,9 @@
 so a broken corpus fails in one line before any process starts or any model is built.
 
 Sources: 'text' (one UTF-8 file), 'jsonl' (one JSON object per line, the text under `text_key`),
-'megatron' (an already tokenized megatron indexed dataset: PREFIX.bin + PREFIX.idx).
+'hf' (a Hugging Face `datasets` dataset saved with `save_to_disk`: read offline, memory-mapped, with
+`load_from_disk`; one document per row, the text under `text_key`), 'megatron' (an already tokenized
+megatron indexed dataset: PREFIX.bin + PREFIX.idx).
 """
 from __future__ import annotations
 
@@ -82,7 +84,73 @@ def corpus_files(spec) -> list[Path]:
     path = resolve_path(spec)
     if spec.data.source == "megatron":
         return [Path(f"{path}.idx"), Path(f"{path}.bin")]
+    if spec.data.source == "hf":  # the split's Arrow files and metadata (a DatasetDict: the split's folder)
+        folder = hf_split_folder(spec)
+        return sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else [folder]
     return [path]
+
+
+def hf_split_folder(spec) -> Path:
+    """A save_to_disk folder of one Dataset, or the chosen split's folder of a DatasetDict."""
+    path = resolve_path(spec)
+    splits = hf_splits(path)
+    if splits is None:
+        return path
+    split = spec.data.split or ("train" if "train" in splits or len(splits) != 1 else splits[0])
+    return path / split
+
+
+def hf_splits(path: Path) -> list[str] | None:
+    """The split names of a DatasetDict folder (its dataset_dict.json), None for a single Dataset."""
+    index = path / "dataset_dict.json"
+    if file_problem(index):
+        return None
+    try:
+        splits = json.loads(index.read_text(encoding="utf-8")).get("splits")
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return []
+    return [str(s) for s in splits] if isinstance(splits, list) else []
+
+
+def read_hf(spec, *, texts: bool = True):
+    """The hf source's dataset (load_from_disk, memory-mapped), checked; with texts, its documents."""
+    d = spec.data
+    path = resolve_path(spec)
+    fix = "save the dataset with Dataset.save_to_disk (or DatasetDict.save_to_disk) and set path to that folder."
+    problem = file_problem(path, folder=True)
+    if problem:
+        fail(spec, "data.path", f"Hugging Face dataset folder '{d.path}' does not exist (looked for {path})."
+             if problem.endswith("does not exist") else f"cannot use the dataset folder: {problem}.", fix)
+    splits = hf_splits(path)
+    if splits is not None:
+        split = hf_split_folder(spec).name
+        if split not in splits:
+            fail(spec, "data.split", f"the dataset at {path} has splits {', '.join(splits) or '(none)'}, not "
+                 f"'{split}'.", f"set split to one of: {', '.join(splits)}." if splits else fix)
+    elif d.split is not None:
+        fail(spec, "data.split", f"the dataset at {path} is a single Dataset, without splits.", "remove split.")
+    try:
+        import datasets
+    except ImportError:
+        fail(spec, "data.source", "source = 'hf' needs the `datasets` library.", "pip install datasets.")
+    try:
+        ds = datasets.load_from_disk(str(hf_split_folder(spec)))
+    except Exception as e:  # datasets raises FileNotFoundError, ValueError, pyarrow errors, ...
+        fail(spec, "data.path", f"{path} is not a dataset saved with save_to_disk ({type(e).__name__}: "
+             f"{str(e).splitlines()[0] if str(e) else ''}).", fix)
+    feature = ds.features.get(d.text_key)
+    if feature is None or getattr(feature, "dtype", None) not in ("string", "large_string"):
+        columns = ", ".join(f"{k} ({getattr(v, 'dtype', type(v).__name__)})" for k, v in ds.features.items())
+        fail(spec, "data.text_key", f"the dataset at {path} has no string column '{d.text_key}' (columns: "
+             f"{columns or 'none'}).", "set text_key to the column that holds the text.")
+    if len(ds) == 0:
+        fail(spec, "data.path", f"the dataset at {path} has no rows.", "point path at a dataset with text.")
+    if not texts:
+        return ds
+    docs = [t for t in ds[d.text_key] if t]  # missing or empty texts are not documents
+    if not docs:
+        fail(spec, "data.path", f"the corpus {path} has no text.", "add documents with non-empty text.")
+    return docs
 
 
 def read_bytes(spec, path: Path) -> bytes:
@@ -107,6 +175,8 @@ def _decode(spec, path: Path, data: bytes) -> str:
 def read_documents(spec) -> list:
     """'text': [the file's bytes] (the byte tokenizer reads raw bytes, as always); 'jsonl': the texts."""
     d = spec.data
+    if d.source == "hf":
+        return read_hf(spec)
     path = resolve_path(spec)
     data = read_bytes(spec, path)
     if d.source == "text":
@@ -219,7 +289,9 @@ def check_data(spec) -> None:
               "set path = \"builtin:shakespeare\" or a file relative to the scenario.")
     if d.tokenizer not in ("byte", "bpe") and not d.tokenizer.startswith("hf:"):
         fail(spec, "data.tokenizer", f"unknown tokenizer '{d.tokenizer}'.", 'use "byte", "bpe" or "hf:PATH".')
-    for path in corpus_files(spec):
+    if d.source == "hf":
+        read_hf(spec, texts=False)  # the folder, split, column and row count; texts are read when tokenizing
+    for path in corpus_files(spec) if d.source != "hf" else []:
         problem = file_problem(path)
         if problem:
             kind = {"text": "text file", "jsonl": "JSON-lines file", "megatron": "indexed dataset file"}[d.source]
@@ -242,7 +314,8 @@ def check_data(spec) -> None:
                  "token ids are 0 .. vocab_size - 1; write the dataset with an unsigned or wider dtype.")
         check_vocab(spec, int(tokens.max()), f"the indexed dataset {d.path}")
         return
-    check_text(spec, corpus_files(spec)[0])
+    if d.source != "hf":
+        check_text(spec, corpus_files(spec)[0])
     if d.source == "jsonl":
         read_documents(spec)  # line-numbered errors now, not in the middle of a run
     if d.tokenizer == "byte" and m.vocab_size < 256:

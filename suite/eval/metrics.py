@@ -32,7 +32,7 @@ def text_metrics(model: Model, tokens: Sequence[int] | torch.Tensor, seq_length:
     return {"loss": loss, "perplexity": math.exp(loss), "bpb": bpb, "tokens": n, "bytes": num_bytes}
 
 
-TEXT_SOURCES = ("text", "jsonl")  # corpora whose tokens stand for known text, so bytes can be counted
+TEXT_SOURCES = ("text", "jsonl", "hf")  # corpora whose tokens stand for known text, so bytes can be counted
 
 
 def heldout_tokens(spec) -> torch.Tensor:

@@ -159,15 +159,18 @@ class DataConfig:
     """[data]: where tokens come from."""
 
     source: str = doc("'synthetic' (uniform random tokens, for speed), 'text' (a UTF-8 file), 'jsonl' (one JSON "
-                      "object per line, the text under text_key) or 'megatron' (a megatron indexed dataset, "
-                      "already tokenized: path = the PREFIX of PREFIX.bin/PREFIX.idx).", "synthetic",
-                      choices=("synthetic", "text", "jsonl", "megatron"))
+                      "object per line, the text under text_key), 'hf' (a Hugging Face `datasets` dataset saved "
+                      "with save_to_disk, read offline with load_from_disk: path = its folder, the text under "
+                      "text_key, split = which split) or 'megatron' (a megatron indexed dataset, already "
+                      "tokenized: path = the PREFIX of PREFIX.bin/PREFIX.idx).", "synthetic",
+                      choices=("synthetic", "text", "jsonl", "hf", "megatron"))
     path: str | None = doc("Corpus file (or indexed-dataset prefix), relative to the scenario file; "
                            "'builtin:shakespeare' is a small corpus shipped with suite.")
     tokenizer: str = doc("Tokenizer for text and jsonl: 'byte' (each UTF-8 byte), 'bpe' (a byte-level BPE trained "
                          "on the training split, bpe_vocab_size ids) or 'hf:PATH' (a local Hugging Face tokenizer "
                          "folder, relative to the scenario file). Tokens are cached (`suite data prepare`).", "byte")
-    text_key: str = doc("jsonl: the key of each line's text.", "text")
+    text_key: str = doc("jsonl: the key of each line's text; hf: the column of text.", "text")
+    split: str | None = doc("hf: the split of a DatasetDict folder (default: 'train', else its only split).")
     bpe_vocab_size: int = doc("bpe: vocabulary size (at most [model] vocab_size).", 1024, range="[257, 16777216]")
     valid_fraction: float = doc("Tail fraction of the corpus held out for validation.", 0.05, range="(0, 1)")
 

@@ -139,7 +139,7 @@ def check_accuracy(spec) -> None:
         if value != 1:
             fail(spec, f"parallel.{key}", f"the accuracy workload runs on one process (the CQIL model's "
                   f"function is computed on one device); {key} = {value}.", f"remove {key}.")
-    if spec.data.source not in ("text", "jsonl"):
+    if spec.data.source not in ("text", "jsonl", "hf"):
         fail(spec, "data.source", f"the accuracy workload scores held-out real text; source is "
               f"'{spec.data.source}'.", 'set [data] source = "text" (or "jsonl") and a path.')
     for i, task in enumerate(spec.eval.tasks):
