@@ -28,6 +28,62 @@ def plan_rows(variants) -> list[dict]:
     return rows
 
 
+# Feasibility: a variant starts only where each process has its plan's memory plus this margin: 10% for
+# what the estimate leaves out (allocator fragmentation, temporaries, the KV cache of inference) and
+# 1 GiB for the runtime itself (CUDA context and kernels, or torch and megatron-core in host memory).
+MARGIN_FRACTION = 0.10
+MARGIN_BYTES = 2**30
+
+
+def memory_per_process(v) -> int:
+    """The plan's estimate of one process's memory (bytes): its GPU's, or its host RAM's on CPU."""
+    return int(plan_rows([v])[0]["memory_per_gpu"])
+
+
+def required_bytes(v) -> int:
+    return int(memory_per_process(v) * (1 + MARGIN_FRACTION) + MARGIN_BYTES)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def check_memory(v, nproc: int, local_rank: int | None = None, local_world: int | None = None,
+                 gpus: int | None = None) -> str | None:
+    """None if ``nproc`` processes of ``v`` fit this machine, else why not, in one line.
+
+    With GPUs: the free memory of GPU ``local_rank`` (the launcher, with ``local_rank`` None: the
+    ``nproc`` GPUs with the most free memory, and ``gpus``: how many the host has). Without GPUs: the
+    host's available RAM shared by the ``local_world`` processes on this host (default ``nproc``)."""
+    from suite.metrics import hardware
+
+    need = required_bytes(v)
+    est = memory_per_process(v)
+    needs = (f"needs {nproc} GPU{'s' * (nproc != 1)} with >= {need / 2**30:.0f} GiB{' each' * (nproc != 1)} (plan estimate "
+             f"{_gib(est)} + {MARGIN_FRACTION:.0%} + {_gib(MARGIN_BYTES)})")
+    free = hardware.gpu_free_bytes(local_rank, context=local_rank is not None)
+    if gpus and not free:
+        return None  # GPUs whose memory the launcher cannot read: each rank checks its own
+    if free:
+        if local_rank is None:
+            free = sorted(free, reverse=True)[:nproc]
+            if len(free) < nproc:
+                return None  # too few GPUs: the launcher skips that with its own reason
+        worst = min(free)
+        if worst >= need:
+            return None
+        which = f"GPU {local_rank}" if local_rank is not None else f"the fullest of {len(free)} GPUs"
+        return f"{needs}; this machine has {which} with {_gib(worst)} free."
+    ram = hardware.ram_available_bytes()
+    if ram is None:
+        return None
+    sharing = local_world or nproc
+    if ram / sharing >= need:
+        return None
+    share = f" ({_gib(ram / sharing)} for each of {sharing} processes)" if sharing > 1 else ""
+    return f"{needs}; this machine has no GPU and {_gib(ram)} RAM available{share}."
+
+
 def _inference_row(v, shape) -> dict:
     """Largest grid point: prefill FLOPs, and weight bytes per GPU (bf16 2 bytes, fp32 4).
 

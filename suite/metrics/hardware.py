@@ -89,3 +89,42 @@ def _probe_copy(nbytes: int = 2 * 2**30) -> float:
     dst = torch.empty_like(src)
     ms = _time_ms(lambda: dst.copy_(src))
     return round(2 * nbytes / ms / 1e9, 3)
+
+
+def ram_available_bytes() -> int | None:
+    """The kernel's estimate of memory available to new work without swapping (MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def gpu_free_bytes(index: int | None = None, context: bool = True) -> list[int] | None:
+    """Free memory of each GPU (or of GPU ``index`` alone), None without GPUs (or when it cannot be
+    read without a CUDA context and ``context`` is False).
+
+    NVML when it is there: it reads the driver's numbers without creating a CUDA context (a context
+    costs ~0.5 GiB on every GPU queried, and the launcher's would stay for the whole run); else
+    ``torch.cuda.mem_get_info``."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        n = pynvml.nvmlDeviceGetCount()
+        indices = range(n) if index is None else [index]
+        return [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free for i in indices]
+    except Exception:
+        pass
+    import torch
+
+    if not context or not torch.cuda.is_available():
+        return None
+    indices = range(torch.cuda.device_count()) if index is None else [index]
+    return [torch.cuda.mem_get_info(i)[0] for i in indices]

@@ -9,6 +9,7 @@ reduced on the device every step and read back only at log points, so logging do
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -263,7 +264,7 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
     if trainer.cuda:
         torch.cuda.reset_peak_memory_stats()
     losses, validation_curve, step_flops, target = [], [], [], None
-    steps_run = 0
+    steps_run, diverged, checked = 0, None, 0
     profiler = StepProfiler(spec, ctx)
     for step in range(w.steps):
         if step == w.warmup_steps:
@@ -277,11 +278,19 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         steps_run = step + 1
         step_flops.append(trainer.step_flops(step))
         flops_total = sum(step_flops)
-        if steps_run % w.log_interval == 0 or steps_run == w.steps:
+        log_now = steps_run % w.log_interval == 0 or steps_run == w.steps
+        eval_now = w.eval_interval and steps_run % w.eval_interval == 0 and steps_run < w.steps
+        if log_now or eval_now:  # losses are read back only here, where the host waits anyway
+            diverged = _divergence(losses, checked)
+            checked = steps_run
+            if diverged:
+                ctx.log(f"diverged: loss {diverged['loss']} at step {diverged['step']}; stopping this variant")
+                break
+        if log_now:
             recent = clock.seconds()[-1]
             ctx.log(f"step {steps_run}/{w.steps} loss {float(losses[-1]):.4f} lr {trainer.current_lr():.2e} "
                     f"step {recent * 1000:.1f} ms {w.global_batch * w.seq_length / recent:,.0f} tok/s")
-        if w.eval_interval and steps_run % w.eval_interval == 0 and steps_run < w.steps:
+        if eval_now:
             validation_curve.append([steps_run, trainer.validation_loss(), sum(clock.seconds()), flops_total])
             ctx.log(f"step {steps_run}: validation loss {validation_curve[-1][1]:.4f}")
             if w.target_loss is not None and validation_curve[-1][1] <= w.target_loss:
@@ -290,16 +299,20 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
                 break
     times = clock.seconds()
     joules = energy.stop_joules()
+    if diverged:  # the record keeps the steps before the first non-finite loss
+        steps_run = diverged["step"] - 1
+        del losses[steps_run:], times[steps_run:], step_flops[steps_run:]
+        validation_curve = [p for p in validation_curve if p[0] <= steps_run]
     timed = times[w.warmup_steps:]
     flops_total = sum(step_flops)
-    validation = trainer.validation_loss() if spec.eval.validation else None
+    validation = trainer.validation_loss() if spec.eval.validation and not diverged else None
     if validation is not None and (not validation_curve or validation_curve[-1][0] != steps_run):
         validation_curve.append([steps_run, validation, sum(times), flops_total])
     if w.target_loss is not None and target is None:
         reached = validation is not None and validation <= w.target_loss
         target = _target_block(w, reached, steps_run, flops_total, clock)
-    heldout = trainer.heldout()
-    if w.save_checkpoint:
+    heldout = None if diverged else trainer.heldout()
+    if w.save_checkpoint and not diverged:
         checkpoint.save(spec, trainer.model, ctx.log)
     extra = {}
     for name, t in zip(spec.tricks, trainer.tricks):
@@ -314,8 +327,19 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         "step_points": [trainer.step_point(s) for s in range(w.warmup_steps, w.warmup_steps + len(timed))],
         "validation_samples": getattr(trainer, "validation_batches", None) if validation is not None else None,
         "summary": summarize(timed), "walltime_s": sum(times), "target": target, "heldout": heldout,
-        "extra": extra,
+        "extra": extra, "diverged": diverged,
+        # start-up (first-step compilation, allocator growth) paid inside walltime_s and validation_curve
+        "warmup_walltime_s": sum(times[:w.warmup_steps]),
     }
+
+
+def _divergence(losses: list, start: int) -> dict | None:
+    """{'step', 'loss'} of the first non-finite loss in ``losses[start:]`` (one read-back), else None."""
+    values = torch.stack(losses[start:]).tolist() if losses[start:] else []
+    for i, value in enumerate(values):
+        if not math.isfinite(value):
+            return {"step": start + i + 1, "loss": str(value)}
+    return None
 
 
 def _target_block(w, reached: bool, steps: int, flops: int, clock: StepClock) -> dict:
