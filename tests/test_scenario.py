@@ -548,3 +548,11 @@ def test_help_has_no_raw_markup_and_takes_verbose_anywhere():
     assert parser.parse_args(["validate", "x.toml", "--verbose"]).verbose
     assert parser.parse_args(["--verbose", "plan", "x.toml"]).verbose
     assert not hasattr(parser.parse_args(["plan", "x.toml"]), "verbose")
+
+
+def test_binary_task_file_is_caught_at_validate_time(tmp_path, capsys):
+    (tmp_path / "tasks.jsonl").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR")
+    path = write(tmp_path, "s.toml", '[model]\npreset = "tiny"\n[workload]\nkind = "accuracy"\n[data]\n'
+                 'source = "text"\npath = "builtin:shakespeare"\n[eval]\ntasks = ["tasks.jsonl"]\n')
+    code, err = validate_in_process(capsys, str(path))
+    assert code == 2 and "key 'eval.tasks[0]': the task file" in err and "is binary" in err, err

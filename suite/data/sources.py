@@ -199,12 +199,12 @@ def read_documents(spec) -> list:
     return docs
 
 
-def check_text(spec, path: Path) -> None:
-    """A text corpus is UTF-8 text: its first and last PROBE bytes are read (cheap at any size), and a NUL
-    byte or bytes that are not UTF-8 there fail now rather than in the middle of a run."""
+def check_text(spec, path: Path, key: str = "data.path", what: str = "corpus") -> None:
+    """A text file (a corpus, a task file) is UTF-8 text: its first and last PROBE bytes are read (cheap at
+    any size), and a NUL byte or bytes that are not UTF-8 there fail now rather than in the middle of a run."""
     size = path.stat().st_size
     if size == 0:
-        fail(spec, "data.path", f"the corpus {path} is empty.", "point data.path at a non-empty file.")
+        fail(spec, key, f"the {what} {path} is empty.", f"point {key} at a non-empty file.")
     with open(path, "rb") as f:
         head = f.read(PROBE)
         f.seek(max(size - PROBE, len(head)))
@@ -212,14 +212,15 @@ def check_text(spec, path: Path) -> None:
     for offset, part in ((0, head), (size - len(tail), tail)):
         nul = part.find(b"\0")
         if nul >= 0:
-            fail(spec, "data.path", f"the corpus {path} is binary (a NUL byte at offset {offset + nul}), not text.",
-                 "give a UTF-8 text file (source = \"megatron\" reads tokenized datasets).")
+            fail(spec, key, f"the {what} {path} is binary (a NUL byte at offset {offset + nul}), not text.",
+                 "give a UTF-8 text file" + (" (source = \"megatron\" reads tokenized datasets)."
+                                             if key == "data.path" else "."))
         if offset:  # the tail may start inside a character: skip continuation bytes
             part = part.lstrip(bytes(range(0x80, 0xC0)))
         try:
             codecs.getincrementaldecoder("utf-8")().decode(part, final=False)
         except UnicodeDecodeError as e:
-            fail(spec, "data.path", f"the corpus {path} is not UTF-8 text (byte {offset + e.start}).",
+            fail(spec, key, f"the {what} {path} is not UTF-8 text (byte {offset + e.start}).",
                  "convert the file to UTF-8.")
 
 

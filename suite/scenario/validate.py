@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from suite.data.sources import check_data, file_problem
+from suite.data.sources import check_data, check_text, file_problem
 from suite.errors import fail
 from suite.parallel.cqil import plan_of
 
@@ -149,6 +149,7 @@ def check_accuracy(spec) -> None:
             fail(spec, f"eval.tasks[{i}]", f"no task file at {path}." if problem.endswith("does not exist")
                  else f"cannot use the task file: {problem}.",
                  "give JSON-lines files of {context, choices, label}, relative to the scenario file.")
+        check_text(spec, path, f"eval.tasks[{i}]", "task file")  # the JSON lines are parsed when scored
     check_eval_text(spec)
     if spec.tricks:
         fail(spec, "tricks", f"techniques {', '.join(spec.tricks)} change training; the accuracy workload "
