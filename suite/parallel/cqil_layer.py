@@ -7,6 +7,7 @@ the unmodified model. A group of size 1 (degree 1) runs the plain layer, bit for
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import torch
@@ -72,16 +73,20 @@ class CQILLayer(TransformerLayer):
         return gathered[first:role.position].sum(dim=0) if role.position else None
 
 
-def new_groups(tp: int, degree: int) -> tuple[dist.ProcessGroup, int, list]:
+def new_groups(tp: int, degree: int, timeout_s: float | None = None) -> tuple[dist.ProcessGroup, int, list]:
     """(this rank's CQIL group, its CQIL rank, all CQIL groups) — collective: every rank calls it.
 
     One group per TP shard: the ranks with equal rank % tp (megatron's TP-fastest rank order, which
     the assertion checks), so each CQIL all-reduce runs alongside megatron's TP all-reduces.
+    ``timeout_s``: the groups' collective timeout (torch's default for new groups is its library
+    default, 10 or 30 minutes, not the default group's).
     """
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == tp * degree, f"CQIL needs tp x degree = {tp * degree} processes, got {world}"
     assert ps.get_tensor_model_parallel_rank() == rank % tp, "megatron's rank order is not TP-fastest"
-    group, groups = dist.new_subgroups_by_enumeration([[t + tp * c for c in range(degree)] for t in range(tp)])
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    group, groups = dist.new_subgroups_by_enumeration([[t + tp * c for c in range(degree)] for t in range(tp)],
+                                                      timeout=timeout)
     return group, rank // tp, groups
 
 

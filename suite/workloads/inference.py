@@ -153,7 +153,10 @@ class Engine:
         layer.submodules.self_attention.submodules.core_attention = CachedAttention
         block = layer
         if self.plan:
-            group, cqil_rank, self.cqil_groups = cqil_layer.new_groups(spec.parallel.tp, self.plan.degree)
+            from suite.launch.guard import TIMEOUT_MARGIN_S  # megatron's groups get the same (spmd)
+
+            group, cqil_rank, self.cqil_groups = cqil_layer.new_groups(
+                spec.parallel.tp, self.plan.degree, timeout_s=spec.workload.timeout_s + TIMEOUT_MARGIN_S)
             block = cqil_layer.block_spec(layer, self.plan, cqil_rank, group)
         (self.model,) = gpt.build_chunks(spec, self.config, block)
         gpt.init_parameters([self.model], spec.workload.seed, spec.model.init_std, spec.model.num_layers)
