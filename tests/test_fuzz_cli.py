@@ -3,14 +3,18 @@
 Scenarios are generated from the schema itself (every section's dataclass, the techniques' sections, CQIL's
 table): a valid tiny scenario with a few keys replaced by values of the right type, the wrong type,
 extreme magnitudes, nan and inf, odd strings and unusable paths, unknown keys and sections, ``extends``
-and variants, and ``--set`` overrides. The CLI's ``main`` runs in-process (fast); any exception other than
+and variants, and ``--set`` overrides; some read data files written beside them with random content
+(corpora, JSON lines, tokenizer files, megatron .idx/.bin pairs, datasets folders). The CLI's ``main`` runs in-process (fast); any exception other than
 the ``UserError`` it turns into exit 2 propagates and fails the test with the generated file.
 """
 from __future__ import annotations
 
 import contextlib
 import io
+import itertools
+import json
 import math
+import struct
 import tempfile
 import typing
 from dataclasses import fields
@@ -24,6 +28,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import suite.tricks.builtin  # noqa: E402,F401  (registers the techniques)
 from suite.cli import main  # noqa: E402
+from suite.data.sources import IDX_MAGIC  # noqa: E402
 from suite.parallel.cqil import FINETUNE_KEYS, KEYS as CQIL_KEYS  # noqa: E402
 from suite.scenario.schema import SECTIONS  # noqa: E402
 from suite.tricks.registry import TRICKS  # noqa: E402
@@ -137,9 +142,46 @@ BASES = [
 ]
 
 
+def idx_header(code: int, sequences: int, documents: int) -> bytes:
+    """The start of a megatron .idx: magic, version, dtype code, sequence and document counts."""
+    return IDX_MAGIC + struct.pack("<QBQQ", 1, code, sequences, documents)
+
+
+CORPUS_BYTES = st.one_of(st.binary(max_size=300), TEXT.map(lambda t: t.encode("utf-8")),
+                         st.lists(st.one_of(st.dictionaries(st.sampled_from(["text", "body"]), SCALARS, max_size=2),
+                                            ANY), max_size=4).map(lambda rows: "\n".join(map(json.dumps, rows)).encode()))
+TOKENIZER_BYTES = st.one_of(st.binary(max_size=100), st.sampled_from([b"{}", b'{"version": "1.0"', b"[]", b'"x"']))
+IDX_BYTES = st.one_of(st.binary(max_size=64), st.builds(lambda code, n, d, rest: idx_header(code, n, d) + rest,
+                                                        st.integers(0, 9), st.sampled_from([0, 1, 2, 2**40]),
+                                                        st.sampled_from([0, 1, 3]), st.binary(max_size=48)))
+
+
 @st.composite
-def scenarios(draw) -> tuple[dict, list[str]]:
+def data_files(draw) -> tuple[dict, dict[str, bytes]]:
+    """A [data] section over files written beside the scenario: random corpora, tokenizers, indexed datasets."""
+    source = draw(st.sampled_from(["text", "jsonl", "megatron", "hf"]))
+    files = {"corpus.txt": draw(CORPUS_BYTES)}
+    data = {"source": source, "path": "corpus.txt"}
+    if source == "megatron":
+        files = {"ds.idx": draw(IDX_BYTES), "ds.bin": draw(st.binary(max_size=64))}
+        data["path"] = "ds"
+    elif source == "hf":
+        files = {"set/dataset_dict.json": draw(st.one_of(TOKENIZER_BYTES, st.just(b'{"splits": ["train"]}'))),
+                 "set/train/state.json": draw(TOKENIZER_BYTES)}
+        data["path"] = "set"
+    tokenizer = draw(st.sampled_from(["byte", "bpe", "hf:tok"]))
+    data["tokenizer"] = tokenizer
+    if tokenizer == "hf:tok":
+        files[draw(st.sampled_from(["tok/tokenizer.json", "tok/tokenizer_config.json"]))] = draw(TOKENIZER_BYTES)
+    return data, files
+
+
+@st.composite
+def scenarios(draw) -> tuple[dict, list[str], dict[str, bytes]]:
     table = {k: dict(v) for k, v in draw(st.sampled_from(BASES)).items()}
+    files: dict[str, bytes] = {}
+    if draw(st.integers(0, 3)) == 1:
+        table["data"], files = draw(data_files())
     for name in draw(st.lists(st.sampled_from(list(SECTIONS)), max_size=3)):
         changes = draw(SECTION_TABLES[name])
         base = table.get(name, {})
@@ -164,7 +206,7 @@ def scenarios(draw) -> tuple[dict, list[str]]:
                                    st.one_of(st.sampled_from(["2", "nan", "inf", "-1", "[1]", "{a=1}", '"s"', ""]),
                                              TEXT)),
                          max_size=2))
-    return table, sets
+    return table, sets, files
 
 
 @pytest.fixture(scope="module")
@@ -173,19 +215,33 @@ def folder():
         yield Path(d)
 
 
+CASES = itertools.count()
+
+
+def write_case(folder: Path, table: dict, files: dict[str, bytes]) -> Path:
+    """The scenario and its files in a fresh folder (no file left over from an earlier example)."""
+    case = folder / f"case{next(CASES)}"
+    for name, content in files.items():
+        (case / name).parent.mkdir(parents=True, exist_ok=True)
+        (case / name).write_bytes(content)
+    case.mkdir(exist_ok=True)
+    path = case / "fuzz.toml"
+    path.write_text(toml_document(table), encoding="utf-8")
+    return path
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                    HealthCheck.function_scoped_fixture])
 @given(case=scenarios())
 def test_validate_and_plan_exit_0_or_2_on_any_scenario(folder, case):
-    table, sets = case
-    path = folder / "fuzz.toml"
-    path.write_text(toml_document(table), encoding="utf-8")
+    table, sets, files = case
+    path = write_case(folder, table, files)
     args = [a for s in sets for a in ("--set", s)]
     for command in ("validate", "plan"):
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = main([command, str(path), *args])
-        assert code in (0, 2), (command, code, path.read_text(), sets)
+        assert code in (0, 2), (command, code, path.read_text(), sets, files)
         if code == 2:
             lines = err.getvalue().strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith("error: "), err.getvalue()
@@ -196,8 +252,7 @@ def test_the_generator_reaches_both_outcomes(folder):
     from hypothesis import find
 
     def outcome(case, want):
-        path = folder / "probe.toml"
-        path.write_text(toml_document(case[0]), encoding="utf-8")
+        path = write_case(folder, case[0], case[2])
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return main(["plan", str(path), *[a for s in case[1] for a in ("--set", s)]]) == want
 
