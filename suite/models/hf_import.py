@@ -1,5 +1,5 @@
-"""Hugging Face LLaMA-family weights (a local directory: config.json + safetensors) -> this suite's
-megatron-core GPTModel, sharded for the current TP/PP layout.
+"""Hugging Face LLaMA, Llama 3.x, Mistral and Qwen2/2.5 weights (a local directory: config.json +
+safetensors) -> this suite's megatron-core GPTModel, sharded for the current TP/PP layout.
 
 Each megatron parameter is built as its *full* tensor from the HF tensors, then cut to this rank's
 shard the same way ``gpt.init_parameters`` cuts its random tensors (so TP/PP need no special case):
