@@ -556,3 +556,25 @@ def test_binary_task_file_is_caught_at_validate_time(tmp_path, capsys):
                  'source = "text"\npath = "builtin:shakespeare"\n[eval]\ntasks = ["tasks.jsonl"]\n')
     code, err = validate_in_process(capsys, str(path))
     assert code == 2 and "key 'eval.tasks[0]': the task file" in err and "is binary" in err, err
+
+
+def test_every_numeric_key_has_a_range_or_choices():
+    """Ranges are how absurd numbers are refused: a new numeric key must declare one (doc(..., range=...))."""
+    import typing
+    from dataclasses import fields
+
+    import suite.tricks.builtin  # noqa: F401
+    from suite.scenario.schema import SECTIONS, parse_range
+    from suite.tricks.registry import TRICKS
+
+    missing = []
+    for name, cls in [*SECTIONS.items(), *((f"tricks.{k}", t.config) for k, t in TRICKS.items())]:
+        hints = typing.get_type_hints(cls)
+        for f in fields(cls):
+            if any(t in str(hints[f.name]) for t in ("int", "float")):
+                if f.metadata.get("range"):
+                    low, _, high, _ = parse_range(f.metadata["range"])
+                    assert low < high and math.isfinite(high), (name, f.name)
+                elif not f.metadata.get("choices"):
+                    missing.append(f"{name}.{f.name}")
+    assert not missing, f"numeric keys without a range: {missing}"

@@ -1,6 +1,7 @@
 """The scenario language: one typed, documented dataclass per TOML section.
 
-Every key has a default and a one-line doc (``doc(...)``); ``suite validate --explain`` prints them.
+Every key has a default and a one-line doc (``doc(...)``), and every numeric key a documented range or a
+list of choices, checked for every section in one place (``suite.scenario.loader.build_section``).
 Techniques add their own section under ``[tricks.<name>]`` through ``suite.tricks.registry``; the core
 schema does not know them.
 """
