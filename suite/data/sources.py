@@ -360,7 +360,9 @@ def check_hf_tokenizer(spec) -> None:
 
         try:
             size = Tokenizer.from_file(str(present["tokenizer.json"])).get_vocab_size(with_added_tokens=True)
-        except Exception as e:  # the tokenizers library raises its own exception types for a bad file
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # its own exception types for a bad file; a Rust panic is a BaseException
             fail(spec, "data.tokenizer", f"{present['tokenizer.json']} is not a tokenizer the tokenizers "
                  f"library can read ({str(e).splitlines()[0] if str(e) else type(e).__name__}).",
                  "save the tokenizer again (tokenizer.save_pretrained(folder)).")
