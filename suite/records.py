@@ -170,9 +170,12 @@ FIELDS: dict[str, str] = {
     "scenario_file": STR, "command": STR, "started_at": STR, "finished_at": STR,
     "config": DICT, "config.model": DICT, "config.model.num_layers": INT, "config.parallel": DICT,
     "config.workload": DICT, "config.workload.kind": STR, "config.workload.seed": INT,
-    "env": DICT, "error": DICT, "error.type": STR, "error.message": STR,
+    "env": DICT, **{f"env.{k}": STR for k in ("gpu_name", "torch", "megatron_core", "git_commit", "driver", "cuda",
+                                               "nccl", "python", "hostname", "cpu")},
+    "env.gpu_count": INT, "env.processes": INT, "error": DICT, "error.type": STR, "error.message": STR,
     "world_size": INT, "tp": INT, "pp": INT, "dp": INT, "layout": DICT,
-    "measures": LIST, "measures[]": DICT, "measures[].name": STR + "!", "measures[].unit": STR, "measures[].kind": STR,
+    "measures": LIST, "measures[]": DICT + "!", "measures[].name": STR + "!", "measures[].unit": STR,
+    "measures[].kind": STR,
     "measures[].direction": STR, "measures[].compare": STR, "measures[].point": DICT, "measures[].value": NUM,
     "measures[].samples": LIST, "measures[].samples[]": NUM, "measures[].tolerance": NUM,
     "metrics": DICT, "metrics.parameters": NUM, "metrics.steps": INT, "metrics.timed_steps": INT,
@@ -181,14 +184,14 @@ FIELDS: dict[str, str] = {
     **{f"metrics.{k}": NUM for k in ("tokens_per_s", "flops_per_step", "flops_total", "tflops_per_gpu", "mfu",
                                      "gemm_ceiling_tflops", "fraction_of_gemm_ceiling", "peak_memory_bytes",
                                      "final_loss", "validation_loss", "walltime_s", "energy_j", "avg_power_w")},
-    "metrics.memory_kind": STR, "metrics.loss_curve": LIST, "metrics.loss_curve[]": LIST,
-    "metrics.loss_curve[][]": NUM, "metrics.validation_curve": LIST, "metrics.validation_curve[]": LIST,
+    "metrics.memory_kind": STR, "metrics.loss_curve": LIST, "metrics.loss_curve[]": LIST + "!",
+    "metrics.loss_curve[][]": NUM, "metrics.validation_curve": LIST, "metrics.validation_curve[]": LIST + "!",
     "metrics.validation_curve[][]": NUM, "metrics.heldout": DICT,
     **{f"metrics.heldout.{k}": NUM for k in ("loss", "perplexity", "bpb", "tokens", "bytes", "seq_length")},
     "metrics.target": DICT, "metrics.target.target_loss": NUM, "metrics.target.reached": BOOL,
     "metrics.target.steps": NUM, "metrics.target.tokens": NUM, "metrics.target.flops": NUM,
     "metrics.target.walltime_s": NUM, "metrics.extra": DICT,
-    "metrics.inference": LIST, "metrics.inference[]": DICT, "metrics.inference[].batch": INT + "!",
+    "metrics.inference": LIST, "metrics.inference[]": DICT + "!", "metrics.inference[].batch": INT + "!",
     "metrics.inference[].prompt": INT + "!", "metrics.inference[].gen": INT + "!",
     "metrics.inference[].cuda_graph": BOOL,
     "metrics.inference[].repeats": INT, "metrics.inference[].repeats_same_tokens": BOOL,
@@ -203,7 +206,8 @@ FIELDS: dict[str, str] = {
     **{f"metrics.accuracy.{model}.{k}": NUM for model in ("original", "concurrent", "finetuned")
        for k in ("loss", "perplexity", "bpb", "tokens", "bytes", "seq_length", "kl_to_original")},
     **{f"metrics.accuracy.{model}.tasks": DICT for model in ("original", "concurrent", "finetuned")},
-    **{f"metrics.accuracy.original.{k}": NUM + "!" for k in ("perplexity", "tokens", "seq_length")},
+    **{f"metrics.accuracy.{model}.perplexity": NUM + "!" for model in ("original", "concurrent", "finetuned")},
+    **{f"metrics.accuracy.original.{k}": NUM + "!" for k in ("tokens", "seq_length")},
 }
 _CHECKS = {NUM: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
            INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
@@ -249,12 +253,14 @@ def check_record(rec, fields: dict[str, str] | None = None) -> str | None:
             return f"has no {key!r} text (every record names its scenario, variant and status)"
     for path, spec in {**FIELDS, **(fields or {})}.items():
         kind, tokens = spec.rstrip("!"), _tokens(path)
-        if spec.endswith("!"):
+        if spec.endswith("!") and tokens[-1] != "[]":
             for where, parent in _at(rec, tokens[:-1]):
                 if isinstance(parent, dict) and parent.get(tokens[-1]) is None:
                     return f"has no value at {where}.{tokens[-1]}; it must hold a{_n(kind)} {kind}"
         for where, value in _at(rec, tokens):
             if value is None:
+                if spec.endswith("!") and tokens[-1] == "[]":  # a list of blocks has no null blocks
+                    return f"has {where} = null; it must hold a{_n(kind)} {kind}"
                 continue
             if not _CHECKS[kind](value):
                 shown = json.dumps(value)[:40]

@@ -2,6 +2,7 @@
 Torch-free and fast."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -106,7 +107,8 @@ def test_v1_summary_becomes_a_median_measure(tmp_path):
     (b"42\n", "line 1 is a number"),
     (b"{}\n", "record schema None"),
     (b'{"schema": 2}\n', "no 'scenario'"),
-    (b'{"schema": 2, "scenario": "s", "variant": "v", "status": "ok", "metrics": []}\n', "metrics = [], which is not an object"),
+    (b'{"schema": 2, "scenario": "s", "variant": "v", "status": "ok", "metrics": []}\n',
+     "metrics = [], which is not an object"),
     (b'{"schema": 1, "scenario": "s", "variant": "v", "status": "ok", "metrics": {"step_time_s": "fast"}}\n',
      "metrics.step_time_s = \"fast\""),
     (b'{"schema": 2, "scenario": "s", "variant": "v", "status": "ok", "measures": [{"name": "x", "samples": ["a"]}]}\n',
@@ -123,3 +125,67 @@ def test_bad_record_lines_are_user_errors(tmp_path, content, expected):
 
 def test_check_record_accepts_what_the_writer_writes():
     assert check_record({**ok_record(), "measures": [measure(STEP, 0.5, [0.5])]}) is None
+
+
+# ---------------------------------------------------------------------------------------------- any input
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+FIXTURES = [ROOT / "data" / "report" / name for name in ("gpu.jsonl", "inference.jsonl", "v2_cpu.jsonl")] + \
+    [ROOT.parent / "reports" / "records" / name for name in ("cqil_accuracy_h200.jsonl", "gpt_multilevel_h200x4.jsonl",
+                                                             "gpt_random_ltd_h100.jsonl", "llama33b_h200x4.jsonl")]
+BASES = [json.loads(line) for path in FIXTURES for line in path.read_text().splitlines()[:3]]
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats() | st.text(max_size=6),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                    max_leaves=6)
+
+
+def _paths(value, prefix=()):
+    """Every (key or index) path into a record, so a mutation can hit any field at any depth."""
+    yield prefix
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, sub in items:
+        yield from _paths(sub, prefix + (key,))
+
+
+@st.composite
+def mutated_record(draw):
+    rec = copy.deepcopy(draw(st.sampled_from(BASES)))
+    paths = [p for p in _paths(rec) if p]
+    for _ in range(draw(st.integers(1, 3))):
+        path = draw(st.sampled_from(paths))
+        parent = rec
+        try:
+            for key in path[:-1]:
+                parent = parent[key]
+            if draw(st.booleans()) and isinstance(parent, dict):
+                parent.pop(path[-1], None)
+            else:
+                parent[path[-1]] = draw(JSON)
+        except (KeyError, IndexError, TypeError):  # an earlier mutation replaced a parent
+            pass
+    return json.dumps(rec, allow_nan=True)
+
+
+LINE = st.one_of(mutated_record(), mutated_record(), JSON.map(lambda v: json.dumps(v, allow_nan=True)),
+                 st.binary(max_size=40).map(lambda b: b.decode("latin-1")), st.text(max_size=30))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(lines=st.lists(LINE, min_size=1, max_size=3), fmt=st.sampled_from(["markdown", "csv", "json"]),
+       encode=st.sampled_from(["utf-8", "latin-1"]))
+def test_report_on_any_record_file_exits_0_or_2_without_traceback(tmp_path_factory, capsys, lines, fmt, encode):
+    """`suite report FILE` either renders or says, in one line, what is wrong with which line: never a
+    traceback, whatever the file holds (mutated real records, arbitrary JSON, bytes)."""
+    from suite.cli import main
+
+    path = tmp_path_factory.mktemp("records") / "records.jsonl"
+    path.write_bytes("\n".join(lines).encode(encode, errors="replace"))
+    code = main(["report", str(path), "--format", fmt])  # a crash raises here and fails the test
+    err = capsys.readouterr().err
+    assert code in (0, 2), err
+    assert "Traceback" not in err
+    if code == 2:
+        assert err.startswith("error: ") and str(path) in err and "Fix:" in err

@@ -538,3 +538,44 @@ def test_committed_report_renders_again_identically(report, tmp_path, monkeypatc
     assert main(command[3:]) == 0
     rendered = (tmp_path / command[command.index("-o") + 1]).read_text()
     assert rendered == text, "".join(difflib.unified_diff(text.splitlines(True), rendered.splitlines(True)))
+
+
+# ---------------------------------------------------------------------------------------------- schema 2
+
+V2 = DATA / "v2_cpu.jsonl"  # real CPU records: training, V-cycle, random-LTD, CQIL accuracy, inference
+
+
+def test_v2_report_markdown_golden():
+    proc = run_cli("report", V2)
+    assert proc.returncode == 0, proc.stderr
+    check_golden("report_v2.md", proc.stdout)
+
+
+def test_variable_shape_runs_get_one_row_per_schedule_position():
+    from suite.report.measures import positions_section
+    from suite.records import read_records
+
+    recs = {r["scenario"]: r for r in read_records(V2)}
+    recs = {"vcycle": recs["multilevel_vcycle"], "dp": recs["random_ltd_layouts"], "tiny": recs["tiny"]}
+    text = "\n".join(positions_section([recs["vcycle"]]))
+    times = {tuple(m["point"].values()): m for m in recs["vcycle"]["measures"] if m["name"] == "step_time"}
+    assert set(times) == {(0, "4x64"), (1, "2x32"), (2, "4x64")}  # never one pooled measure
+    assert f"| vcycle | step_time | phase=1 shape=2x32 | {times[(1, '2x32')]['value'] * 1e3:.1f} ms |" in text
+    ltd = {m["point"]["kept"] for m in recs["dp"]["measures"] if m["name"] == "step_time" and m["point"]}
+    assert len(ltd) > 1
+    assert positions_section([recs["tiny"]]) == []  # fixed shape: nothing per position
+
+
+def test_accuracy_without_a_plug_in_gets_the_generic_table(tmp_path):
+    """A plain checkpoint evaluation (no CQIL plan): the core table, one row per model block."""
+    rec = next(json.loads(line) for line in V2.read_text().splitlines() if '"kind": "accuracy"' in line)
+    rec["config"]["parallel"]["cqil"] = None
+    rec["metrics"]["cqil"] = None
+    for key in ("concurrent", "finetuned", "finetune"):
+        rec["metrics"]["accuracy"].pop(key)
+    path = tmp_path / "records.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    out = run_cli("report", path).stdout
+    original = rec["metrics"]["accuracy"]["original"]
+    assert "| variant | model | ppl | bits/byte | Δ ppl | KL |" in out and "CQIL" not in out
+    assert f"| cqil2 | original | {original['perplexity']:.2f} | {original['bpb']:.4f} | — | — |" in out

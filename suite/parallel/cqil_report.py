@@ -66,8 +66,9 @@ def _row(rec: dict) -> list[str]:
         [fmt.sig(original["perplexity"], 5) if original else fmt.NA, "—", "—"]
     after = _quality(acc.get("finetuned"), original.get("perplexity"))
     tune = acc.get("finetune")
-    tuned = fmt.NA if not tune else (f"{tune['steps']} steps × {tune['batch']} × {tune['seq_length']}, LoRA r{tune['rank']} "
-                                     f"({fmt.count(tune['trainable_parameters'])}), {tune['walltime_s']:.0f} s")
+    tuned = fmt.NA if not tune else (f"{tune['steps']} steps × {tune['batch']} × {tune['seq_length']}, "
+                                     f"LoRA r{tune['rank']} ({fmt.count(tune['trainable_parameters'])}), "
+                                     f"{tune['walltime_s']:.0f} s")
     return [rec["variant"], cqil, ideal, ppl, fmt.fixed(shown.get("bpb"), 4), delta, kl,
             after[0], after[1], after[2], tuned]
 

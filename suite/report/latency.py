@@ -29,7 +29,7 @@ def is_inference(rec: dict) -> bool:
 
 
 def point_key(entry: dict) -> tuple:
-    return entry["batch"], entry["prompt"], entry["gen"], bool(entry["cuda_graph"])
+    return entry["batch"], entry["prompt"], entry["gen"], bool(entry.get("cuda_graph"))
 
 
 def point_name(key: tuple) -> str:
@@ -176,8 +176,9 @@ def _fastest_lines(rows: list[dict]) -> list[str]:
             for r in sorted((r for r in at if r[column] is not None), key=lambda r: r[column]):
                 best.setdefault(r["world_size"], r)
             if best:
-                phases.append(f"{label}: " + ", ".join(f"{gpus} GPU{'s' if gpus > 1 else ''} {r['variant']} "
-                                                       f"{_ms(r[column])} ms" for gpus, r in sorted(best.items())))
+                ordered = sorted(best.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+                phases.append(f"{label}: " + ", ".join(f"{gpus} GPU{'' if gpus == 1 else 's'} {r['variant']} "
+                                                       f"{_ms(r[column])} ms" for gpus, r in ordered))
         lines.append(f"- {point_name(key)}: " + "; ".join(phases))
     return ["Fastest per point and GPU count (median):\n" + "\n".join(lines)] if lines else []
 

@@ -58,11 +58,17 @@ def reach(rec: dict, target: float) -> dict | None:
     """The first curve point at or below target: {'step', 'tokens', 'flops', 'walltime_s', 'loss'}."""
     steps, tokens = metric(rec, "steps"), metric(rec, "tokens")
     for point in metric(rec, "validation_curve") or []:
-        if len(point) >= 4 and point[1] <= target:
+        if len(point) >= 4 and point[1] is not None and point[1] <= target:  # null: a non-finite loss
             step, loss, walltime, flops = point[:4]
-            return {"step": step, "tokens": tokens * step // steps if steps else None, "flops": flops,
+            known = None not in (step, tokens) and steps
+            return {"step": step, "tokens": tokens * step // steps if known else None, "flops": flops,
                     "walltime_s": walltime, "loss": loss}
     return None
+
+
+def _pct(new, old) -> float | None:
+    change = relative_change(new, old)
+    return None if change is None else 100 * change
 
 
 def quality_rows(records: list[dict], asked: float | None = None) -> tuple[float | None, list[dict]]:
@@ -81,9 +87,8 @@ def quality_rows(records: list[dict], asked: float | None = None) -> tuple[float
         rows.append({
             "variant": rec["variant"], "baseline": rec is base, "reached": hit is not None,
             **(hit or {}),
-            "delta_flops_pct": None if not (hit and base_hit) else 100 * relative_change(hit["flops"], base_hit["flops"]),
-            "delta_walltime_pct": None if not (hit and base_hit) else
-            100 * relative_change(hit["walltime_s"], base_hit["walltime_s"]),
+            "delta_flops_pct": None if not (hit and base_hit) else _pct(hit["flops"], base_hit["flops"]),
+            "delta_walltime_pct": None if not (hit and base_hit) else _pct(hit["walltime_s"], base_hit["walltime_s"]),
         })
     return target, rows
 
@@ -99,7 +104,8 @@ def quality_section(records: list[dict], asked: float | None = None) -> list[str
             body.append([name, "not reached"] + [""] * 6)
             continue
         dash = r["baseline"]
-        body.append([name, str(r["step"]), fmt.count(r["tokens"]), fmt.count(r["flops"]),
+        step = fmt.NA if r["step"] is None else str(r["step"])
+        body.append([name, step, fmt.count(r["tokens"]), fmt.count(r["flops"]),
                      fmt.fixed(r["walltime_s"], 1), fmt.fixed(r["loss"], 4),
                      "—" if dash else fmt.fixed(r["delta_flops_pct"], 1, signed=True, unit="%"),
                      "—" if dash else fmt.fixed(r["delta_walltime_pct"], 1, signed=True, unit="%")])

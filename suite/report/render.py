@@ -14,6 +14,7 @@ from pathlib import Path
 from suite.report import fmt, plugins
 from suite.report.accuracy import accuracy_section, is_accuracy, model_blocks
 from suite.report.latency import is_inference, latency_rows, latency_section
+from suite.report.measures import positions_section
 from suite.report.plots import loss_curves
 from suite.report.quality import quality_section, target_of
 from suite.report.select import (baseline_of, by_scenario, failure, is_ok, load_latest, machine, metric,
@@ -202,7 +203,8 @@ def _section(scenario: str, rows: list[dict], records: list[dict], output: Path 
         notes.append(HELDOUT_NOTE.format(tokens=" / ".join(scored) or "n/a"))
     quality = quality_section(records, target_loss)
     plot = loss_curves(scenario, records, target_of(records, target_loss), output) if quality else []
-    return head + [table, "\n".join(notes)] + quality + plot + plugins.sections(records, ctx)
+    return head + [table, "\n".join(notes)] + positions_section(records) + quality + plot + \
+        plugins.sections(records, ctx)
 
 
 def command_line(sources, output: Path | None, target_loss: float | None) -> str:

@@ -16,11 +16,11 @@ from suite.workloads.measures import STEP_TIME
 PHASE_KEYS = ("phase", "layers", "hidden", "parameters", "lr", "steps", "tokens", "flops", "walltime_s",
               "transition_s")
 BLOCK = "metrics.extra.multilevel"
-FIELDS = {BLOCK: DICT, f"{BLOCK}.phases": LIST, f"{BLOCK}.phases[]": DICT,
+FIELDS = {BLOCK: DICT, f"{BLOCK}.phases": LIST, f"{BLOCK}.phases[]": DICT + "!",
           **{f"{BLOCK}.phases[].{k}": (INT if k in ("phase", "layers", "hidden", "steps") else NUM) + "!"
              for k in PHASE_KEYS},
           f"{BLOCK}.phases[].validation_at_start": NUM, f"{BLOCK}.phases[].validation_at_end": NUM,
-          f"{BLOCK}.validation_curve": LIST, f"{BLOCK}.validation_curve[]": LIST,
+          f"{BLOCK}.validation_curve": LIST, f"{BLOCK}.validation_curve[]": LIST + "!",
           f"{BLOCK}.validation_curve[][]": NUM}
 
 

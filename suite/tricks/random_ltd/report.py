@@ -13,7 +13,7 @@ from suite.report.select import metric
 from suite.workloads.measures import STEP_TIME
 
 BLOCK = "metrics.extra.random_ltd"
-FIELDS = {BLOCK: DICT, f"{BLOCK}.kept_length_schedule": LIST, f"{BLOCK}.kept_length_schedule[]": LIST,
+FIELDS = {BLOCK: DICT, f"{BLOCK}.kept_length_schedule": LIST, f"{BLOCK}.kept_length_schedule[]": LIST + "!",
           f"{BLOCK}.kept_length_schedule[][]": INT, f"{BLOCK}.layer_tokens": NUM, f"{BLOCK}.dropping_layers": LIST,
           f"{BLOCK}.dropping_layers[]": INT}
 
