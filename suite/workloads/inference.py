@@ -60,6 +60,9 @@ Record: ``metrics.inference`` is a list with one flat entry per (batch, prompt, 
 Beside it: parameters, world_size, peak_memory_bytes, memory_kind, gemm_ceiling_tflops,
 copy_bandwidth_tb_s, datasheet_peak_tflops, cuda_graph_unavailable (asked for, no GPU), cqil
 (``CQILPlan.describe()``: degree, groups, bypass, depth, layers_per_gpu; null without CQIL), extra.
+The record's ``measures`` hold the raw samples per point: ``ttft`` (ms, one per timed request) and
+``decode_latency`` (ms/token, one per timed decode step) (``suite.workloads.measures``); under CQIL its
+``layout`` holds ``cqil_degree`` (and dp = 1).
 """
 from __future__ import annotations
 
