@@ -206,6 +206,10 @@ FIELDS: dict[str, str] = {
     **{f"metrics.accuracy.{model}.{k}": NUM for model in ("original", "concurrent", "finetuned")
        for k in ("loss", "perplexity", "bpb", "tokens", "bytes", "seq_length", "kl_to_original")},
     **{f"metrics.accuracy.{model}.tasks": DICT for model in ("original", "concurrent", "finetuned")},
+    **{f"metrics.accuracy.{model}.text": DICT for model in ("original", "concurrent", "finetuned")},
+    **{f"metrics.accuracy.{model}.text.{k}": NUM for model in ("original", "concurrent", "finetuned")
+       for k in ("loss", "perplexity", "bpb")},
+    **{f"metrics.accuracy.{model}.text.path": STR for model in ("original", "concurrent", "finetuned")},
     **{f"metrics.accuracy.{model}.perplexity": NUM + "!" for model in ("original", "concurrent", "finetuned")},
     **{f"metrics.accuracy.original.{k}": NUM + "!" for k in ("tokens", "seq_length")},
 }

@@ -176,7 +176,7 @@ def test_heldout_text_scores_the_start_of_the_validation_tail(tmp_path, monkeypa
 
     m = heldout_text(spec, uniform)
     assert m == {"loss": pytest.approx(math.log(256)), "perplexity": pytest.approx(256), "bpb": pytest.approx(8.0),
-                 "tokens": 40, "bytes": 40, "seq_length": 16}
+                 "tokens": 40, "bytes": 40, "seq_length": 16, "window_losses": [pytest.approx(math.log(256))] * 3}
     valid = TokenSource(spec).valid
     (inputs,) = seen  # windows of 17 scoring 16, 16, then the last 8 with 8 tokens of earlier context
     assert torch.equal(inputs, torch.stack([valid[0:16], valid[16:32], valid[24:40]]))

@@ -121,6 +121,14 @@ def rolling_loglikelihood(model: Model, tokens: Sequence[int], max_length: int, 
     return out
 
 
+def window_loglikelihoods(model: Model, tokens: Sequence[int], max_length: int, prefix: int | None = None,
+                          batch_size: int = 16, stride: int | None = None) -> list[tuple[float, int]]:
+    """(log-likelihood, tokens scored) of each rolling window of one token sequence, in order: the terms
+    whose sums ``rolling_loglikelihood`` returns (per-window samples of a held-out loss)."""
+    windows = rolling_windows(([prefix] if prefix is not None else []) + list(tokens), max_length, stride)
+    return [(ll, n) for (ll, _), (_, n) in zip(score(model, windows, batch_size), windows)]
+
+
 def rolling_loglikelihoods(model: Model, texts: Sequence[Sequence[int]], max_length: int, prefix: int | None = None,
                            batch_size: int = 16, stride: int | None = None) -> list[tuple[float, int]]:
     """``rolling_loglikelihood`` of many token sequences, their windows batched together (lm-eval's

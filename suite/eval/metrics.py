@@ -11,25 +11,28 @@ from typing import Sequence
 import torch
 
 from suite.errors import UserError
-from suite.eval.core import Model, loglikelihoods, rolling_loglikelihood
+from suite.eval.core import Model, loglikelihoods, window_loglikelihoods
 
 
 def text_metrics(model: Model, tokens: Sequence[int] | torch.Tensor, seq_length: int, num_bytes: int | None = None,
                  batch_size: int = 8, stride: int | None = None, prefix: int | None = None) -> dict:
     """loss (nats/token), perplexity and bits per byte of a token stream (tokens[0] is context only,
-    unless a ``prefix`` token such as BOS conditions it).
+    unless a ``prefix`` token such as BOS conditions it), and ``window_losses``: the loss of each rolling
+    window in order (samples for a paired comparison of two models on the same text).
 
     ``num_bytes``: UTF-8 bytes of the scored tokens; default: one byte per token, right for the byte
     tokenizer. ``stride``: see ``suite.eval.core.rolling_windows``.
     """
     tokens = tokens.tolist() if isinstance(tokens, torch.Tensor) else list(tokens)
-    ll, n = rolling_loglikelihood(model, tokens, seq_length, prefix, batch_size, stride)
+    windows = window_loglikelihoods(model, tokens, seq_length, prefix, batch_size, stride)
+    ll, n = sum(w for w, _ in windows), sum(k for _, k in windows)
     if n == 0:
         raise ValueError("a text of fewer than 2 tokens has nothing to score")
     num_bytes = n if num_bytes is None else num_bytes
     loss = -ll / n
     bpb = -ll / (num_bytes * math.log(2)) if num_bytes else None  # None: tokens that stand for no text
-    return {"loss": loss, "perplexity": math.exp(loss), "bpb": bpb, "tokens": n, "bytes": num_bytes}
+    return {"loss": loss, "perplexity": math.exp(loss), "bpb": bpb, "tokens": n, "bytes": num_bytes,
+            "window_losses": [-w / k for w, k in windows if k]}
 
 
 TEXT_SOURCES = ("text", "jsonl", "hf")  # corpora whose tokens stand for known text, so bytes can be counted

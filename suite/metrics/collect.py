@@ -63,5 +63,8 @@ def training_metrics(r: dict, v, ctx) -> dict:
         "energy_j": energy, "avg_power_w": energy / timed_s if energy is not None and timed_s else None,
         "heldout": r.get("heldout"), "target": r["target"], "extra": r["extra"],
     }
-    out["measures"] = training_measures(out, r["times"], r.get("step_points"), r.get("validation_samples"))
+    heldout = dict(r["heldout"]) if r.get("heldout") else None  # its per-window losses go to the measures
+    out["heldout"] = heldout
+    windows = heldout.pop("window_losses", None) if heldout else None
+    out["measures"] = training_measures(out, r["times"], r.get("step_points"), r.get("validation_samples"), windows)
     return out

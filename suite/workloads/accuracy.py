@@ -64,13 +64,15 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         the original model."""
         scorer = _scorer(model, plan, vocab)
         block = heldout_text(spec, scorer, data.valid)
+        samples = block["samples"] = {"heldout": block.pop("window_losses")}  # to the measures (metrics())
         if spec.eval.text:  # [eval] text: any UTF-8 file, e.g. a standard test set
             block["text"] = file_text(spec, scorer, tokenizer)
+            samples["text"] = block["text"].pop("window_losses")
         if tasks:
             scored = {name: multiple_choice(scorer, tokenizer, ex, max_length=seq) for name, ex in tasks.items()}
             block["tasks"] = {name: {k: v for k, v in r.items() if k not in ("loglikelihoods", "per_example")}
                               for name, r in scored.items()}
-            block["samples"] = {"tasks": {name: r["per_example"] for name, r in scored.items()}}
+            samples["tasks"] = {name: r["per_example"] for name, r in scored.items()}
         if plan is not None:
             block["kl_to_original"] = heldout_kl(model, plan, lora, heldout, seq, vocab)
         return block

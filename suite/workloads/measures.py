@@ -83,9 +83,11 @@ def heldout_measures(block: dict | None, samples=None, **point) -> list[dict]:
 
 
 def training_measures(m: dict, times: list[float] | None = None, step_points: list[dict] | None = None,
-                      validation_samples: list[float] | None = None) -> list[dict]:
+                      validation_samples: list[float] | None = None,
+                      heldout_samples: list[float] | None = None) -> list[dict]:
     """The measures of a training record from its ``metrics`` summary ``m`` and, when measured, the raw
-    timed step times with the schedule position of each step (``step_points``, {} for a fixed shape)."""
+    timed step times with the schedule position of each step (``step_points``, {} for a fixed shape),
+    the per-batch validation losses and the per-window held-out losses."""
     out = []
     if times:
         points = step_points or [{}] * len(times)
@@ -98,7 +100,7 @@ def training_measures(m: dict, times: list[float] | None = None, step_points: li
         out.append(_summary_measure(STEP_TIME, m["step_time_s"]))
     if m.get("validation_loss") is not None or validation_samples:
         out.append(measure(VALIDATION_LOSS, m.get("validation_loss"), validation_samples))
-    out += heldout_measures(m.get("heldout"))
+    out += heldout_measures(m.get("heldout"), heldout_samples)
     for metric, key in ((FINAL_LOSS, "final_loss"), (PEAK_MEMORY, "peak_memory_bytes"), (ENERGY, "energy_j"),
                         (TOKENS_PER_S, "tokens_per_s"), (TFLOPS_PER_GPU, "tflops_per_gpu"), (MFU, "mfu"),
                         (WALLTIME, "walltime_s")):
@@ -140,6 +142,8 @@ def accuracy_measures(m: dict, samples: dict | None = None) -> list[dict]:
             continue
         raw = (samples or {}).get(model) or {}
         out += heldout_measures(block, raw.get("heldout"), model=model)
+        if isinstance(block.get("text"), dict):  # [eval] text: a file scored beside the held-out tail
+            out += heldout_measures(block["text"], raw.get("text"), model=model, text=block["text"].get("path"))
         if block.get("kl_to_original") is not None:
             out.append(measure(KL_TO_ORIGINAL, block["kl_to_original"], model=model))
         for task, t in (block.get("tasks") or {}).items():
