@@ -579,3 +579,12 @@ def test_accuracy_without_a_plug_in_gets_the_generic_table(tmp_path):
     original = rec["metrics"]["accuracy"]["original"]
     assert "| variant | model | ppl | bits/byte | Δ ppl | KL |" in out and "CQIL" not in out
     assert f"| cqil2 | original | {original['perplexity']:.2f} | {original['bpb']:.4f} | — | — |" in out
+
+
+@pytest.mark.parametrize("output", ["folder", "file/report.md"])
+def test_report_output_that_cannot_be_a_file_exits_2(tmp_path, output):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    proc = run_cli("report", GPU, "-o", tmp_path / output)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and "Fix:" in proc.stderr and str(tmp_path / output) in proc.stderr
