@@ -347,7 +347,8 @@ def test_architecture_from_config():
 def _spec(tmp_path, **model):
     from suite.scenario import load_scenario
 
-    text = SCENARIO + "\n[variants.v.model]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items())
+    text = SCENARIO.replace('init = "hf:hf_model"', 'init = "random"')  # check_config gets the config itself
+    text += "\n[variants.v.model]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in model.items())
     (tmp_path / "s.toml").write_text(text)
     return load_scenario(tmp_path / "s.toml")[0]
 
@@ -422,6 +423,28 @@ def test_checkpoints_that_compute_suites_function_are_accepted(tmp_path, over):
     from suite.models.hf_import import check_config
 
     check_config(_spec(tmp_path), _config(**over), tmp_path)
+
+
+def test_validate_checks_the_hf_folder(tmp_path):
+    """`suite validate` (no torch, no weights read): a missing config.json, an unsupported architecture
+    and a [model] that differs from config.json are one-line errors naming the key."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from check_worker import run_suite
+
+    (tmp_path / "s.toml").write_text(SCENARIO)
+    cases = [(None, "cannot read", "model.init"),
+             (_config(sliding_window=16, model_type="mistral"), "sliding-window attention (16 tokens)", "model.init"),
+             (_config(num_key_value_heads=4), "num_query_groups is 2 but", "model.num_query_groups")]
+    for cfg, words, key in cases:
+        (tmp_path / "hf_model").mkdir(exist_ok=True)
+        if cfg is not None:
+            (tmp_path / "hf_model" / "config.json").write_text(json.dumps(cfg))
+        r = run_suite("validate", tmp_path / "s.toml")
+        assert r.returncode == 2 and words in r.stderr and f"key '{key}'" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "hf_model" / "config.json").write_text(json.dumps(_config()))
+    r = run_suite("validate", tmp_path / "s.toml")
+    assert r.returncode == 0, r.stderr
 
 
 def test_matching_config_passes_and_missing_weights_are_a_user_error(tmp_path):

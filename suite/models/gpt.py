@@ -38,7 +38,7 @@ ARCHITECTURE = {"qkv_bias": False, "rope_scaling_factor": None}
 def architecture(spec) -> dict:
     """Choices of the model that [model] does not express, decided by the weights ``[model] init`` loads:
     ``qkv_bias`` (q/k/v biases, as Qwen2 has) and ``rope_scaling_factor`` (llama3 RoPE scaling; None: none).
-    Read from a Hugging Face config.json (``hf_import.architecture``) or a suite checkpoint's common.pt
+    Read from a Hugging Face config.json (``hf_config.architecture``) or a suite checkpoint's common.pt
     (saved with it); a random model is plain LLaMA."""
     kind, _, where = spec.model.init.partition(":")
     if kind not in ("hf", "checkpoint"):
@@ -48,9 +48,9 @@ def architecture(spec) -> dict:
     path = checkpoint.resolve(spec, where)
     if kind == "checkpoint":
         return {**ARCHITECTURE, **checkpoint.saved_architecture(path)}
-    from suite.models import hf_import
+    from suite.models import hf_config
 
-    return {**ARCHITECTURE, **hf_import.architecture(hf_import.read_config(spec, path))}
+    return {**ARCHITECTURE, **hf_config.architecture(hf_config.read_config(spec, path))}
 
 
 def transformer_config(spec, **overrides) -> TransformerConfig:

@@ -75,11 +75,11 @@ def hf_tensors(gname: str, full: torch.Tensor, spec) -> dict[str, torch.Tensor]:
 
 def hf_config(spec, tied: bool, dtype: str) -> dict:
     """config.json: the source checkpoint's with the mapped keys set, or one written from [model]."""
-    from suite.models import hf_import
+    from suite.models import hf_config
 
     m, arch = spec.model, gpt.architecture(spec)
     kind, _, where = m.init.partition(":")
-    cfg = hf_import.read_config(spec, resolve(spec, where)) if kind == "hf" else {}
+    cfg = hf_config.read_config(spec, resolve(spec, where)) if kind == "hf" else {}
     if not cfg:
         qwen = arch["qkv_bias"]
         cfg = {"architectures": ["Qwen2ForCausalLM" if qwen else "LlamaForCausalLM"],
@@ -88,13 +88,13 @@ def hf_config(spec, tied: bool, dtype: str) -> dict:
         cfg.update({"use_sliding_window": False} if qwen else {"attention_bias": False, "mlp_bias": False})
         if arch["rope_scaling_factor"] is not None:
             cfg["rope_scaling"] = {"rope_type": "llama3", "factor": arch["rope_scaling_factor"],
-                                   **hf_import.LLAMA3_FIXED}
+                                   **hf_config.LLAMA3_FIXED}
     shape = {"num_hidden_layers": m.num_layers, "hidden_size": m.hidden_size,
              "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_query_groups,
              "intermediate_size": m.ffn_hidden_size, "vocab_size": m.vocab_size, "rms_norm_eps": m.norm_epsilon,
              "head_dim": m.hidden_size // m.num_attention_heads}
     for key, value in shape.items():
-        if kind == "hf" and key in cfg and cfg[key] != value:  # hf_import.check_config refused this at load
+        if kind == "hf" and key in cfg and cfg[key] != value:  # hf_config.check_config refused this
             raise RuntimeError(f"{key}: [model] says {value}, the source config {cfg[key]}")
         cfg[key] = value
     cfg.update(tie_word_embeddings=tied, dtype=dtype, torch_dtype=dtype)
@@ -103,12 +103,12 @@ def hf_config(spec, tied: bool, dtype: str) -> dict:
 
 def source_dtype(spec) -> str | None:
     """The dtype of the ``hf:`` checkpoint that [model] init loads (None: not one, or not stated)."""
-    from suite.models import hf_import
+    from suite.models import hf_config
 
     kind, _, where = spec.model.init.partition(":")
     if kind != "hf":
         return None
-    cfg = hf_import.read_config(spec, resolve(spec, where))
+    cfg = hf_config.read_config(spec, resolve(spec, where))
     dtype = cfg.get("dtype") or cfg.get("torch_dtype")
     return dtype if dtype in DTYPES else None
 

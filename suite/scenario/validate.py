@@ -91,6 +91,10 @@ def check_variant(spec) -> None:
     if m.init != "random" and not m.init.startswith(("checkpoint:", "hf:")):
         fail(spec, "model.init", f"init '{m.init}' is not 'random', 'checkpoint:PATH' or 'hf:PATH'.",
               'set init = "random" or prefix the path with checkpoint: or hf:.')
+    if m.init.startswith("hf:"):
+        from suite.models.hf_config import check_folder
+
+        check_folder(spec)  # config.json: an importable architecture that [model] matches (no torch)
     check_data(spec)  # sources, files, JSON lines, tokenizer vocabulary sizes (suite.data.sources)
     if w.kind == "inference":
         check_inference(spec)
