@@ -59,8 +59,8 @@ def check_memory(v, nproc: int, local_rank: int | None = None, local_world: int 
 
     need = required_bytes(v)
     est = memory_per_process(v)
-    needs = (f"needs {nproc} GPU{'s' * (nproc != 1)} with >= {need / 2**30:.0f} GiB{' each' * (nproc != 1)} (plan estimate "
-             f"{_gib(est)} + {MARGIN_FRACTION:.0%} + {_gib(MARGIN_BYTES)})")
+    needs = (f"needs {nproc} GPU{'s' * (nproc != 1)} with >= {need / 2**30:.0f} GiB{' each' * (nproc != 1)} "
+             f"(plan estimate {_gib(est)} + {MARGIN_FRACTION:.0%} + {_gib(MARGIN_BYTES)})")
     free = hardware.gpu_free_bytes(local_rank, context=local_rank is not None)
     if gpus and not free:
         return None  # GPUs whose memory the launcher cannot read: each rank checks its own

@@ -1,12 +1,13 @@
 """Runs that lose nothing: each fault leaves its record, on real multi-process CPU runs (gloo).
 
 Faults are injected with ``SUITE_INJECT_FAULT`` (documented in ``suite/launch/spmd.py``) into
-``tests/scenarios/runner/lossless.toml``, whose ``timeout_s`` is 4 s:
+``tests/scenarios/runner/lossless.toml``:
 
 * ``kill -9`` of rank 1 under bare torchrun: a failed record naming rank 1 and SIGKILL, exit non-zero,
   then ``--resume`` runs the rest; in that run a non-finite loss (``nan``) gives a diverged record with
   its step, and the variant after it still runs;
-* a hung rank: the variant fails within timeout_s plus the guard's grace, naming the hung rank;
+* a hung rank (``timeout_s`` 5 s): the variant fails within timeout_s plus the guard's grace, naming
+  the hung rank;
 * Ctrl-C (SIGINT to the launcher's process group): an interrupted record and exit 130;
 * a scenario too large for this machine (``scenarios/llama33b.toml`` on a CPU host): refused before
   anything is built, one line naming what it needs and what the machine has, skipped records, exit 2.
@@ -34,7 +35,7 @@ SCENARIO = ROOT / "tests" / "scenarios" / "runner" / "lossless.toml"
 LLAMA = ROOT / "scenarios" / "llama33b.toml"
 TIMEOUT = 120
 
-pytestmark = pytest.mark.slow
+slow = pytest.mark.slow  # the multi-process runs
 
 
 def env(fault: str | None = None) -> dict:
@@ -62,6 +63,7 @@ def explain(proc) -> str:
     return f"exit code {proc.returncode}\n--- stdout ---\n{proc.stdout[-5000:]}\n--- stderr ---\n{proc.stderr[-5000:]}"
 
 
+@slow
 def test_killed_rank_then_resume_with_a_divergence(tmp_path):
     out = tmp_path / "results"
     killed = run(torchrun_cmd(2, SCENARIO, out), fault="first:2:1:kill")
@@ -86,23 +88,26 @@ def test_killed_rank_then_resume_with_a_divergence(tmp_path):
     assert 0 < ok["warmup_walltime_s"] <= ok["walltime_s"]
 
 
+@slow
 def test_hung_rank_fails_within_the_timeout(tmp_path):
     out = tmp_path / "results"
     t0 = time.monotonic()
-    proc = run(torchrun_cmd(2, SCENARIO, out, "--variant", "first", "--variant", "second"), fault="first:2:1:hang")
+    proc = run(torchrun_cmd(2, SCENARIO, out, "--variant", "first", "--set", "workload.timeout_s=5"),
+               fault="first:2:1:hang")
     elapsed = time.monotonic() - t0
     assert proc.returncode == 1, explain(proc)
     (rec,) = records(out)
     assert (rec["variant"], rec["status"]) == ("first", "failed"), explain(proc)
     err = rec["error"]
     assert err["type"] == "Hang" and err["rank"] == 1, err
-    assert "rank 1 made no progress" in err["message"] and "timeout_s = 4" in err["message"]
+    assert "rank 1 made no progress" in err["message"] and "timeout_s = 5" in err["message"]
     assert "--- rank 0 (in a collective)" in err["traceback"] and "--- rank 1 (stopped)" in err["traceback"]
-    # start-up (~10 s here) + 2 steps + timeout 4 s + the guard's 2 s wait for the peers' stacks; without
+    # start-up (~10 s here) + 2 steps + timeout 5 s + the guard's 2 s wait for the peers' stacks; without
     # the guard gloo would wait timeout_s + 30 s and NCCL would abort the process without a record
     assert elapsed < 45, elapsed
 
 
+@slow
 def test_ctrl_c_leaves_an_interrupted_record_and_exits_130(tmp_path):
     out = tmp_path / "results"
     cmd = [sys.executable, "-m", "suite", "run", str(SCENARIO), "--out", str(out), "--variant", "first"]
@@ -111,7 +116,7 @@ def test_ctrl_c_leaves_an_interrupted_record_and_exits_130(tmp_path):
     lines = []
     for line in proc.stdout:  # Ctrl-C once the variant is at its second step
         lines.append(line)
-        if "injecting 'hang' at step 2" in line:
+        if "injecting 'hang' before step 3" in line:
             os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends to the whole foreground group
             break
     lines += proc.stdout.readlines()
@@ -122,6 +127,7 @@ def test_ctrl_c_leaves_an_interrupted_record_and_exits_130(tmp_path):
     assert rec["error"]["signal"] == "SIGINT" and rec["error"]["rank"] == 0
 
 
+@slow
 @pytest.mark.skipif(not ((hardware.ram_available_bytes() or 0) < required_bytes(load_scenario(LLAMA)[0])
                          and hardware.gpu_free_bytes(context=False) is None),
                     reason="this machine could hold LLaMA-33B's weights")
@@ -144,3 +150,47 @@ def test_too_large_for_this_machine_is_refused_up_front(tmp_path):
     recs = {r["variant"]: r for r in records(tmp_path / "b")}
     assert recs["single"]["status"] == "skipped" and "needs 1 GPU with >= 68 GiB" in recs["single"]["error"]["message"]
     assert recs["tp2"]["error"]["message"] == "needs 2 processes; 1 was launched."
+
+
+def test_launcher_names_rank_and_signal_from_torchruns_summary():
+    """When no rank could record (a 1-process variant killed by the OOM killer), the launcher's record
+    takes rank and signal from torchrun's summary (this text is torchrun 2.13's, from such a run)."""
+    from suite.launch.launcher import _first_failure
+
+    summary = """Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-29_06:31:43
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : -9 (pid: 1538)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 1538
+=====================================================
+"""
+    assert _first_failure(["[suite] step 1\n", summary]) == {"rank": 0, "signal": "SIGKILL", "exitcode": -9}
+    exited = summary.replace("-9 (pid: 1538)  (SIGKILL)", "2 (pid: 1538)").replace("rank      : 0 (local_rank: 0)",
+                                                                                   "rank      : 1 (local_rank: 1)")
+    exited = exited.replace("Signal 9 (SIGKILL) received by PID 1538", "To enable traceback see: ...")
+    assert _first_failure([exited]) == {"rank": 1, "signal": None, "exitcode": 2}
+
+
+def test_long_builds_show_progress(monkeypatch):
+    """Rank 0 logs elapsed time and memory so far until the first step starts, then stops."""
+    import threading
+
+    from suite.launch import spmd
+
+    lines = []
+    ctx = spmd.RankContext(rank=0, world=1, local_rank=0)
+    monkeypatch.setattr(ctx, "log", lines.append)
+    started = threading.Event()
+    t = threading.Thread(target=spmd._build_progress, args=(ctx, started, 0.05))
+    t.start()
+    time.sleep(0.3)
+    started.set()
+    t.join(timeout=5)
+    assert not t.is_alive() and len(lines) >= 2
+    assert all(re.fullmatch(r"building: \d+ s, \d+\.\d GiB (resident|allocated on GPU 0)", x) for x in lines), lines
+    count = len(lines)
+    time.sleep(0.15)
+    assert len(lines) == count

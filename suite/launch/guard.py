@@ -210,7 +210,9 @@ class Guard:
         print(f"[suite] rank {self.rank}: no progress for {still:.0f} s in {_where(stack)}", file=sys.stderr,
               flush=True)
         if self.rank != 0:
-            time.sleep(EXIT_GRACE_S)  # rank 0 records; exiting then wakes a rank 0 that did not stall
+            # rank 0 records and torchrun then stops us (a signal ends the wait); exiting after the
+            # grace wakes a rank 0 that did not stall
+            select.select([self._read], [], [], EXIT_GRACE_S)
             os._exit(1)
         time.sleep(PEER_GRACE_S)
         dead = self.culprit(None)

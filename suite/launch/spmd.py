@@ -25,10 +25,11 @@ large for this machine (and nothing failed), 128 + signal when interrupted.
 
 Fault injection, for the tests of all this (``tests/test_faults.py``, ``tests/test_runner.py``): with
 ``SUITE_INJECT_FAULT="VARIANT:STEP[:RANK[:KIND]]"`` the workload's fault hook, called before each
-step (training) or grid point (inference), acts on variant VARIANT at step STEP, on rank RANK (empty
-or omitted: every rank). KIND: ``raise`` (default) raises a RuntimeError, ``hang`` sleeps forever,
-``kill`` sends SIGKILL to the rank itself, ``nan`` makes every module's output NaN from then on (the
-loss goes non-finite: a divergence). Nothing else reads this variable.
+step (training) or grid point (inference), acts on variant VARIANT before step STEP + 1 (STEP counts
+from 0, the logs from 1), on rank RANK (empty or omitted: every rank). KIND: ``raise`` (default)
+raises a RuntimeError, ``hang`` sleeps forever, ``kill`` sends SIGKILL to the rank itself, ``nan``
+makes every module's output NaN from then on (the loss goes non-finite: a divergence). Nothing else
+reads this variable.
 """
 from __future__ import annotations
 
@@ -185,8 +186,8 @@ def _fault_hook(v, rank: int, started):
         if len(parts) > 2 and parts[2] not in ("", "*") and int(parts[2]) != rank:
             return
         kind = parts[3] if len(parts) > 3 else "raise"
-        print(f"[suite] rank {rank}: injecting '{kind}' at step {step} ({FAULT_ENV}={spec})", file=sys.stderr,
-              flush=True)
+        print(f"[suite] rank {rank}: injecting '{kind}' before step {step + 1} ({FAULT_ENV}={spec})",
+              file=sys.stderr, flush=True)
         if kind == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if kind == "hang":
