@@ -34,7 +34,6 @@ from pathlib import Path
 
 import pytest
 
-from suite.errors import UserError
 from suite.report.render import build_rows
 from suite.report.select import load_latest
 

@@ -120,8 +120,3 @@ def median(values) -> float | None:
     mid = len(s) // 2
     return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
-
-def mean(values) -> float | None:
-    """Mean of the finite values, None without any (the value of a compare='mean' measure)."""
-    s = [v for v in (finite(x) for x in values) if v is not None]
-    return sum(s) / len(s) if s else None

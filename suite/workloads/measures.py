@@ -15,7 +15,7 @@ same run describe their numbers identically, apart from the samples.
 """
 from __future__ import annotations
 
-from suite.metrics.declare import Metric, declare, measure, mean, median
+from suite.metrics.declare import Metric, declare, measure, median
 
 STEP_TIME = declare(Metric("step_time", "s", "time", "lower", "median",
                            doc="one optimizer step after warm-up (CUDA events on GPU)"))
@@ -172,6 +172,3 @@ def derive_v1(rec: dict) -> list[dict]:
         return accuracy_measures(m)
     return training_measures(m)
 
-
-__all__ = ["training_measures", "inference_measures", "accuracy_measures", "heldout_measures", "derive_v1",
-           "mean", "median"]
