@@ -29,8 +29,6 @@ from dataclasses import dataclass
 KINDS = ("time", "rate", "quality", "memory", "energy", "count")
 DIRECTIONS = ("lower", "higher")
 COMPARES = ("median", "mean", "tolerance", "info")
-# the keys a measure always carries, in the order they are written
-MEASURE_KEYS = ("name", "unit", "kind", "direction", "compare", "point", "value")
 
 
 @dataclass(frozen=True)
