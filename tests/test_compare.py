@@ -281,6 +281,47 @@ def test_rates_and_info_are_not_gated_and_nonfinite_is_a_regression():
     assert row["verdict"] == "REGRESSION: non-finite: nan"
 
 
+def test_noise_floor_from_repeated_baseline_runs():
+    """Three identical runs whose loss lands at 2.65, 2.77, 2.67 (a V-cycle measured on one H200): the
+    floor is t(0.975, 2) sqrt(2) s; +0.09 on a fourth run is within it, +0.6 is not. Without repeats
+    the same +0.09 is a regression."""
+    rng = random.Random(0)
+    windows = [rng.gauss(0, 0.2) for _ in range(32)]
+    def run(level):
+        return [mean_measure([level + w for w in windows], name="validation_loss")]
+    runs = [run(2.652), run(2.771), run(2.671)]
+    floors = gate.noise_floors(runs)
+    key = gate.key_of(runs[0][0])
+    vals = [2.652, 2.771, 2.671]
+    mean = sum(vals) / 3
+    s = math.sqrt(sum((v - mean) ** 2 for v in vals) / 2)
+    assert floors[key] == (pytest.approx(4.303 * math.sqrt(2) * s), 3)
+    [row] = judge_measures(run(2.759), runs[-1], Limits(), floors)
+    assert row["kind"] == SAME and "noise floor 0.389 from 3 baseline runs" in row["method"]
+    assert judge_measures(run(3.3), runs[-1], Limits(), floors)[0]["kind"] == REGRESSION
+    assert judge_measures(run(2.759), runs[-1], Limits())[0]["kind"] == REGRESSION
+    # ratios: relative floors; a floor below the limit changes nothing
+    times = [[time_measure(gaussian(30, t, 0.01, i))] for i, t in enumerate((0.0300, 0.0361, 0.0264))]
+    floor, k = gate.noise_floors(times)[gate.key_of(times[0][0])]
+    assert k == 3 and floor > 0.3
+    quiet = [[time_measure(gaussian(30, t, 0.01, i))] for i, t in enumerate((0.600, 0.601, 0.599))]
+    [row] = judge_measures([time_measure(gaussian(30, 0.66, 0.01, 9))], quiet[-1], Limits(),
+                           gate.noise_floors(quiet))
+    assert row["kind"] == REGRESSION and "noise floor" not in row["method"]
+
+
+def test_baseline_repeats_share_the_latest_configuration(tmp_path):
+    """Repeats are the baseline's ok runs with its latest record's config_hash."""
+    base = read_jsonl(GPT1B)[0]
+    old, failed = copy.deepcopy(base), copy.deepcopy(base)
+    old["config_hash"], failed["status"] = "0000000000000000", "failed"
+    runs = [old, scaled(base, 1.2), failed, scaled(base, 1.1), base]
+    proc = gate_cli(tmp_path, [scaled(base, 1.10)], runs)
+    [row] = rows_of(proc.stdout, "step_time")
+    assert "from 3 baseline runs" in row[6] and row[7] == "same"  # the old config and the failure do not count
+    assert proc.returncode == 0
+
+
 # ---------------------------------------------------------------------------------------------- records
 
 
@@ -291,6 +332,12 @@ def test_config_change_is_not_comparable_unless_allowed():
     key = ("s", "a")
     [res] = compare({key: cur}, {key: base}, Limits())
     assert res["kind"] == "not comparable" and res["config"] == ["workload.seq_length: 128 -> 256"]
+    cur["config"]["workload"]["seq_length"] = 128
+    cur["config"]["data"] = {"split": None}  # a key added with a null default changes the hash too
+    assert compare({key: cur}, {key: base}, Limits())[0]["config"] == ["data.split: unset -> null"]
+    cur["config"] = copy.deepcopy(base["config"])
+    assert compare({key: cur}, {key: base}, Limits())[0]["config"] == [
+        "config_hash c0ffee -> beef (no stored config key differs)"]
     [res] = compare({key: cur}, {key: base}, Limits(), allow_config_change=True)
     assert res["kind"] == SAME and "config changed" in res["verdict"]
 

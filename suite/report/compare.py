@@ -16,16 +16,22 @@ is in ``suite.report.gate``; this module applies it to whole records:
   and runs now: the run passes, but the stored baseline should be refreshed.
 * same; "new" for a variant only CURRENT has.
 
+A baseline may hold several runs of a variant (records appended to one file): its latest run is the
+reference, and the spread of the runs with the same configuration sets each measure's run-to-run
+noise floor (``gate.noise_floors``).
+
 Exit status: 1 when any pair is a regression or not comparable, else 0; 2 for bad input.
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 
 from suite.errors import UserError
 from suite.report import fmt, gate
 from suite.report.gate import IMPROVEMENT, NEW, REGRESSION, SAME, Limits
+from suite.records import latest_by_variant, read_records
 from suite.report.select import failure, load_latest
 
 NOT_COMPARABLE, SKIPPED = "not comparable", "skipped"
@@ -75,8 +81,14 @@ def _flatten(d, prefix: str = "") -> dict:
 def config_diff(cur: dict, base: dict, limit: int = 6) -> list[str]:
     """'key: baseline -> current' for the resolved-config keys that differ (the first `limit`)."""
     c, b = _flatten(cur.get("config")), _flatten(base.get("config"))
-    keys = [k for k in dict.fromkeys([*b, *c]) if c.get(k) != b.get(k)]
-    lines = [f"{k}: {b.get(k, 'unset')!r} -> {c.get(k, 'unset')!r}" for k in keys[:limit]]
+    unset = object()  # a key one side lacks differs from one it holds as null
+
+    def text(v):
+        return "unset" if v is unset else json.dumps(v)
+    keys = [k for k in dict.fromkeys([*b, *c]) if text(c.get(k, unset)) != text(b.get(k, unset))]
+    lines = [f"{k}: {text(b.get(k, unset))} -> {text(c.get(k, unset))}" for k in keys[:limit]]
+    if not keys:  # the hash covers the resolved config; equal configs with unequal hashes: say so
+        lines = [f"config_hash {base.get('config_hash')} -> {cur.get('config_hash')} (no stored config key differs)"]
     return lines + ([f"... and {len(keys) - limit} more"] if len(keys) > limit else [])
 
 
@@ -121,8 +133,22 @@ def whole_run_time(cur: list[dict], base: list[dict]) -> tuple[list[dict], list[
     return pick(cur), pick(base)
 
 
-def judge_variant(cur: dict | None, base: dict | None, limits: Limits, allow_config_change: bool) -> dict:
-    """One pair of records: a variant-level kind and verdict, and the per-measure rows."""
+def baseline_repeats(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """The successful runs of each (scenario, variant) in the baseline that share the configuration of
+    its latest record: the repeats a run-to-run noise floor is estimated from."""
+    latest = latest_by_variant(records)
+    out: dict[tuple[str, str], list[dict]] = {}
+    for r in records:
+        key = (r["scenario"], r["variant"])
+        if r.get("status") == "ok" and r.get("config_hash") == latest[key].get("config_hash"):
+            out.setdefault(key, []).append(r)
+    return out
+
+
+def judge_variant(cur: dict | None, base: dict | None, limits: Limits, allow_config_change: bool,
+                  repeats: list[dict] | None = None) -> dict:
+    """One pair of records: a variant-level kind and verdict, and the per-measure rows; ``repeats``:
+    the baseline's runs of this configuration (their spread sets each measure's noise floor)."""
     out = {"kind": SAME, "verdict": "", "rows": [], "config": []}
     if cur is None:
         return {**out, "kind": REGRESSION, "verdict": "REGRESSION: missing in current"}
@@ -142,7 +168,10 @@ def judge_variant(cur: dict | None, base: dict | None, limits: Limits, allow_con
             return {**out, "kind": NOT_COMPARABLE, "verdict": "NOT COMPARABLE: resolved config differs"}
     cur_m, base_m = cur.get("measures") or [], base.get("measures") or []
     cur_w, base_w = whole_run_time(cur_m, base_m)
-    rows = gate.judge_measures(cur_m + cur_w + target_measures(cur), base_m + base_w + target_measures(base), limits)
+    runs = [(r.get("measures") or []) + whole_run_time(r.get("measures") or [], [])[0] + target_measures(r)
+            for r in repeats or []]
+    rows = gate.judge_measures(cur_m + cur_w + target_measures(cur), base_m + base_w + target_measures(base), limits,
+                               gate.noise_floors(runs))
     kinds = {r["kind"] for r in rows}
     kind = REGRESSION if REGRESSION in kinds else IMPROVEMENT if IMPROVEMENT in kinds else SAME
     verdict = {REGRESSION: "REGRESSION", IMPROVEMENT: "IMPROVEMENT", SAME: "same"}[kind]
@@ -151,10 +180,12 @@ def judge_variant(cur: dict | None, base: dict | None, limits: Limits, allow_con
     return {**out, "kind": kind, "verdict": verdict, "rows": rows}
 
 
-def compare(current: dict, baseline: dict, limits: Limits, allow_config_change: bool = False) -> list[dict]:
+def compare(current: dict, baseline: dict, limits: Limits, allow_config_change: bool = False,
+            repeats: dict | None = None) -> list[dict]:
     """One result per (scenario, variant) on either side: baseline order first, then new ones."""
     keys = list(baseline) + [k for k in current if k not in baseline]
-    return [{"name": f"{k[0]}/{k[1]}", **judge_variant(current.get(k), baseline.get(k), limits, allow_config_change)}
+    return [{"name": f"{k[0]}/{k[1]}", **judge_variant(current.get(k), baseline.get(k), limits, allow_config_change,
+                                                        (repeats or {}).get(k))}
             for k in keys]
 
 
@@ -253,7 +284,8 @@ def compare_command(args) -> int:
                     max_acc_drop=parse_percent(args.max_acc_drop, "--max-acc-drop"),
                     tolerance=None if args.tolerance is None else parse_percent(args.tolerance, "--tolerance"))
     current, baseline = load_latest([args.current]), load_latest([args.baseline])
-    results = compare(current, baseline, limits, args.allow_config_change)
+    repeats = baseline_repeats(read_records(args.baseline))
+    results = compare(current, baseline, limits, args.allow_config_change, repeats)
     text = render(results, env_differences(current, baseline), limits, args.current, args.baseline)
     fmt.emit(text, None)
     if args.output:

@@ -35,6 +35,19 @@ Each record's ``measures`` declare how they compare (``compare``):
 
 Without samples or a spread, a ``median`` or ``mean`` measure falls back to the minimum effect alone
 (like Megatron-LM's golden values) and its row says so.
+
+Run-to-run noise. The intervals above know each run's own sampling noise, not how much two identical
+runs differ: a host-bound step, an eager decode or a training run that amplifies non-deterministic
+kernels moves between processes by more than its within-run uncertainty (measured on one H200:
+a V-cycle's small phase +20% step time and +0.12 nats validation loss between two identical runs,
+where the dense model moved +0.6% and +0.004). When the baseline holds several runs of a variant
+with one configuration (records appended to one file), each measure gets a noise floor: with ``s``
+the standard deviation of the k runs' statistic (log scale for ratios), the 95% prediction bound
+of the difference of two single runs, ``t(0.975, k - 1) sqrt(2) s`` (Student's t: s rests on k - 1
+degrees of freedom, so two runs give a loose floor, t = 12.7, three a usable one, t = 4.3). The
+measure's minimum effect becomes the larger of the limit and this floor, so a change smaller than
+the spread of identical runs is noise (PyTorch's benchmark gates keep a noise margin per benchmark
+for the same reason).
 """
 from __future__ import annotations
 
@@ -55,6 +68,9 @@ Z = NormalDist().inv_cdf(0.5 + LEVEL / 2)
 Z_POWER = NormalDist().inv_cdf(POWER)
 MEDIAN_SE_FACTOR = 1.6  # SE(median) ~ (p90 - p10) / (1.6 sqrt(n)), see the module docstring
 DEFAULT_TOLERANCE = 0.05
+# Student's t, two-sided 95%, by degrees of freedom (a df between rows takes the smaller row's value)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
+        10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000}
 
 REGRESSION, IMPROVEMENT, SAME, NEW, NOT_GATED = "regression", "improvement", "same", "new", "not gated"
 GATED = ("median", "mean", "tolerance")
@@ -194,12 +210,40 @@ def _worse_word(measure: dict) -> tuple[str, str]:
     return "worse", "better"
 
 
-def judge_measure(cur: dict | None, base: dict | None, limits: Limits) -> dict:
-    """One row of the gate for a (name, point) pair of measures."""
+def noise_floors(runs: list[list[dict]]) -> dict[tuple[str, str], tuple[float, int]]:
+    """{(name, point): (floor, runs)} from repeated baseline runs of one configuration (each a list of
+    measures): t(0.975, k - 1) sqrt(2) s, with s the sample SD of the k runs' values; relative (ratio - 1) for
+    median and tolerance measures, absolute for means. Only keys with two or more finite values."""
+    values: dict[tuple[str, str], list[float]] = {}
+    compare: dict[tuple[str, str], str] = {}
+    for measures in runs:
+        for m in measures:
+            v = _number(m.get("value"))
+            if is_gated(m) and v is not None and (m.get("compare") == "mean" or v > 0):
+                values.setdefault(key_of(m), []).append(v)
+                compare[key_of(m)] = m.get("compare")
+    out = {}
+    for key, vs in values.items():
+        if len(vs) < 2:
+            continue
+        relative = compare[key] != "mean"
+        xs = [math.log(v) for v in vs] if relative else vs
+        df = len(vs) - 1
+        t = T975[max(d for d in T975 if d <= df)] if df <= 60 else Z
+        half = t * math.sqrt(2) * math.sqrt(_mean_var(xs)[1])
+        out[key] = (math.exp(half) - 1 if relative else half, len(vs))
+    return out
+
+
+def judge_measure(cur: dict | None, base: dict | None, limits: Limits,
+                  floor: tuple[float, int] | None = None) -> dict:
+    """One row of the gate for a (name, point) pair of measures; ``floor``: the run-to-run noise floor
+    (value, number of baseline runs) from ``noise_floors``, when the baseline has repeats."""
     m = cur or base
     row = {"name": m.get("name", "?"), "point": point_text(m), "unit": m.get("unit", ""),
            "compare": m.get("compare"), "base": base and base.get("value"), "cur": cur and cur.get("value"),
-           "change": None, "low": None, "high": None, "relative": True, "method": "", "note": ""}
+           "change": None, "low": None, "high": None, "relative": True, "method": "", "note": "",
+           "floor": floor}
     if base is None:
         return {**row, "kind": NEW, "verdict": "new (no baseline)"}
     if cur is None:
@@ -228,6 +272,7 @@ def _judge_relative(cur: dict, base: dict, row: dict, limits: Limits) -> dict:
         tol = limits.tolerance if limits.tolerance is not None else _number(cur.get("tolerance"))
         tol = DEFAULT_TOLERANCE if tol is None else tol
         row.update(change=ratio - 1, method=f"tolerance ±{tol * 100:g}%")
+        tol = _raised(row, tol, relative=True)
         worse = ratio < 1 - tol if higher else ratio > 1 + tol
         better = ratio > 1 + tol if higher else ratio < 1 - tol
         kind, verdict = _verdict(worse, better, worse_word if worse else better_word)
@@ -245,7 +290,8 @@ def _judge_relative(cur: dict, base: dict, row: dict, limits: Limits) -> dict:
         method = "threshold only (no samples or spread)"
     row.update(change=ratio - 1, low=None if low is None else low - 1, high=None if high is None else high - 1,
                method=method)
-    bar_up, bar_down = 1 + limits.max_slowdown, 1 / (1 + limits.max_slowdown)
+    effect = _raised(row, limits.max_slowdown, relative=True)
+    bar_up, bar_down = 1 + effect, 1 / (1 + effect)
     sure_up = low is None or low > 1
     sure_down = high is None or high < 1
     if higher:
@@ -261,7 +307,7 @@ def _judge_relative(cur: dict, base: dict, row: dict, limits: Limits) -> dict:
 
 def _judge_mean(cur: dict, base: dict, row: dict, limits: Limits) -> dict:
     higher = cur.get("direction") == "higher"
-    min_effect = limits.max_acc_drop if higher else limits.max_loss_increase
+    limit = limits.max_acc_drop if higher else limits.max_loss_increase
     diff = float(row["cur"]) - float(row["base"])
     row["relative"] = False
     est = mean_difference(cur, base)
@@ -275,6 +321,8 @@ def _judge_mean(cur: dict, base: dict, row: dict, limits: Limits) -> dict:
                    method=f"{'paired' if est['paired'] else 'unpaired'} mean difference ± SE, n={est['n']}, "
                           f"detectable {fmt_num(mde)}",
                    mde=mde)
+    min_effect = _raised(row, limit, relative=False)
+    if est is not None:
         if mde > min_effect:
             row["note"] = (f"sample too small to detect a change of {fmt_num(min_effect)} "
                            f"(detectable: {fmt_num(mde)})")
@@ -288,13 +336,24 @@ def _judge_mean(cur: dict, base: dict, row: dict, limits: Limits) -> dict:
     return {**row, "kind": kind, "verdict": verdict}
 
 
+def _raised(row: dict, limit: float, relative: bool) -> float:
+    """The minimum effect raised to the run-to-run noise floor, noted in the row's method."""
+    if not row["floor"] or row["floor"][0] <= limit:
+        return limit
+    floor, runs = row["floor"]
+    row["method"] += (f"; noise floor {floor * 100:.1f}%" if relative else f"; noise floor {fmt_num(floor)}") \
+        + f" from {runs} baseline runs"
+    return floor
+
+
 def fmt_num(x: float) -> str:
     return f"{x:.3g}"
 
 
-def judge_measures(cur_measures: list[dict], base_measures: list[dict], limits: Limits) -> list[dict]:
+def judge_measures(cur_measures: list[dict], base_measures: list[dict], limits: Limits,
+                   floors: dict | None = None) -> list[dict]:
     """Rows for every gated (name, point) on either side, baseline order first, then new ones."""
     cur = {key_of(m): m for m in cur_measures if is_gated(m)}
     base = {key_of(m): m for m in base_measures if is_gated(m)}
     keys = list(base) + [k for k in cur if k not in base]
-    return [judge_measure(cur.get(k), base.get(k), limits) for k in keys]
+    return [judge_measure(cur.get(k), base.get(k), limits, (floors or {}).get(k)) for k in keys]
