@@ -282,6 +282,10 @@ def test_export_hf_command(hf, tmp_path):
     check_export(hf, "llama_tied", out, hf["lm"]("llama_tied", hf["tokens"]))
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     assert (out / "tokenizer_config.json").read_text() == '{"model_max_length": 64}'  # the tokenizer travels
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("not an export")
+    r = run_suite("export-hf", hf["dir"] / "llama_tied.toml", "-o", tmp_path / "taken", timeout_s=180)
+    assert r.returncode == 2 and "is not a Hugging Face folder" in r.stderr, r.stderr
     (tmp_path / "random.toml").write_text(SCENARIO.replace('init = "hf:hf_model"', 'init = "random"'))
     r = run_suite("export-hf", tmp_path / "random.toml", "-o", tmp_path / "nothing", timeout_s=180)
     assert r.returncode == 2 and "init is random" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr

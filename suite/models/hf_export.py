@@ -101,6 +101,15 @@ def hf_config(spec, tied: bool, dtype: str) -> dict:
     return cfg
 
 
+def check_output(spec, out) -> Path:
+    """``out`` as a Path; UserError when it holds something other than an earlier export."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "config.json").is_file())):
+        raise UserError(f"{out} exists and is not a Hugging Face folder; export only replaces earlier exports.",
+                        file=spec.file, variant=spec.name, fix="give a new or empty directory.")
+    return out
+
+
 def source_dtype(spec) -> str | None:
     """The dtype of the ``hf:`` checkpoint that [model] init loads (None: not one, or not stated)."""
     from suite.models import hf_config
@@ -123,6 +132,7 @@ def export(spec, chunks, out: Path, dtype: str | None = None, log=print) -> Path
 
     ``dtype``: of the saved tensors; default the source checkpoint's (``hf:`` init) or the model's.
     """
+    out = check_output(spec, out)  # every rank, before any collective: a refusal leaves no rank waiting
     models = [_unwrap(c) for c in chunks]
     if dtype is None:
         source = source_dtype(spec)
@@ -149,11 +159,7 @@ def export(spec, chunks, out: Path, dtype: str | None = None, log=print) -> Path
     tied = embed == head
     if tied:
         tensors.pop("lm_head.weight", None)
-    out = Path(out)
     if dist.get_rank() == 0:
-        if out.exists() and any(out.iterdir()) and not (out / "config.json").is_file():
-            raise UserError(f"{out} exists and is not a Hugging Face folder; export only replaces earlier exports.",
-                            file=spec.file, variant=spec.name, fix="give a new or empty directory.")
         out.mkdir(parents=True, exist_ok=True)
         for old in out.glob("model*.safetensors*"):
             old.unlink()
@@ -216,6 +222,7 @@ def export_command(args) -> int:
         raise UserError("[model] init is random: there are no trained weights to export.", file=spec.file,
                         variant=spec.name, key="model.init",
                         fix='set init = "checkpoint:PATH" (a [workload] save_checkpoint folder) or "hf:PATH".')
+    check_output(spec, args.output)  # before the model is built
     cuda = torch.cuda.is_available()
     if not cuda:
         cpu_compat.enable()
