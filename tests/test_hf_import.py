@@ -436,7 +436,9 @@ def test_validate_checks_the_hf_folder(tmp_path):
     from check_worker import run_suite
 
     (tmp_path / "s.toml").write_text(SCENARIO)
-    cases = [(None, "cannot read", "model.init"),
+    cases = [(None, "cannot read", "model.init"), ([1, 2], "not a JSON object", "model.init"),
+             (_config(num_attention_heads="4"), "num_attention_heads is '4', not a positive integer", "model.init"),
+             (_config(rope_parameters="5000"), "a value of the wrong type", "model.init"),
              (_config(sliding_window=16, model_type="mistral"), "sliding-window attention (16 tokens)", "model.init"),
              (_config(num_key_value_heads=4), "num_query_groups is 2 but", "model.num_query_groups")]
     for cfg, words, key in cases:

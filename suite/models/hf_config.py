@@ -42,13 +42,25 @@ NEUTRAL = {
 SUPPORTED = "LLaMA, Mistral and Qwen2/2.5 (RMSNorm, SwiGLU, RoPE, grouped-query attention)"
 
 
+REQUIRED = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
 def read_config(spec, path: Path) -> dict:
+    """config.json as a dict; UserError when it cannot be read or lacks the sizes every family states."""
+    where = dict(file=spec.file, variant=spec.name, key="model.init")
+    fix = "point hf:PATH (relative to the scenario file) at a directory written by save_pretrained()."
     try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path / 'config.json'} ({e}).", file=spec.file, variant=spec.name,
-                        key="model.init", fix="point hf:PATH (relative to the scenario file) at a directory "
-                        "written by save_pretrained().") from None
+        cfg = json.loads((path / "config.json").read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise UserError(f"cannot read {path / 'config.json'} ({e}).", **where, fix=fix) from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path / 'config.json'} is not a JSON object.", **where, fix=fix)
+    for key in REQUIRED + ("num_key_value_heads",):
+        value = cfg.get(key)
+        if (key in REQUIRED or value is not None) and (type(value) is not int or value < 1):
+            raise UserError(f"{path / 'config.json'}: {key} is {value!r}, not a positive integer.", **where,
+                            fix=fix)
+    return cfg
 
 
 def rope(cfg: dict) -> dict:
@@ -152,6 +164,15 @@ def _unsupported(cfg: dict, spec) -> tuple[str, str, str] | None:
 def check_config(spec, cfg: dict, path: Path) -> None:
     """UserError when the checkpoint computes something suite's model cannot, or the scenario's [model]
     differs from the HF config, naming the first key."""
+    try:
+        _check_config(spec, cfg, path)
+    except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type (hand-edited files)
+        raise UserError(f"{path / 'config.json'} has a value of the wrong type ({type(e).__name__}: {e}).",
+                        file=spec.file, variant=spec.name, key="model.init",
+                        fix="write config.json with save_pretrained(), or fix that value.") from None
+
+
+def _check_config(spec, cfg: dict, path: Path) -> None:
     where = dict(file=spec.file, variant=spec.name)
     bad = _unsupported(cfg, spec)
     if bad:
