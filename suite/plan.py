@@ -72,8 +72,11 @@ def check_memory(v, nproc: int, local_rank: int | None = None, local_world: int 
         worst = min(free)
         if worst >= need:
             return None
-        which = f"GPU {local_rank}" if local_rank is not None else f"the fullest of {len(free)} GPUs"
-        return f"{needs}; this machine has {which} with {_gib(worst)} free."
+        if local_rank is not None:
+            return f"{needs}; this machine's GPU {local_rank} has {_gib(worst)} free."
+        if nproc == 1:
+            return f"{needs}; this machine's freest GPU has {_gib(worst)} free."
+        return f"{needs}; this machine's {nproc} freest GPUs have as little as {_gib(worst)} free."
     ram = hardware.ram_available_bytes()
     if ram is None:
         return None

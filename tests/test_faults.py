@@ -194,3 +194,27 @@ def test_long_builds_show_progress(monkeypatch):
     count = len(lines)
     time.sleep(0.15)
     assert len(lines) == count
+
+
+def test_memory_check_names_what_the_plan_needs_and_what_the_machine_has(monkeypatch):
+    """check_memory on a made-up machine: RAM shared by the local processes without GPUs, each GPU's
+    free memory with them; the margin is 10% + 1 GiB over the plan's estimate."""
+    from suite.plan import check_memory, memory_per_process
+
+    single, tp2 = load_scenario(LLAMA, [], ["single", "tp2"])
+    need = required_bytes(single)
+    assert need == int(memory_per_process(single) * 1.1 + 2**30)
+    monkeypatch.setattr(hardware, "gpu_free_bytes", lambda index=None, context=True: None)
+    monkeypatch.setattr(hardware, "ram_available_bytes", lambda: 23 * 2**30)
+    assert check_memory(single, 1) == ("needs 1 GPU with >= 68 GiB (plan estimate 60.6 GiB + 10% + 1.0 GiB); "
+                                       "this machine has no GPU and 23.0 GiB RAM available.")
+    assert check_memory(tp2, 2).endswith("has no GPU and 23.0 GiB RAM available (11.5 GiB for each of 2 processes).")
+    monkeypatch.setattr(hardware, "ram_available_bytes", lambda: 2 * need)
+    assert check_memory(single, 1) is None and check_memory(single, 1, local_world=3) is not None
+    gib = 2**30
+    monkeypatch.setattr(hardware, "gpu_free_bytes",
+                        lambda index=None, context=True: [80 * gib] if index is not None else [80 * gib, 30 * gib])
+    assert check_memory(single, 1, local_rank=0) is None  # a rank: its own GPU
+    assert check_memory(single, 1, gpus=2) is None        # the launcher: the freest GPU
+    assert check_memory(tp2, 2, gpus=2) == ("needs 2 GPUs with >= 34 GiB each (plan estimate 30.3 GiB + 10% + "
+                                            "1.0 GiB); this machine's 2 freest GPUs have as little as 30.0 GiB free.")

@@ -107,24 +107,31 @@ def ram_available_bytes() -> int | None:
 
 
 def gpu_free_bytes(index: int | None = None, context: bool = True) -> list[int] | None:
-    """Free memory of each GPU (or of GPU ``index`` alone), None without GPUs (or when it cannot be
-    read without a CUDA context and ``context`` is False).
+    """Free memory of each visible GPU (or of GPU ``index`` alone), None without GPUs or when it
+    cannot be read.
 
-    NVML when it is there: it reads the driver's numbers without creating a CUDA context (a context
-    costs ~0.5 GiB on every GPU queried, and the launcher's would stay for the whole run); else
-    ``torch.cuda.mem_get_info``."""
+    With ``context`` (a rank, which holds a CUDA context anyway): ``torch.cuda.mem_get_info``, in
+    CUDA's numbering. Without (the launcher): NVML, which reads the driver's numbers without creating
+    a context (one costs ~0.5 GiB on every GPU queried, for the whole run), restricted to
+    ``CUDA_VISIBLE_DEVICES`` when that lists indices."""
+    import torch
+
+    if context:
+        if not torch.cuda.is_available():
+            return None
+        indices = range(torch.cuda.device_count()) if index is None else [index]
+        return [torch.cuda.mem_get_info(i)[0] for i in indices]
     try:
         import pynvml
 
         pynvml.nvmlInit()
-        n = pynvml.nvmlDeviceGetCount()
-        indices = range(n) if index is None else [index]
-        return [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free for i in indices]
+        indices = list(range(pynvml.nvmlDeviceGetCount()))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        if visible is not None:
+            indices = [int(i) for i in visible.split(",") if i.strip().isdigit()]  # UUIDs: unknown
+        if index is not None:
+            indices = indices[index:index + 1]
+        free = [pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(i)).free for i in indices]
+        return free or None
     except Exception:
-        pass
-    import torch
-
-    if not context or not torch.cuda.is_available():
         return None
-    indices = range(torch.cuda.device_count()) if index is None else [index]
-    return [torch.cuda.mem_get_info(i)[0] for i in indices]
