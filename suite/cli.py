@@ -28,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a scenario's variants and append result records",
                          description="Under torchrun: one SPMD program runs every variant that fits the "
                          "launched world size. Without torchrun: starts torchrun once per variant with "
-                         "the process count that variant needs.")
+                         "the process count that variant needs. Every variant leaves a record (ok, failed, "
+                         "diverged, interrupted or skipped); exit 1 when any failed or diverged, 2 when one "
+                         "cannot fit this machine, 130 after Ctrl-C.")
     run.add_argument("scenario", nargs="?", default=DEFAULT_SCENARIO,
                      help="scenario file (default: the embedded tiny CPU scenario)")
     _add_scenario_args(run)
