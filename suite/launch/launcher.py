@@ -108,6 +108,8 @@ def _launch(v, nproc: int, out: str, args) -> tuple[int, bool]:
            "-m", "suite", "run", args.scenario, "--variant", v.name, "--out", out]
     for o in args.overrides:
         cmd += ["--set", o]
+    if getattr(args, "verbose", False):
+        cmd.append("--verbose")
     before = len(_records_of(out, v))
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     print(f"[suite] launching variant '{v.name}' on {nproc} process(es)", flush=True)
