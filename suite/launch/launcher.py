@@ -98,7 +98,10 @@ def launch_all(args) -> int:
         if interrupted:
             return 130
         latest = (_records_of(out, v) or [{}])[-1].get("status")
-        failed |= rc != 0 or latest in ("failed", "diverged")
+        if latest == "skipped":  # refused by its ranks (GPU memory the launcher could not read)
+            refused = True
+        else:
+            failed |= rc != 0 or latest in ("failed", "diverged")
     return 1 if failed else 2 if refused else 0
 
 
