@@ -587,3 +587,13 @@ def test_report_output_that_cannot_be_a_file_exits_2(tmp_path, output):
     proc = run_cli("report", GPU, "-o", tmp_path / output)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and "Fix:" in proc.stderr and str(tmp_path / output) in proc.stderr
+
+
+def test_not_ok_rows_name_their_status(tmp_path):
+    """A diverged (or interrupted, skipped) variant says so, not 'failed'."""
+    rec = json.loads((ROOT / GPU).read_text().splitlines()[1])
+    rec.update(status="diverged", error={"type": "NonFiniteLoss", "message": "loss nan at step 12", "step": 12})
+    path = tmp_path / "records.jsonl"
+    path.write_text((ROOT / GPU).read_text().splitlines()[0] + "\n" + json.dumps(rec) + "\n")
+    out = run_cli("report", path).stdout
+    assert f"| {rec['variant']} | " in out and "**diverged: NonFiniteLoss: loss nan at step 12**" in out

@@ -66,10 +66,12 @@ def relative_change(new: float | None, old: float | None) -> float | None:
 
 
 def failure(rec: dict) -> str:
-    """'failed: <type>: <first line of message>' for a failed record."""
-    error = rec.get("error") or {}
-    message = (error.get("message") or "").strip().splitlines()
-    return f"failed: {error.get('type', 'unknown error')}" + (f": {message[0]}" if message else "")
+    """'<status>: <type>: <first line of message>' for a record that is not ok ('failed', 'diverged',
+    'interrupted', 'skipped')."""
+    error = rec.get("error") if isinstance(rec.get("error"), dict) else {}
+    message = str(error.get("message") or "").strip().splitlines()
+    status = rec.get("status") or "failed"
+    return f"{status}: {error.get('type') or 'unknown error'}" + (f": {message[0]}" if message else "")
 
 
 def machine(env: dict | None) -> str | None:
