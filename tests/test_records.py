@@ -189,3 +189,24 @@ def test_report_on_any_record_file_exits_0_or_2_without_traceback(tmp_path_facto
     assert "Traceback" not in err
     if code == 2:
         assert err.startswith("error: ") and str(path) in err and "Fix:" in err
+
+
+def test_v1_variable_shape_runs_never_get_one_pooled_gated_step_time():
+    """Plug-ins upgrade their schema-1 records: a V-cycle gets a step time per phase (mean of its steps,
+    the level change excluded), random-LTD's pooled spread becomes information only."""
+    records = ROOT.parent / "reports" / "records"
+    vcycle = next(r for r in read_records(records / "gpt_multilevel_h200x4.jsonl") if r["variant"] == "multilevel_2")
+    phases = vcycle["metrics"]["extra"]["multilevel"]["phases"]
+    times = [m for m in vcycle["measures"] if m["name"] == "step_time"]
+    assert [m["point"] for m in times] == [{"phase": p["phase"], "shape": f"{p['layers']}x{p['hidden']}"} for p in phases]
+    assert times[1]["value"] == pytest.approx((phases[1]["walltime_s"] - phases[1]["transition_s"]) / phases[1]["steps"])
+    ltd = next(r for r in read_records(records / "gpt_random_ltd_h100.jsonl") if "random_ltd" in r["variant"])
+    (pooled,) = [m for m in ltd["measures"] if m["name"] == "step_time"]
+    assert pooled["compare"] == "info" and pooled["point"] == {}
+
+
+def test_v1_cqil_degree_moves_from_dp_to_the_layout():
+    records = ROOT.parent / "reports" / "records" / "llama33b_h200x4.jsonl"
+    by = {r["variant"]: r for r in read_records(records)}
+    assert by["cqil2"]["dp"] == 2 and by["cqil2"]["layout"]["cqil_degree"] == 2 and by["cqil2"]["layout"]["dp"] == 1
+    assert "cqil_degree" not in by["tp2"]["layout"]
