@@ -198,8 +198,10 @@ def test_v1_variable_shape_runs_never_get_one_pooled_gated_step_time():
     vcycle = next(r for r in read_records(records / "gpt_multilevel_h200x4.jsonl") if r["variant"] == "multilevel_2")
     phases = vcycle["metrics"]["extra"]["multilevel"]["phases"]
     times = [m for m in vcycle["measures"] if m["name"] == "step_time"]
-    assert [m["point"] for m in times] == [{"phase": p["phase"], "shape": f"{p['layers']}x{p['hidden']}"} for p in phases]
-    assert times[1]["value"] == pytest.approx((phases[1]["walltime_s"] - phases[1]["transition_s"]) / phases[1]["steps"])
+    assert [m["point"] for m in times] == [{"phase": p["phase"], "shape": f"{p['layers']}x{p['hidden']}"}
+                                           for p in phases]
+    one = phases[1]
+    assert times[1]["value"] == pytest.approx((one["walltime_s"] - one["transition_s"]) / one["steps"])
     ltd = next(r for r in read_records(records / "gpt_random_ltd_h100.jsonl") if "random_ltd" in r["variant"])
     (pooled,) = [m for m in ltd["measures"] if m["name"] == "step_time"]
     assert pooled["compare"] == "info" and pooled["point"] == {}
