@@ -102,7 +102,7 @@ def test_hung_rank_fails_within_the_timeout(tmp_path):
     assert err["type"] == "Hang" and err["rank"] == 1, err
     assert "rank 1 made no progress" in err["message"] and "timeout_s = 5" in err["message"]
     assert "--- rank 0 (in a collective)" in err["traceback"] and "--- rank 1 (stopped)" in err["traceback"]
-    # start-up (~10 s here) + 2 steps + timeout 5 s + the guard's 2 s wait for the peers' stacks; without
+    # start-up (~10 s here) + 2 steps + timeout 5 s + the guard's wait for the peers' stacks (<= 5 s); without
     # the guard gloo would wait timeout_s + 30 s and NCCL would abort the process without a record
     assert elapsed < 45, elapsed
 

@@ -38,7 +38,7 @@ import traceback
 
 TIMEOUT_MARGIN_S = 30  # process groups time out this long after the guard, so the guard speaks first
 POLL_S = 1.0
-PEER_GRACE_S = 2.0     # rank 0 waits this long for its peers' notes before it records a hang
+PEER_GRACE_S = 5.0     # rank 0 waits at most this long for its peers' notes before it records a hang
 EXIT_GRACE_S = 10.0    # other ranks wait this long for rank 0 to record before they exit
 
 _guard: Guard | None = None
@@ -214,7 +214,12 @@ class Guard:
             # grace wakes a rank 0 that did not stall
             select.select([self._read], [], [], EXIT_GRACE_S)
             os._exit(1)
-        time.sleep(PEER_GRACE_S)
+        deadline = time.monotonic() + PEER_GRACE_S
+        while time.monotonic() < deadline:  # until every local rank left its stack, or one is dead
+            noted = {n.get("rank") for n in left_errors(a.out, a.attempt) if n.get("type") == "Hang"}
+            if all(r in noted or not _alive(pid) for r, pid in self.local_peers):
+                break
+            time.sleep(0.1)
         dead = self.culprit(None)
         if dead and dead.get("type") != "Hang":
             error = dead
