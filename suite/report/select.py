@@ -54,12 +54,6 @@ def step_half_spread_s(rec: dict) -> float | None:
     return None if p10 is None or p90 is None else (p90 - p10) / 2
 
 
-def relative_noise(rec: dict) -> float | None:
-    """(p90 - p10) / 2 / median: the step-time spread as a fraction of the median."""
-    median, half = step_median_s(rec), step_half_spread_s(rec)
-    return None if not median or half is None else half / median
-
-
 def relative_change(new: float | None, old: float | None) -> float | None:
     """(new - old) / old, or None when either side is unknown."""
     return None if new is None or not old else (new - old) / old
