@@ -142,8 +142,8 @@ def run_all(args) -> int:
         reason = _layout_ok(v, world)
         if reason:
             if is_rank0:
-                print(f"[suite] skipping variant '{v.name}': {reason} (`python -m suite run` sizes each "
-                      "variant itself)", flush=True)
+                print(f"[suite] skipping variant '{v.name}': {reason.rstrip('.')} (`python -m suite run` "
+                      "sizes each variant itself).", flush=True)
                 append_record(out, skipped_record(v, world, reason))
         elif (v.scenario, v.name, config_hash(v.resolved())) in done:
             if is_rank0:
