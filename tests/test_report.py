@@ -563,6 +563,9 @@ def test_variable_shape_runs_get_one_row_per_schedule_position():
     ltd = {m["point"]["kept"] for m in recs["dp"]["measures"] if m["name"] == "step_time" and m["point"]}
     assert len(ltd) > 1
     assert positions_section([recs["tiny"]]) == []  # fixed shape: nothing per position
+    out = run_cli("report", V2).stdout
+    assert "| vcycle (baseline) | tp1 pp1 dp1 | 1 |" in out and " ‡ |" in table_line(out, "vcycle (baseline)")
+    assert " ‡ |" not in table_line(out, "dp (baseline)")  # the first dp: the fixed-shape tiny run
 
 
 def test_accuracy_without_a_plug_in_gets_the_generic_table(tmp_path):

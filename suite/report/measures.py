@@ -26,6 +26,13 @@ def _point(point: dict) -> str:
     return " ".join(f"{k}={v}" for k, v in point.items())
 
 
+def pooled_over_positions(rec: dict) -> bool:
+    """Whether the record measured its step time per schedule position (from samples): its pooled
+    ``metrics.step_time_s`` then mixes step shapes."""
+    return any(m.get("name") == "step_time" and m.get("point") and m.get("samples")
+               for m in rec.get("measures") or [])
+
+
 def positions_section(records: list[dict]) -> list[str]:
     body = []
     for rec in (r for r in records if is_ok(r)):

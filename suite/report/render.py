@@ -14,7 +14,7 @@ from pathlib import Path
 from suite.report import fmt, plugins
 from suite.report.accuracy import accuracy_section, is_accuracy, model_blocks
 from suite.report.latency import is_inference, latency_rows, latency_section
-from suite.report.measures import positions_section
+from suite.report.measures import pooled_over_positions, positions_section
 from suite.report.plots import loss_curves
 from suite.report.quality import quality_section, target_of
 from suite.report.select import (baseline_of, by_scenario, failure, is_ok, load_latest, machine, metric,
@@ -24,6 +24,8 @@ NOISE_NOTE = ("Step time: median ± half the p10–p90 spread of the timed steps
               "differences smaller than the step-time spread are noise. "
               "Δ columns are relative to the baseline variant.")
 RSS_NOTE = "† host peak RSS (CPU run), not device memory."
+POOLED_NOTE = ("‡ pooled over the schedule's positions (the step shape changes): the spread is the schedule, "
+               "not noise; compare per position (table below).")
 HELDOUT_NOTE = ("Held-out ppl and bits/byte: the final model on the start of the validation tail ({tokens} tokens, "
                 "rolling windows of the sequence length); perplexity = exp(loss in nats/token), bits per UTF-8 "
                 "byte of the scored text compare across tokenizers.")
@@ -56,6 +58,7 @@ def variant_row(rec: dict, base: dict) -> dict:
         "parameters": metric(rec, "parameters"), "tokens": metric(rec, "tokens"),
         "step_time_median_ms": _scaled(median, 1e3),
         "step_time_half_spread_ms": _scaled(step_half_spread_s(rec), 1e3),
+        "step_time_pooled": pooled_over_positions(rec),
         "tokens_per_s": metric(rec, "tokens_per_s"), "tflops_per_gpu": metric(rec, "tflops_per_gpu"),
         "flops_total": metric(rec, "flops_total"), "walltime_s": metric(rec, "walltime_s"),
         "mfu": metric(rec, "mfu"), "fraction_of_gemm_ceiling": metric(rec, "fraction_of_gemm_ceiling"),
@@ -101,7 +104,8 @@ def _memory(r):
 def _step_time(r):
     if r["step_time_median_ms"] is None:
         return fmt.NA
-    return f"{fmt.fixed(r['step_time_median_ms'], 1)} ± {fmt.fixed(r['step_time_half_spread_ms'], 1)}"
+    return (f"{fmt.fixed(r['step_time_median_ms'], 1)} ± {fmt.fixed(r['step_time_half_spread_ms'], 1)}"
+            + (" ‡" if r["step_time_pooled"] else ""))
 
 
 def _delta(key: str, cell):
@@ -197,7 +201,8 @@ def _section(scenario: str, rows: list[dict], records: list[dict], output: Path 
     columns, optional = _columns(rows), _optional_columns(rows)
     headers = [h for h, _ in columns] + optional
     table = fmt.table(headers, [_cells(r, columns, optional) for r in rows], "ll" + "r" * (len(headers) - 2))
-    notes = [NOISE_NOTE] + ([RSS_NOTE] if any(r["memory_kind"] == "cpu_max_rss" for r in rows) else [])
+    notes = [NOISE_NOTE] + ([RSS_NOTE] if any(r["memory_kind"] == "cpu_max_rss" for r in rows) else []) + \
+        ([POOLED_NOTE] if any(r["step_time_pooled"] and r["error"] is None for r in rows) else [])
     if columns is not COLUMNS:
         scored = dict.fromkeys(f"{r['heldout.tokens']:,}" for r in rows if r.get("heldout.tokens") is not None)
         notes.append(HELDOUT_NOTE.format(tokens=" / ".join(scored) or "n/a"))
