@@ -600,3 +600,10 @@ def test_not_ok_rows_name_their_status(tmp_path):
     path.write_text((ROOT / GPU).read_text().splitlines()[0] + "\n" + json.dumps(rec) + "\n")
     out = run_cli("report", path).stdout
     assert f"| {rec['variant']} | " in out and "**diverged: NonFiniteLoss: loss nan at step 12**" in out
+
+
+def test_plot_skips_curve_points_whose_loss_was_not_finite():
+    from suite.report.plots import curve
+
+    rec = {"metrics": {"validation_curve": [[10, 3.0, 1.0, 100], [20, None, 2.0, 200], [30, 2.5, 3.0, 300]]}}
+    assert curve(rec) == [[10, 3.0, 1.0, 100, 0], [30, 2.5, 3.0, 300, 0]]

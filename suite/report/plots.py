@@ -21,7 +21,8 @@ from suite.report.select import baseline_of, is_ok, metric
 def curve(rec: dict) -> list[list]:
     """[step, loss, walltime_s, flops, phase] points: a plug-in's fuller curve where it keeps one (a
     technique whose phases train other models than the final one), else the record's validation_curve."""
-    return plugins.curve(rec) or [p[:4] + [0] for p in metric(rec, "validation_curve") or [] if len(p) >= 4]
+    points = plugins.curve(rec) or [p[:4] + [0] for p in metric(rec, "validation_curve") or [] if len(p) >= 4]
+    return [p for p in points if None not in p[1:4]]  # null: a loss that was not finite
 
 
 def figure_name(scenario: str, report: Path) -> str:
