@@ -162,7 +162,7 @@ def append_record(results: str | Path, record: dict) -> Path:
 
 # Type specs of the fields readers use. null is allowed (not measured) and so is a missing key, except
 # where the type ends in "!": wherever its parent object is present, the key must hold a value.
-# "[]" in a path: every element of that list. Plug-ins add the fields of their own blocks.
+# "[]" in a path: every element of that list; "*": every value of that object. Plug-ins add the fields of their own blocks.
 NUM, INT, STR, BOOL, DICT, LIST = "number", "integer", "string", "boolean", "object", "list"
 REQUIRED = ("scenario", "variant", "status")
 FIELDS: dict[str, str] = {
@@ -206,6 +206,9 @@ FIELDS: dict[str, str] = {
     **{f"metrics.accuracy.{model}.{k}": NUM for model in ("original", "concurrent", "finetuned")
        for k in ("loss", "perplexity", "bpb", "tokens", "bytes", "seq_length", "kl_to_original")},
     **{f"metrics.accuracy.{model}.tasks": DICT for model in ("original", "concurrent", "finetuned")},
+    **{f"metrics.accuracy.{model}.tasks.*": DICT for model in ("original", "concurrent", "finetuned")},
+    **{f"metrics.accuracy.{model}.tasks.*.{k}": NUM for model in ("original", "concurrent", "finetuned")
+       for k in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n")},
     **{f"metrics.accuracy.{model}.text": DICT for model in ("original", "concurrent", "finetuned")},
     **{f"metrics.accuracy.{model}.text.{k}": NUM for model in ("original", "concurrent", "finetuned")
        for k in ("loss", "perplexity", "bpb")},
@@ -238,6 +241,10 @@ def _at(value, tokens: list[str], where: str = ""):
         if isinstance(value, list):
             for i, item in enumerate(value):
                 yield from _at(item, rest, f"{where}[{i}]")
+    elif head == "*":
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from _at(item, rest, f"{where}.{key}")
     elif isinstance(value, dict) and head in value:
         yield from _at(value[head], rest, f"{where}.{head}" if where else head)
 
