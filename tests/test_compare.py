@@ -311,10 +311,11 @@ def test_noise_floor_from_repeated_baseline_runs():
 
 
 def test_baseline_repeats_share_the_latest_configuration(tmp_path):
-    """Repeats are the baseline's ok runs with its latest record's config_hash."""
+    """Repeats are the baseline's ok runs with its latest record's configuration."""
     base = read_jsonl(GPT1B)[0]
     old, failed = copy.deepcopy(base), copy.deepcopy(base)
     old["config_hash"], failed["status"] = "0000000000000000", "failed"
+    old["config"]["workload"]["seq_length"] *= 2
     runs = [old, scaled(base, 1.2), failed, scaled(base, 1.1), base]
     proc = gate_cli(tmp_path, [scaled(base, 1.10)], runs)
     [row] = rows_of(proc.stdout, "step_time")
@@ -333,11 +334,15 @@ def test_config_change_is_not_comparable_unless_allowed():
     [res] = compare({key: cur}, {key: base}, Limits())
     assert res["kind"] == "not comparable" and res["config"] == ["workload.seq_length: 128 -> 256"]
     cur["config"]["workload"]["seq_length"] = 128
-    cur["config"]["data"] = {"split": None}  # a key added with a null default changes the hash too
-    assert compare({key: cur}, {key: base}, Limits())[0]["config"] == ["data.split: unset -> null"]
-    cur["config"] = copy.deepcopy(base["config"])
+    cur["config"]["data"] = {"split": None}  # a key the schema gained, at its default: still comparable
+    [res] = compare({key: cur}, {key: base}, Limits())
+    assert res["kind"] == SAME and res["config"] == []
+    cur["config"]["data"] = {"split": "test"}  # the same key set to something else is a change
+    assert compare({key: cur}, {key: base}, Limits())[0]["config"] == ['data.split: unset -> "test"']
+    cur["config"] = None
     assert compare({key: cur}, {key: base}, Limits())[0]["config"] == [
-        "config_hash c0ffee -> beef (no stored config key differs)"]
+        "config_hash c0ffee -> beef (no stored config to compare)"]
+    cur["config"] = {"workload": {"seq_length": 256}}
     [res] = compare({key: cur}, {key: base}, Limits(), allow_config_change=True)
     assert res["kind"] == SAME and "config changed" in res["verdict"]
 

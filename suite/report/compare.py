@@ -32,6 +32,7 @@ from suite.errors import UserError
 from suite.report import fmt, gate
 from suite.report.gate import IMPROVEMENT, NEW, REGRESSION, SAME, Limits
 from suite.records import latest_by_variant, read_records
+from suite.scenario.schema import defaults as schema_defaults
 from suite.report.select import failure, load_latest
 
 NOT_COMPARABLE, SKIPPED = "not comparable", "skipped"
@@ -79,17 +80,34 @@ def _flatten(d, prefix: str = "") -> dict:
 
 
 def config_diff(cur: dict, base: dict, limit: int = 6) -> list[str]:
-    """'key: baseline -> current' for the resolved-config keys that differ (the first `limit`)."""
+    """'key: baseline -> current' for the resolved-config keys that differ (the first `limit`). A key
+    only one side holds, at its schema default on that side, is no difference: a schema that gained
+    a key keeps its stored baselines comparable."""
     c, b = _flatten(cur.get("config")), _flatten(base.get("config"))
+    default = _flatten(schema_defaults())
     unset = object()  # a key one side lacks differs from one it holds as null
 
     def text(v):
         return "unset" if v is unset else json.dumps(v)
-    keys = [k for k in dict.fromkeys([*b, *c]) if text(c.get(k, unset)) != text(b.get(k, unset))]
+
+    def differs(k):
+        cv, bv = c.get(k, unset), b.get(k, unset)
+        if (cv is unset) != (bv is unset) and k in default:
+            return text(bv if cv is unset else cv) != text(default[k])
+        return text(cv) != text(bv)
+    keys = [k for k in dict.fromkeys([*b, *c]) if differs(k)]
     lines = [f"{k}: {text(b.get(k, unset))} -> {text(c.get(k, unset))}" for k in keys[:limit]]
-    if not keys:  # the hash covers the resolved config; equal configs with unequal hashes: say so
-        lines = [f"config_hash {base.get('config_hash')} -> {cur.get('config_hash')} (no stored config key differs)"]
+    stored = isinstance(cur.get("config"), dict) and isinstance(base.get("config"), dict)
+    if not stored and cur.get("config_hash") != base.get("config_hash"):
+        lines = [f"config_hash {base.get('config_hash')} -> {cur.get('config_hash')} (no stored config to compare)"]
     return lines + ([f"... and {len(keys) - limit} more"] if len(keys) > limit else [])
+
+
+def same_config(a: dict, b: dict) -> bool:
+    """Equal hashes, or stored configs equal up to keys a newer schema added at their defaults."""
+    if a.get("config_hash") == b.get("config_hash"):
+        return True
+    return not config_diff(a, b)
 
 
 def _status_text(rec: dict) -> str:
@@ -140,7 +158,7 @@ def baseline_repeats(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     out: dict[tuple[str, str], list[dict]] = {}
     for r in records:
         key = (r["scenario"], r["variant"])
-        if r.get("status") == "ok" and r.get("config_hash") == latest[key].get("config_hash"):
+        if r.get("status") == "ok" and same_config(r, latest[key]):
             out.setdefault(key, []).append(r)
     return out
 
@@ -162,7 +180,7 @@ def judge_variant(cur: dict | None, base: dict | None, limits: Limits, allow_con
         return {**out, "kind": NEW, "verdict": "new (no baseline)"}
     if base.get("status") != "ok":
         return {**out, "kind": IMPROVEMENT, "verdict": f"IMPROVEMENT: runs now (baseline {_status_text(base)})"}
-    if cur.get("config_hash") != base.get("config_hash"):
+    if not same_config(cur, base):
         out["config"] = config_diff(cur, base)
         if not allow_config_change:
             return {**out, "kind": NOT_COMPARABLE, "verdict": "NOT COMPARABLE: resolved config differs"}

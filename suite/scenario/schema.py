@@ -262,5 +262,9 @@ class VariantSpec:
         return out
 
 
-def section_keys(cls: type) -> list[str]:
-    return [f.name for f in fields(cls)]
+def defaults() -> dict:
+    """Every core section at its defaults, shaped as ``VariantSpec.resolved()`` writes it: a key that
+    a newer schema added holds this value in new records and is absent from older ones."""
+    from dataclasses import asdict
+
+    return {s: asdict(cls()) for s, cls in SECTIONS.items()}
