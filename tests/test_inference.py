@@ -169,7 +169,7 @@ def test_decode_bytes_and_prefill_flops_by_hand(tmp_path):
     ("prompt_lengths = [200]\ngen_lengths = [64]\n", "workload.prompt_lengths",
      "prompt 200 + generated 64 tokens exceed the model's max_sequence_length 256"),
     ("batch_sizes = []\n", "workload.batch_sizes", "batch_sizes must be a non-empty list of integers >= 1"),
-    ("gen_lengths = [-1]\n", "workload.gen_lengths", "gen_lengths must be a non-empty list of integers >= 0"),
+    ("gen_lengths = [-1]\n", "workload.gen_lengths", "-1 is outside [0, "),
     ("repeats = 0\n", "workload.repeats", "repeats must be >= 1"),
     ('cuda_graph = "yes"\n', "workload.cuda_graph", "'yes' is not one of off, on, both"),
     ("[parallel]\ndp = 2\n", "parallel.dp", "inference measures one model replica"),
