@@ -170,7 +170,7 @@ def test_decode_bytes_and_prefill_flops_by_hand(tmp_path):
      "prompt 200 + generated 64 tokens exceed the model's max_sequence_length 256"),
     ("batch_sizes = []\n", "workload.batch_sizes", "batch_sizes must be a non-empty list of integers >= 1"),
     ("gen_lengths = [-1]\n", "workload.gen_lengths", "-1 is outside [0, "),
-    ("repeats = 0\n", "workload.repeats", "repeats must be >= 1"),
+    ("repeats = 0\n", "workload.repeats", "repeats = 0 is outside [1, "),
     ('cuda_graph = "yes"\n', "workload.cuda_graph", "'yes' is not one of off, on, both"),
     ("[parallel]\ndp = 2\n", "parallel.dp", "inference measures one model replica"),
     ("[parallel]\ntp = 2\nsequence_parallel = true\n", "parallel.sequence_parallel", "without sequence parallelism"),
