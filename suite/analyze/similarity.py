@@ -49,7 +49,7 @@ def layer_input_similarity(spec, batches: int) -> list[list[float]]:
 
     from suite.data.tokens import TokenSource
     from suite.launch import cpu_compat
-    from suite.models import checkpoint, gpt
+    from suite.models.build import build
     from suite.scenario.schema import ParallelConfig
 
     cuda = torch.cuda.is_available()
@@ -60,13 +60,7 @@ def layer_input_similarity(spec, batches: int) -> list[list[float]]:
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=0, world_size=1)
     try:
         ps.initialize_model_parallel()
-        config = gpt.transformer_config(spec)
-        (model,) = gpt.build_chunks(spec, config)
-        gpt.init_parameters([model], spec.workload.seed, spec.model.init_std, spec.model.num_layers)
-        checkpoint.apply_init(spec, [model], log=lambda message: print(f"[suite] {message}"))  # [model] init
-        if config.bf16:
-            model.bfloat16()
-        model.eval()
+        model = build(spec, log=lambda message: print(f"[suite] {message}"), inference=True).model
         inputs = []
 
         def keep_input(module, args, kwargs):

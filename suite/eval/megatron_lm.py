@@ -65,10 +65,7 @@ class MegatronLM:
 def build(spec, log=print) -> MegatronLM:
     """The variant's model for evaluation: built for this rank's layout, then ``[model] init`` applied
     (a checkpoint or Hugging Face weights). Needs megatron's parallel_state initialised."""
-    from suite.models import checkpoint, gpt
+    from suite.models.build import build
 
-    config = gpt.transformer_config(spec)
-    chunks = gpt.build_chunks(spec, config)
-    gpt.init_parameters(chunks, spec.workload.seed, spec.model.init_std, spec.model.num_layers)
-    checkpoint.apply_init(spec, chunks, log)
-    return MegatronLM(chunks, config, spec.model.vocab_size)
+    built = build(spec, log=log)
+    return MegatronLM(built.chunks, built.config, spec.model.vocab_size)

@@ -212,7 +212,6 @@ def export_command(args) -> int:
     import tempfile
 
     from suite.launch import cpu_compat
-    from suite.models import checkpoint
     from suite.scenario import load_scenario
     from suite.scenario.schema import ParallelConfig
 
@@ -230,9 +229,9 @@ def export_command(args) -> int:
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=0, world_size=1)
     try:
         ps.initialize_model_parallel()
-        chunks = gpt.build_chunks(spec, gpt.transformer_config(spec))
-        gpt.init_parameters(chunks, spec.workload.seed, spec.model.init_std, spec.model.num_layers)
-        checkpoint.apply_init(spec, chunks, log=lambda message: print(f"[suite] {message}"))
+        from suite.models.build import build
+
+        chunks = build(spec, log=lambda message: print(f"[suite] {message}")).chunks
         export(spec, chunks, Path(args.output), args.dtype, log=lambda message: print(f"[suite] {message}"))
     finally:
         ps.destroy_model_parallel()

@@ -29,7 +29,7 @@ from suite.data.tokens import TokenSource
 from suite.eval.metrics import file_text, heldout_max_tokens, heldout_text, multiple_choice, read_examples
 from suite.metrics import flops as F
 from suite.metrics.collect import peak_memory
-from suite.models import checkpoint, gpt
+from suite.models.build import build
 from suite.parallel import cqil
 from suite.parallel.cqil_finetune import finetune, heldout_kl, logprobs
 from suite.workloads.measures import accuracy_measures
@@ -42,13 +42,7 @@ def _scorer(model, plan, vocab: int):
 
 
 def run(spec, ctx, fault=lambda step: None) -> dict:
-    config = gpt.transformer_config(spec)
-    (model,) = gpt.build_chunks(spec, config)
-    gpt.init_parameters([model], spec.workload.seed, spec.model.init_std, spec.model.num_layers)
-    checkpoint.apply_init(spec, [model], ctx.log)
-    if config.bf16:
-        model.bfloat16()
-    model.eval()
+    model = build(spec, log=ctx.log, inference=True).model
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     vocab, seq = spec.model.vocab_size, spec.workload.seq_length

@@ -82,7 +82,8 @@ from suite.metrics import hardware
 from suite.metrics.collect import peak_memory, reduce_scalar
 from suite.metrics.stats import summarize
 from suite.workloads.measures import inference_measures
-from suite.models import checkpoint, gpt
+from suite.models import gpt
+from suite.models.build import build
 from suite.models.attention import SDPAttention
 from suite.parallel import cqil, cqil_layer
 from suite.workloads.train import StepClock
@@ -151,7 +152,6 @@ class Engine:
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
         self.plan = cqil.plan_of(spec)
         self.cqil_groups = []
-        self.config = gpt.transformer_config(spec)
         layer = gpt.layer_spec()
         layer.submodules.self_attention.submodules.core_attention = CachedAttention
         block = layer
@@ -161,12 +161,8 @@ class Engine:
             group, cqil_rank, self.cqil_groups = cqil_layer.new_groups(
                 spec.parallel.tp, self.plan.degree, timeout_s=spec.workload.timeout_s + TIMEOUT_MARGIN_S)
             block = cqil_layer.block_spec(layer, self.plan, cqil_rank, group)
-        (self.model,) = gpt.build_chunks(spec, self.config, block)
-        gpt.init_parameters([self.model], spec.workload.seed, spec.model.init_std, spec.model.num_layers)
-        checkpoint.apply_init(spec, [self.model], log)  # [model] init, CQIL ranks included (checkpoint.load)
-        if self.config.bf16:
-            self.model.bfloat16()
-        self.model.eval()
+        built = build(spec, block, log=log, inference=True)  # [model] init, CQIL ranks included
+        self.model, self.config = built.model, built.config
         self.state = DecodeState()
         self.attention = [m for m in self.model.modules() if isinstance(m, CachedAttention)]
         for a in self.attention:

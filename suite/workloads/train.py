@@ -28,6 +28,7 @@ from suite.metrics import flops as F
 from suite.metrics.energy import EnergyMeter
 from suite.metrics.stats import summarize
 from suite.models import checkpoint, gpt
+from suite.models.build import build
 from suite.tricks.registry import TRICKS
 
 
@@ -127,16 +128,14 @@ class Trainer:
         w = spec.workload
         self.cuda = torch.cuda.is_available()
         self.dp = ps.get_data_parallel_world_size()
-        self.config = gpt.transformer_config(spec)
         self.tricks = [TRICKS[name].runtime(spec, cfg) for name, cfg in spec.tricks.items()
                        if TRICKS[name].runtime]
         layer = gpt.layer_spec()
         for t in self.tricks:
             layer = t.layer_spec(layer)
-        chunks = gpt.build_chunks(spec, self.config, layer)
-        gpt.init_parameters(chunks, w.seed, spec.model.init_std, spec.model.num_layers)
-        checkpoint.apply_init(spec, chunks, ctx.log)  # [model] init: a checkpoint or Hugging Face weights
-        self.model = gpt.wrap_for_training(chunks, self.config, overlap=self.cuda and self.dp > 1)
+        built = build(spec, layer, log=ctx.log)
+        self.config = built.config
+        self.model = gpt.wrap_for_training(built.chunks, self.config, overlap=self.cuda and self.dp > 1)
         # Hooks megatron's schedules call: DP grad sync and the final gradient all-reduces.
         self.config.finalize_model_grads_func = finalize_model_grads
         if self.cuda and self.dp > 1:
@@ -246,6 +245,102 @@ class Trainer:
         return self.optimizer.param_groups[0]["lr"]
 
 
+class Progress:
+    """What a training run accumulates over its phases (one model each): plain training has one phase,
+    a technique's schedule (e.g. the multi-level V-cycle) several. Steps are numbered continuously;
+    ``walltime`` sums every step time (warm-up included) plus ``transitions`` (time between phases that
+    the technique counts, e.g. building the next model), never the validation passes."""
+
+    def __init__(self, spec, ctx):
+        self.spec, self.ctx, self.w = spec, ctx, spec.workload
+        self.cuda = torch.cuda.is_available()
+        self.clock = StepClock(self.cuda)
+        self.energy = EnergyMeter(ctx.local_rank if self.cuda else None)
+        self.profiler = StepProfiler(spec, ctx)
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()
+        self.losses, self.step_flops, self.timed, self.points, self.curve = [], [], [], [], []
+        self.steps, self.transitions, self.target, self.diverged = 0, 0.0, None, None
+
+    def walltime(self) -> float:
+        return sum(self.clock.seconds()) + self.transitions
+
+    def finish(self) -> None:
+        """Reads the step times and the energy; a diverged run keeps the steps before the first
+        non-finite loss (and the validation points up to there)."""
+        self.times = self.clock.seconds()
+        self.energy_j = self.energy.stop_joules()
+        if self.diverged:
+            self.steps = self.diverged["step"] - 1
+            for values in (self.losses, self.times, self.step_flops, self.timed, self.points):
+                del values[self.steps:]
+            self.curve = [p for p in self.curve if p[0] <= self.steps]
+
+    def target_block(self, reached: bool, steps: int, flops: int, walltime: float) -> dict:
+        """The record's time-to-quality block: steps, tokens, FLOPs and walltime to the target."""
+        w = self.w
+        return {"target_loss": w.target_loss, "reached": reached, "steps": steps,
+                "tokens": steps * w.global_batch * w.seq_length, "flops": flops, "walltime_s": walltime}
+
+
+def train_phase(trainer: Trainer, run: Progress, fault=lambda step: None, *, label=None, point=None,
+                phase: int | None = None, eval_last: bool = False, end_validation: bool = False,
+                target: bool = True) -> None:
+    """Train ``trainer``'s model for its spec's ``workload.steps`` steps, appending to ``run``.
+
+    The training phase every training workload runs: per step the fault hook, profiler, timing, the
+    step's FLOPs (``Trainer.step_flops`` of the phase's own step) and schedule point; loss read-back,
+    divergence check and progress line at log points; validation every ``eval_interval`` global steps
+    (on the phase's last step too with ``eval_last``, always there with ``end_validation``), each a
+    ``run.curve`` point [step, loss, walltime, FLOPs(, phase)]; with ``target`` the run stops at the first
+    validation at or below ``workload.target_loss`` (``run.target``). Energy is metered from the run's
+    ``warmup_steps``-th step. ``label(local)`` names a step in the progress lines, ``point(local)`` its
+    schedule position (default ``Trainer.step_point``); a phase's first ``warmup_steps`` are untimed.
+    """
+    w, ctx, n = run.w, run.ctx, trainer.spec.workload.steps
+    label = label or (lambda local: f"step {local + 1}/{n}")
+    point = point or trainer.step_point
+    checked = len(run.losses)
+    for local in range(n):
+        step = run.steps
+        if step == w.warmup_steps:
+            run.energy.start()
+        fault(step)
+        run.profiler.before(step)
+        run.clock.start()
+        run.losses.append(trainer.train_step(step))
+        run.clock.stop()
+        run.profiler.after(step)
+        run.steps = step + 1
+        run.step_flops.append(trainer.step_flops(local))
+        run.timed.append(local >= w.warmup_steps)
+        run.points.append(point(local))
+        last = local + 1 == n
+        log_now = (local + 1) % w.log_interval == 0 or last
+        due = bool(w.eval_interval) and run.steps % w.eval_interval == 0 and (eval_last or not last)
+        eval_now = due or (last and end_validation)
+        if log_now or eval_now:  # losses are read back only here, where the host waits anyway
+            run.diverged = _divergence(run.losses, checked)
+            checked = len(run.losses)
+            if run.diverged:
+                ctx.log(f"diverged: loss {run.diverged['loss']} at step {run.diverged['step']}; "
+                        "stopping this variant")
+                return
+        if log_now:
+            recent = run.clock.seconds()[-1]
+            ctx.log(f"{label(local)} loss {float(run.losses[-1]):.4f} lr {trainer.current_lr():.2e} "
+                    f"step {recent * 1000:.1f} ms {w.global_batch * w.seq_length / recent:,.0f} tok/s")
+        if eval_now:
+            loss = trainer.validation_loss()
+            run.curve.append([run.steps, loss, run.walltime(), sum(run.step_flops)]
+                             + ([] if phase is None else [phase]))
+            ctx.log(f"step {run.steps}{'' if phase is None else f' (phase {phase + 1})'}: validation loss {loss:.4f}")
+            if target and w.target_loss is not None and loss <= w.target_loss:
+                run.target = run.target_block(True, run.steps, sum(run.step_flops), run.walltime())
+                ctx.log(f"target loss {w.target_loss} reached at step {run.steps}")
+                return
+
+
 def run(spec, ctx, fault=lambda step: None) -> dict:
     """Train one variant on this rank; returns raw measurements (spmd assembles the record).
 
@@ -259,77 +354,46 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
     """
     w = spec.workload
     trainer = Trainer(spec, ctx)
-    clock = StepClock(trainer.cuda)
-    energy = EnergyMeter(ctx.local_rank if trainer.cuda else None)
-    if trainer.cuda:
-        torch.cuda.reset_peak_memory_stats()
-    losses, validation_curve, step_flops, target = [], [], [], None
-    steps_run, diverged, checked = 0, None, 0
-    profiler = StepProfiler(spec, ctx)
-    for step in range(w.steps):
-        if step == w.warmup_steps:
-            energy.start()
-        fault(step)
-        profiler.before(step)
-        clock.start()
-        losses.append(trainer.train_step(step))
-        clock.stop()
-        profiler.after(step)
-        steps_run = step + 1
-        step_flops.append(trainer.step_flops(step))
-        flops_total = sum(step_flops)
-        log_now = steps_run % w.log_interval == 0 or steps_run == w.steps
-        eval_now = w.eval_interval and steps_run % w.eval_interval == 0 and steps_run < w.steps
-        if log_now or eval_now:  # losses are read back only here, where the host waits anyway
-            diverged = _divergence(losses, checked)
-            checked = steps_run
-            if diverged:
-                ctx.log(f"diverged: loss {diverged['loss']} at step {diverged['step']}; stopping this variant")
-                break
-        if log_now:
-            recent = clock.seconds()[-1]
-            ctx.log(f"step {steps_run}/{w.steps} loss {float(losses[-1]):.4f} lr {trainer.current_lr():.2e} "
-                    f"step {recent * 1000:.1f} ms {w.global_batch * w.seq_length / recent:,.0f} tok/s")
-        if eval_now:
-            validation_curve.append([steps_run, trainer.validation_loss(), sum(clock.seconds()), flops_total])
-            ctx.log(f"step {steps_run}: validation loss {validation_curve[-1][1]:.4f}")
-            if w.target_loss is not None and validation_curve[-1][1] <= w.target_loss:
-                target = _target_block(w, True, steps_run, flops_total, clock)
-                ctx.log(f"target loss {w.target_loss} reached at step {steps_run}")
-                break
-    times = clock.seconds()
-    joules = energy.stop_joules()
-    if diverged:  # the record keeps the steps before the first non-finite loss
-        steps_run = diverged["step"] - 1
-        del losses[steps_run:], times[steps_run:], step_flops[steps_run:]
-        validation_curve = [p for p in validation_curve if p[0] <= steps_run]
-    timed = times[w.warmup_steps:]
-    flops_total = sum(step_flops)
+    progress = Progress(spec, ctx)
+    train_phase(trainer, progress, fault)
+    progress.finish()
+    diverged, steps, times = progress.diverged, progress.steps, progress.times
     validation = trainer.validation_loss() if spec.eval.validation and not diverged else None
-    if validation is not None and (not validation_curve or validation_curve[-1][0] != steps_run):
-        validation_curve.append([steps_run, validation, sum(times), flops_total])
+    if validation is not None and (not progress.curve or progress.curve[-1][0] != steps):
+        progress.curve.append([steps, validation, sum(times), sum(progress.step_flops)])
+    target = progress.target
     if w.target_loss is not None and target is None:
         reached = validation is not None and validation <= w.target_loss
-        target = _target_block(w, reached, steps_run, flops_total, clock)
+        target = progress.target_block(reached, steps, sum(progress.step_flops), sum(times))
     heldout = None if diverged else trainer.heldout()
     if w.save_checkpoint and not diverged:
         checkpoint.save(spec, trainer.model, ctx.log)
-    extra = {}
-    for name, t in zip(spec.tricks, trainer.tricks):
-        extra[name] = t.extra()
+    extra = {name: t.extra() for name, t in zip(spec.tricks, trainer.tricks)}
+    out = raw_result(spec, trainer, progress, validation=validation, curve=progress.curve,
+                     flops_per_step=trainer.step_flops(steps - 1), target=target, heldout=heldout, extra=extra)
+    # start-up (first-step compilation, allocator growth) paid inside walltime_s and validation_curve
+    out.update(diverged=diverged, warmup_walltime_s=sum(times[:w.warmup_steps]))
+    return out
+
+
+def raw_result(spec, trainer: Trainer, progress: Progress, *, validation, curve: list, flops_per_step: int,
+               target, heldout, extra: dict) -> dict:
+    """The raw result every training workload returns after ``Progress.finish`` (``suite.metrics.collect.
+    training_metrics`` turns it into the record's metrics): untimed (warm-up) steps are left out of
+    ``times``, ``summary``, ``timed_step_flops`` and ``step_points``."""
+    w, p = spec.workload, progress
+    timed = [t for t, keep in zip(p.times, p.timed) if keep]
     return {
-        "times": timed, "loss_values": [float(x) for x in losses], "validation": validation,
-        "validation_curve": validation_curve, "energy_j": joules, "flops_total": flops_total,
-        "flops_per_step": trainer.step_flops(steps_run - 1), "steps": steps_run,
-        "timed_step_flops": step_flops[w.warmup_steps:],
-        "tokens": w.global_batch * w.seq_length * steps_run,
-        "parameters": F.parameters(trainer.shape)["total"],
-        "step_points": [trainer.step_point(s) for s in range(w.warmup_steps, w.warmup_steps + len(timed))],
+        "times": timed, "loss_values": [float(x) for x in p.losses], "validation": validation,
+        "validation_curve": curve, "energy_j": p.energy_j, "flops_total": sum(p.step_flops),
+        "flops_per_step": flops_per_step, "steps": p.steps,
+        "timed_step_flops": [f for f, keep in zip(p.step_flops, p.timed) if keep],
+        "tokens": w.global_batch * w.seq_length * p.steps,
+        "parameters": F.parameters(F.Shape.of(spec.model))["total"],
+        "step_points": [pt for pt, keep in zip(p.points, p.timed) if keep],
         "validation_samples": getattr(trainer, "validation_batches", None) if validation is not None else None,
-        "summary": summarize(timed), "walltime_s": sum(times), "target": target, "heldout": heldout,
-        "extra": extra, "diverged": diverged,
-        # start-up (first-step compilation, allocator growth) paid inside walltime_s and validation_curve
-        "warmup_walltime_s": sum(times[:w.warmup_steps]),
+        "summary": summarize(timed), "walltime_s": sum(p.times) + p.transitions, "target": target,
+        "heldout": heldout, "extra": extra,
     }
 
 
@@ -340,9 +404,3 @@ def _divergence(losses: list, start: int) -> dict | None:
         if not math.isfinite(value):
             return {"step": start + i + 1, "loss": str(value)}
     return None
-
-
-def _target_block(w, reached: bool, steps: int, flops: int, clock: StepClock) -> dict:
-    return {"target_loss": w.target_loss, "reached": reached, "steps": steps,
-            "tokens": steps * w.global_batch * w.seq_length, "flops": flops,
-            "walltime_s": sum(clock.seconds())}

@@ -1,0 +1,47 @@
+"""The one model builder: a variant's model on this rank, ready for a workload.
+
+Every workload and analysis builds its model here, so the sequence is written once and a technique
+or parallel mode changes the model in one way only, through the layer spec it hands in:
+
+    layer spec (plug-ins) -> megatron TransformerConfig -> this rank's GPTModel chunks (its TP/PP
+    part of the layout megatron's parallel_state holds) -> deterministic init (``gpt.init_parameters``)
+    -> ``[model] init`` (a suite checkpoint or Hugging Face weights) -> device and precision.
+
+Training wraps the chunks for its optimizer itself (``gpt.wrap_for_training``: Float16Module keeps
+fp32 master weights), so the builder casts to bf16 and switches to eval mode only for ``inference``
+use. Needs megatron's parallel_state initialised.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from suite.models import checkpoint, gpt
+
+
+@dataclass
+class Built:
+    """What ``build`` returns: this rank's model chunks and the config they were built with."""
+
+    chunks: list
+    config: object  # megatron TransformerConfig
+
+    @property
+    def model(self):
+        """The single chunk (layouts without virtual pipeline stages)."""
+        (model,) = self.chunks
+        return model
+
+
+def build(spec, layer=None, *, log=print, inference: bool = False) -> Built:
+    """This rank's model for ``spec``: ``layer`` is the megatron layer spec (default: suite's LLaMA-style
+    recipe, ``gpt.layer_spec()``); ``inference``: cast to bf16 when the variant asks for it, eval mode."""
+    config = gpt.transformer_config(spec)
+    chunks = gpt.build_chunks(spec, config, layer)  # placed on this rank's GPU when there is one
+    gpt.init_parameters(chunks, spec.workload.seed, spec.model.init_std, spec.model.num_layers)
+    checkpoint.apply_init(spec, chunks, log)  # [model] init: a checkpoint or Hugging Face weights
+    if inference:
+        for chunk in chunks:
+            if config.bf16:
+                chunk.bfloat16()
+            chunk.eval()
+    return Built(chunks, config)
