@@ -110,6 +110,21 @@ def test_report_output_file_equals_stdout_and_names_its_command(tmp_path):
     assert out.read_text(encoding="utf-8") == "\n\n".join(parts)
 
 
+def test_a_scenario_of_several_workload_kinds_reports_each_kind():
+    """The nightly baseline holds training (with random-LTD and a V-cycle), inference and accuracy variants
+    of one scenario: each kind gets its own part, compared with its own baseline, and skipped variants say
+    why once."""
+    proc = run_cli("report", "reports/baselines/nightly_h200.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    parts = ["### Training", "### Per schedule position", "### V-cycle phases", "### Latency", "### Accuracy"]
+    assert all(p in text for p in parts) and [text.index(p) for p in parts] == sorted(text.index(p) for p in parts)
+    assert cells(table_line(text, "recompute"))[0] == "recompute"  # a training row, not lost
+    assert cells(table_line(text.split("### Latency")[1], "decode (baseline)"))[-1] == "—"  # its own kind's baseline
+    assert "accuracy_cqil2 |" in text.split("### Accuracy")[1]
+    assert "skipped: needs 2 GPUs" in text and "Skipped: needs" not in text
+
+
 def test_latest_record_per_variant_wins():
     # cpu/records.jsonl holds dp twice: 64.0 ms (2025-11-23), then the re-run at 51.2 ms.
     rows = build_rows(load_latest([ROOT / CPU]))

@@ -185,19 +185,38 @@ def _header(rows: list[dict]) -> str:
             f"commit {_distinct(rows, 'git_commit', _short_commit)} · {when}")
 
 
-def _section(scenario: str, rows: list[dict], records: list[dict], output: Path | None,
-             target_loss: float | None = None) -> list[str]:
-    """Heading, header line, table and notes of one scenario (inference: the latency tables instead);
-    with a quality section, its loss-curve plot (a PNG beside `output`, the markdown file); then what
-    plug-ins add (``suite.report.plugins``), or a plug-in's own tables for a scenario it claims."""
-    head, ctx = [f"## {scenario}", _header(rows)], {}
+def _kind(rec: dict) -> str:
+    return ((rec.get("config") or {}).get("workload") or {}).get("kind") or "train"
+
+
+def _section(scenario: str, records: list[dict], output: Path | None, target_loss: float | None = None) -> list[str]:
+    """Heading and header line of one scenario, then one part per workload kind its variants ran
+    (training, inference, accuracy), in the order they first appear; each part compares its variants
+    with its own baseline (the scenario's, where it is of that kind)."""
+    families: dict[str, list[dict]] = {}
+    for r in records:
+        families.setdefault(_kind(r), []).append(r)
+    parts = [f"## {scenario}", _header([variant_row(r, baseline_of(records)) for r in records])]
+    for kind, recs in families.items():
+        heading = ["### Training"] if kind == "train" and len(families) > 1 else []
+        parts += heading + _family(scenario, recs, output, target_loss)
+    return parts
+
+
+def _family(scenario: str, records: list[dict], output: Path | None, target_loss: float | None) -> list[str]:
+    """The tables and notes of variants of one workload kind (inference: the latency tables; accuracy: the
+    accuracy tables); training: its table, with a quality section its loss-curve plot (a PNG beside
+    `output`, the markdown file); then what plug-ins add (``suite.report.plugins``), or a plug-in's own
+    tables for variants it claims."""
+    ctx, base = {}, baseline_of(records)
+    rows = [variant_row(r, base) for r in records]
     if any(is_inference(r) for r in records):
-        return head + latency_section(records, ctx) + plugins.sections(records, ctx)
+        return latency_section(records, ctx) + plugins.sections(records, ctx)
     claimed = plugins.body(records)
     if claimed:
-        return head + claimed + plugins.sections(records, ctx)
+        return claimed + plugins.sections(records, ctx)
     if any(is_accuracy(r) for r in records):
-        return head + accuracy_section(records) + plugins.sections(records, ctx)
+        return accuracy_section(records) + plugins.sections(records, ctx)
     columns, optional = _columns(rows), _optional_columns(rows)
     headers = [h for h, _ in columns] + optional
     table = fmt.table(headers, [_cells(r, columns, optional) for r in rows], "ll" + "r" * (len(headers) - 2))
@@ -208,7 +227,7 @@ def _section(scenario: str, rows: list[dict], records: list[dict], output: Path 
         notes.append(HELDOUT_NOTE.format(tokens=" / ".join(scored) or "n/a"))
     quality = quality_section(records, target_loss)
     plot = loss_curves(scenario, records, target_of(records, target_loss), output) if quality else []
-    return head + [table, "\n".join(notes)] + positions_section(records) + quality + plot + \
+    return [table, "\n".join(notes)] + positions_section(records) + quality + plot + \
         plugins.sections(records, ctx)
 
 
@@ -227,8 +246,7 @@ def markdown(latest: dict, sources, output: Path | None = None, target_loss: flo
     if output is not None:
         parts.append(f"Rendered by: `{command_line(sources, output, target_loss)}`")
     for scenario, records in by_scenario(latest).items():
-        base = baseline_of(records)
-        parts += _section(scenario, [variant_row(r, base) for r in records], records, output, target_loss)
+        parts += _section(scenario, records, output, target_loss)
     return "\n\n".join(parts) + "\n"
 
 

@@ -65,7 +65,10 @@ def failure(rec: dict) -> str:
     error = rec.get("error") if isinstance(rec.get("error"), dict) else {}
     message = str(error.get("message") or "").strip().splitlines()
     status = rec.get("status") or "failed"
-    return f"{status}: {error.get('type') or 'unknown error'}" + (f": {message[0]}" if message else "")
+    kind = str(error.get("type") or "unknown error")
+    # a status that already says what happened ('skipped', 'diverged') is not repeated as its type
+    prefix = status if kind.lower() == status.lower() else f"{status}: {kind}"
+    return prefix + (f": {message[0]}" if message else "")
 
 
 def machine(env: dict | None) -> str | None:

@@ -1,1 +1,0 @@
-"""Analyses of a model that guide a technique's settings (``suite analyze ...``); see each module."""
