@@ -172,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             return export_command(args)
         if args.command == "data":
             from suite.data.prepare import prepare_command
+            from suite.scenario import load_scenario
 
-            return prepare_command(args)
+            return prepare_command(load_scenario(args.scenario, args.overrides, args.variants))
         if args.command == "analyze":
-            from suite.analyze.similarity import similarity_command
+            from suite.parallel.cqil.similarity import similarity_command
 
             return similarity_command(args)
         if args.command == "export-hf":

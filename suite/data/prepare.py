@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -104,12 +105,23 @@ class _Encoder:
         self.encode, self.decode, self.bos_token_id, self.eos_token_id = encode, decode, bos, eos
 
 
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (suite's ``[data] tokenizer = "byte"``); it has no BOS/EOT token."""
+
+    bos_token_id = None
+    eos_token_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
 def text_tokenizer(spec):
     """The variant's tokenizer as suite.eval expects it: ``encode(text) -> ids``, ``decode(ids) -> text``."""
     t = spec.data.tokenizer
     if t == "byte":
-        from suite.eval.core import ByteTokenizer
-
         return ByteTokenizer()
     if t == "bpe":
         bpe = bpe_tokenizer(spec)
@@ -246,12 +258,12 @@ def corpus_tokens(spec, show: bool = False) -> tuple[np.ndarray, Path | None]:
     return tokens, path
 
 
-def prepare_command(args) -> int:
-    """`suite data prepare SCENARIO`: tokenize and cache every variant's corpus, print token counts."""
-    from suite.scenario import load_scenario
-
+def prepare_command(variants) -> int:
+    """`suite data prepare SCENARIO`: tokenize and cache every variant's corpus, print token counts
+    (``variants``: the scenario's resolved variants; the command line loads them, so data never imports
+    the scenario language that validates against it)."""
     done: dict[str, tuple] = {}
-    for spec in load_scenario(args.scenario, args.overrides, args.variants):
+    for spec in variants:
         if spec.data.source == "synthetic":
             print(f"{spec.name}: synthetic tokens, nothing to prepare")
             continue

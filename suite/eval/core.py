@@ -10,20 +10,9 @@ from typing import Callable, Sequence
 
 import torch
 
+from suite.data.prepare import ByteTokenizer  # noqa: F401  (suite.eval's byte tokenizer, defined with the others)
+
 Model = Callable[[torch.Tensor], torch.Tensor]
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens (suite's ``[data] tokenizer = "byte"``); it has no BOS/EOT token."""
-
-    bos_token_id = None
-    eos_token_id = None
-
-    def encode(self, text: str) -> list[int]:
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
