@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="skip variants already recorded as ok")
     run.add_argument("--nproc", type=int, default=None,
                      help="launcher only: processes per variant when dp is not set (default tp*pp)")
+    run.add_argument("--slurm", default=None, metavar="partition=P[,time=MIN,account=A,gpus_per_node=N]",
+                     help="submit one Slurm job per variant (through submitit), sized from its plan; "
+                          "README: Multi-node")
 
     val = sub.add_parser("validate", help="check scenario files without running them")
     val.add_argument("scenarios", nargs="+")

@@ -365,3 +365,35 @@ def test_gpu_processes_cap_torch_host_threads(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     spmd._cap_host_threads()
     assert calls == []
+
+
+# --- the launcher's handoff: ranks run the variants resolved once (suite.launch.handoff) ---------------
+
+def test_handoff_round_trips_every_shipped_scenario(tmp_path):
+    """Rebuilt from the file, every shipped variant resolves and hashes as the loader made it."""
+    from suite.launch import handoff
+
+    for path in sorted((ROOT / "scenarios").glob("*.toml")):
+        variants = load_scenario(path)
+        back = handoff.read(handoff.write(variants, tmp_path, path.stem))
+        assert [(v.name, v.is_baseline, v.file, v.world_size(4)) for v in back] == \
+            [(v.name, v.is_baseline, v.file, v.world_size(4)) for v in variants], path
+        assert [v.resolved() for v in back] == [v.resolved() for v in variants], path
+        assert [config_hash(v.resolved()) for v in back] == [config_hash(v.resolved()) for v in variants]
+
+
+def test_ranks_read_the_handed_file_not_the_toml(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from suite.errors import UserError
+    from suite.launch import handoff
+
+    path = handoff.write(load_scenario(EQUIV, ["workload.steps=3"]), tmp_path, "x")
+    args = SimpleNamespace(scenario=str(EQUIV), overrides=[], variants=["tp2"])
+    monkeypatch.setenv(handoff.ENV, str(path))
+    (v,) = handoff.variants_for(args)
+    assert (v.name, v.workload.steps) == ("tp2", 3)  # the TOML says 8: the launcher's --set reached the rank
+    with pytest.raises(UserError, match="no variant 'nope'"):
+        handoff.variants_for(SimpleNamespace(scenario=str(EQUIV), overrides=[], variants=["nope"]))
+    monkeypatch.delenv(handoff.ENV)
+    assert handoff.variants_for(args)[0].workload.steps == 8

@@ -1,4 +1,5 @@
-"""`suite run`: the SPMD program under torchrun, or the launcher that starts torchrun per variant."""
+"""`suite run`: the SPMD program under torchrun, the launcher that starts torchrun per variant, or
+(``--slurm``) one Slurm job per variant."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,15 @@ def under_torchrun() -> bool:
 
 
 def run(args) -> int:
+    if getattr(args, "slurm", None):
+        from suite.errors import UserError
+
+        if under_torchrun():
+            raise UserError("--slurm submits jobs that start torchrun themselves; it cannot run under torchrun.",
+                            key="--slurm", fix="run `python -m suite run FILE --slurm ...` without torchrun.")
+        from suite.launch.slurm import submit_all
+
+        return submit_all(args)
     if under_torchrun():
         from suite.launch.spmd import run_all
 

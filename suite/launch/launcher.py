@@ -1,6 +1,7 @@
 """`python -m suite run FILE` outside torchrun: one torchrun per variant, sized for that variant.
 
-Each variant runs in its own process group, so a crash, OOM or hang in one variant cannot take
+The launcher resolves the scenario once and hands each torchrun its variant as a file
+(``suite.launch.handoff``). Each variant runs in its own process group, so a crash, OOM or hang in one variant cannot take
 the next one down. Before starting a variant the launcher checks that it fits this machine: more
 GPUs than the host has, or more memory per process than its GPUs (or, without GPUs, its RAM) have
 free (``suite.plan.check_memory``), leaves a ``skipped`` record with the reason instead of starting
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 
+from suite.launch import handoff
 from suite.records import append_record, completed, config_hash, read_records, records_path
 from suite.scenario import load_scenario
 
@@ -117,7 +119,9 @@ def _launch(v, nproc: int, out: str, args) -> tuple[int, bool]:
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     print(f"[suite] launching variant '{v.name}' on {nproc} process(es)", flush=True)
     tail = collections.deque(maxlen=400)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    handed = handoff.write([v], out, f"{v.name}.{os.getpid()}")  # the ranks run what was resolved here
+    env = {**os.environ, handoff.ENV: str(handed)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     interrupted = False
     while True:
         try:  # Ctrl-C reaches torchrun and its ranks too (one process group): let them finish recording
@@ -128,6 +132,7 @@ def _launch(v, nproc: int, out: str, args) -> tuple[int, bool]:
         except KeyboardInterrupt:
             interrupted = True
     rc = proc.wait()
+    handoff.remove(handed)
     if len(_records_of(out, v)) > before:
         return rc, interrupted
     if rc == 0 and not interrupted:

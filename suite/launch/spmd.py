@@ -1,6 +1,7 @@
 """The SPMD program ``torchrun ... -m suite run FILE`` runs on every rank.
 
-Each rank reads the same scenario, joins the default process group (nccl with GPUs, gloo without),
+Each rank reads the same resolved variants (``suite.launch.handoff``: the launcher's file, or the
+scenario resolved on each rank under bare torchrun), joins the default process group (nccl with GPUs, gloo without),
 and for each variant that fits the launched world size and this machine's memory: sets up
 megatron-core ``parallel_state``, runs the workload, and rank 0 appends one record.
 Ranks, local ranks and devices come only from the torchrun environment, so the same command runs on
@@ -49,10 +50,9 @@ import torch
 import torch.distributed as dist
 
 from suite.errors import UserError
-from suite.launch import cpu_compat, guard
+from suite.launch import cpu_compat, guard, handoff
 from suite.metrics.env import fingerprint
 from suite.records import append_record, completed, config_hash
-from suite.scenario import load_scenario
 from suite.scenario.validate import check_world
 
 FAULT_ENV = "SUITE_INJECT_FAULT"  # see the module docstring
@@ -129,8 +129,8 @@ def skipped_record(v, world: int, reason: str, command: str | None = None) -> di
 def run_all(args) -> int:
     world = int(os.environ["WORLD_SIZE"])
     is_rank0 = int(os.environ["RANK"]) == 0
-    try:
-        variants = load_scenario(args.scenario, args.overrides, args.variants)
+    try:  # the launcher's resolved variants, else this rank resolves the file (bare torchrun)
+        variants = handoff.variants_for(args)
     except UserError as e:
         if is_rank0:
             print(f"error: {e}", file=sys.stderr)
