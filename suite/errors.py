@@ -2,11 +2,16 @@
 
 Anything raised as ``UserError`` is printed without a traceback and exits with code 2; any other
 exception is a bug in `suite` and keeps its traceback.
+
+One idiom per kind of place: a problem with one key of a resolved variant is ``fail(spec, key, message,
+fix)``, wherever it is found (validation, plug-ins, data, evaluation); ``UserError(...)`` directly only
+where there is no variant yet or at all (scenario files being parsed, records, command-line options).
 """
 from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from typing import NoReturn
 
 
 @dataclass
@@ -27,7 +32,7 @@ class UserError(Exception):
         return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
-def fail(spec, key: str, message: str, fix: str):
+def fail(spec, key: str, message: str, fix: str) -> NoReturn:
     """Raise the UserError for one key of one scenario variant (``spec``: a VariantSpec)."""
     raise UserError(message, file=spec.file, variant=spec.name, key=key, fix=fix)
 

@@ -15,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from suite.errors import fail
 from suite.data.sources import (BPE_END, check_data, check_vocab, corpus_files, hf_dir, hf_split_folder,
                                 read_documents, resolve_path)
 
@@ -189,9 +190,8 @@ def _texts(spec) -> list[str]:
         try:
             docs = [docs[0].decode("utf-8")]
         except UnicodeDecodeError as e:
-            from suite.errors import UserError
-            raise UserError(f"the corpus {resolve_path(spec)} is not UTF-8 (byte {e.start}).", file=spec.file,
-                            variant=spec.name, key="data.path", fix="convert the file to UTF-8.") from None
+            fail(spec, "data.path", f"the corpus {resolve_path(spec)} is not UTF-8 (byte {e.start}).",
+                 "convert the file to UTF-8.")
     return docs
 
 
@@ -247,9 +247,7 @@ def corpus_tokens(spec, show: bool = False) -> tuple[np.ndarray, Path | None]:
         return np.load(path), path
     tokens = tokenize(spec, show)
     if len(tokens) == 0:
-        from suite.errors import UserError
-        raise UserError(f"the corpus {resolve_path(spec)} has no tokens.", file=spec.file, variant=spec.name,
-                        key="data.path", fix="point data.path at a file with text.")
+        fail(spec, "data.path", f"the corpus {resolve_path(spec)} has no tokens.", "point data.path at a file with text.")
     check_vocab(spec, int(tokens.max()), f"the tokenizer {spec.data.tokenizer}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")  # ranks may race: write whole, then rename

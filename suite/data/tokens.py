@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from suite.errors import UserError
+from suite.errors import fail
 
 
 def load_tokens(spec) -> torch.Tensor:
@@ -34,10 +34,9 @@ class TokenSource:
             self.train, self.valid = tokens[:-n_valid], tokens[-n_valid:]
             for part, name in ((self.train, "training"), (self.valid, "validation")):
                 if len(part) < self.seq + 1:
-                    raise UserError(f"the {name} split has {len(part)} tokens, fewer than one sequence "
-                                    f"of {self.seq + 1}.", file=spec.file, variant=spec.name,
-                                    key="data.valid_fraction",
-                                    fix="use a larger corpus, a shorter seq_length or another valid_fraction.")
+                    fail(spec, "data.valid_fraction", f"the {name} split has {len(part)} tokens, fewer than "
+                         f"one sequence of {self.seq + 1}.",
+                         "use a larger corpus, a shorter seq_length or another valid_fraction.")
 
     def _windows(self, tokens: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         idx = starts[:, None] + torch.arange(self.seq + 1)[None, :]

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from suite.errors import UserError
+from suite.errors import UserError, fail
 from suite.eval.core import Model, loglikelihoods, window_loglikelihoods
 
 
@@ -43,8 +43,8 @@ def heldout_tokens(spec) -> torch.Tensor:
     from suite.data.tokens import TokenSource
 
     if spec.data.source not in TEXT_SOURCES:
-        raise UserError("held-out text metrics need a text corpus.", file=spec.file, variant=spec.name,
-                        key="data.source", fix='set source = "text" (or "jsonl") and a path.')
+        fail(spec, "data.source", "held-out text metrics need a text corpus.",
+             'set source = "text" (or "jsonl") and a path.')
     return TokenSource(spec).valid
 
 
@@ -108,17 +108,16 @@ def file_text(spec, model: Model, tokenizer, batch_size: int = 8) -> dict:
 def read_text(spec) -> str:
     """The ``[eval] text`` file's text; UserError when it is missing, not UTF-8 or too short to score."""
     path = Path(spec.file).parent / spec.eval.text
-    where = dict(file=spec.file, variant=spec.name, key="eval.text")
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as e:
-        raise UserError(f"cannot read {path} ({e.strerror or e}).", **where,
-                        fix="give a UTF-8 text file, relative to the scenario file.") from None
+        fail(spec, "eval.text", f"cannot read {path} ({e.strerror or e}).",
+             "give a UTF-8 text file, relative to the scenario file.")
     except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 (byte {e.start}: {e.reason}).", **where,
-                        fix="convert the file to UTF-8 (e.g. iconv -t UTF-8).") from None
+        fail(spec, "eval.text", f"{path} is not UTF-8 (byte {e.start}: {e.reason}).",
+             "convert the file to UTF-8 (e.g. iconv -t UTF-8).")
     if len(text.strip()) < 2:
-        raise UserError(f"{path} holds no text to score.", **where, fix="give a file with the text to score.")
+        fail(spec, "eval.text", f"{path} holds no text to score.", "give a file with the text to score.")
     return text
 
 
