@@ -323,7 +323,7 @@ def build_variant(table: dict, *, scenario: str, name: str, file: str, is_baseli
         tricks[tname] = build_section(TRICKS[tname].config, ttable, where, f"tricks.{tname}")
     fill_model(sections["model"], where)
     spec = VariantSpec(scenario=scenario, name=name, file=file, tricks=tricks,
-                       is_baseline=is_baseline, raw=table, **sections)
+                       is_baseline=is_baseline, **sections)
     check_variant(spec)
     for tname, tcfg in tricks.items():
         if TRICKS[tname].validate:

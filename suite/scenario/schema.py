@@ -237,7 +237,6 @@ class VariantSpec:
     report: ReportConfig
     tricks: dict[str, Any] = field(default_factory=dict)
     is_baseline: bool = False
-    raw: dict = field(default_factory=dict)  # the merged TOML table this variant was built from
 
     def world_size(self, launched: int | None = None) -> int:
         """GPUs this variant needs: tp*pp*dp, with dp taken from the launch (or 1) when omitted;
