@@ -4,9 +4,10 @@ Schema version 2 (``"schema": 2``); strict JSON (no NaN or Infinity: see "Non-fi
 ``null`` wherever a value could not be measured. Keys:
 
     schema            2
-    status            "ok" | "failed" | "diverged" (the loss went non-finite: error.step says where; metrics
-                      up to there are kept) | "interrupted" (Ctrl-C, SIGTERM) | "skipped" (could not run on
-                      this launch or machine: error.message says why)
+    status            "ok" | "failed" (an exception, a hung or killed rank, a broken process group) |
+                      "diverged" (the loss went non-finite: error.step says where; metrics up to there are
+                      kept) | "interrupted" (Ctrl-C, SIGTERM) | "skipped" (could not run on this launch or
+                      machine: error.message says why; env is null)
     scenario          scenario name;  scenario_file: path as given;  variant: variant name
     is_baseline       true for the variant reports compare against
     config_hash       sha256 of the fully resolved variant (first 16 hex digits)
@@ -16,7 +17,11 @@ Schema version 2 (``"schema": 2``); strict JSON (no NaN or Infinity: see "Non-fi
     world_size, tp, pp, dp    processes, and the layout megatron-core's parallel_state was given
     layout            what actually ran: {"world_size", "tp", "pp", "dp", ...}; plug-ins add their keys
                       (CQIL: "cqil_degree"). Readers take a parallel mode from here, never from dp.
-    error             not ok: {"type", "message", "traceback", "rank"} (+ "step" when diverged)
+    error             not ok: {"type", "message", "traceback", "rank"} (rank: the first failing rank, null
+                      when no one rank is the cause); + "signal" (e.g. "SIGKILL", "SIGINT") when a signal
+                      ended it, + "step" when diverged. Types the runner itself writes: "Skipped",
+                      "Diverged", "Interrupted", "Hang", "RankKilled", "ProcessExit"; else the exception's
+                      class name (suite.launch.spmd, suite.launch.guard, suite.launch.launcher)
     measures          self-describing measurements (``suite.metrics.declare``), each with its raw samples:
                       {"name", "unit", "kind", "direction", "compare", "point", "value", "samples",
                        "tolerance" (compare = tolerance), "paired" (compare = mean, same windows/examples),
@@ -32,10 +37,12 @@ Schema version 2 (``"schema": 2``); strict JSON (no NaN or Infinity: see "Non-fi
         tokens_per_s              global tokens per second at the median step time
         flops_per_step            analytic model FLOPs of the last step (suite.metrics.flops; a technique
                                   may change it from step to step: flops_total is the sum)
+        flops_total               analytic model FLOPs of all steps run
         tflops_per_gpu            Σ FLOPs of the timed steps / Σ their times / world size / 1e12
         mfu                       tflops_per_gpu / datasheet dense bf16 peak (null: unknown device)
         gemm_ceiling_tflops       measured bf16 GEMM rate of this GPU (null on CPU)
         fraction_of_gemm_ceiling  tflops_per_gpu / gemm_ceiling_tflops
+        copy_bandwidth_tb_s       measured device copy bandwidth, read + write (null on CPU)
         peak_memory_bytes         max over ranks of the device's peak allocation (CPU: peak RSS)
         memory_kind               "cuda_max_allocated" | "cpu_max_rss"
         loss_curve                [[step, loss], ...] training loss (mean over the global batch)
@@ -43,17 +50,23 @@ Schema version 2 (``"schema": 2``); strict JSON (no NaN or Infinity: see "Non-fi
         validation_loss           held-out loss at the end (null if eval.validation is false)
         validation_curve          [[step, loss, training walltime so far (s), FLOPs so far], ...]
         walltime_s                sum of all step times (warm-up included, validation excluded)
+        warmup_walltime_s         sum of the first workload.warmup_steps step times (start-up: compilation,
+                                  allocator growth); walltimes "without start-up" subtract it (training
+                                  records written since it was added; absent from older ones)
         energy_j, avg_power_w     NVML energy over the timed steps, summed over GPUs (null without NVML)
         heldout                   held-out text metrics of the final model (eval.heldout_text, text and
                                   jsonl corpora; null otherwise; suite.eval.metrics.heldout_text):
                                   {"loss" (nats/token), "perplexity" (exp(loss)), "bpb" (bits per UTF-8
                                   byte), "tokens" (scored), "bytes" (their UTF-8 bytes), "seq_length"}
-        target                    time-to-quality block when workload.target_loss is set (tricks)
+        target                    when workload.target_loss is set: {"target_loss", "reached", "steps",
+                                  "tokens", "flops", "walltime_s" (training walltime to it, warm-up included)}
         inference                 inference workload: one entry per latency point (suite.workloads.inference)
         accuracy                  accuracy workload: one block per model (suite.workloads.accuracy)
         extra                     technique-specific measurements, keyed by technique name
-    env               GPU name and count, driver, CUDA, torch, megatron-core, NCCL, python, host,
-                      git commit, hostname
+    env               {"gpu_name", "gpu_count", "driver", "cuda", "torch", "megatron_core", "nccl", "python",
+                      "cpu", "processes", "hostname", "git_commit"} (suite.metrics.env; null when the
+                      variant never started)
+    upgraded_from     1 on records read from schema 1 (added on read, never written)
     non_finite        only when some value was NaN or infinite: {"metrics.final_loss": "non-finite: nan"}
 
 Writing. Workloads return ``measures`` and extra ``layout`` keys inside their metrics dict;
