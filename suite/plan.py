@@ -90,17 +90,19 @@ def check_memory(v, nproc: int, local_rank: int | None = None, local_world: int 
 def _inference_row(v, shape) -> dict:
     """Largest grid point: prefill FLOPs, and weight bytes per GPU (bf16 2 bytes, fp32 4).
 
-    With CQIL every rank holds the layers outside groups and one layer of each group."""
-    from suite.parallel.cqil import plan_of
+    A parallel mode may say how many decoder layers each GPU holds and label the layout
+    (``ParallelMode.plan_row``)."""
+    from suite.registry import PARALLEL_MODES
 
     p, w = v.parallel, v.workload
     batch, prompt = max(w.batch_sizes), max(w.prompt_lengths)
-    plan = plan_of(v)
-    layers = shape.layers if plan is None else plan.depth
+    layers, label = shape.layers, ""
+    for name, cfg in v.modes.items():
+        row = PARALLEL_MODES[name].plan_row(v, cfg) if PARALLEL_MODES[name].plan_row else {}
+        layers, label = row.get("layers", layers), label + row.get("layout", "")
     embeddings = (1 if p.pp > 1 else 2) * shape.vocab * shape.hidden  # input and output on one stage each
     weights = (layers * flops.layer_params(shape) / p.pp + embeddings) / p.tp
-    cqil = f" cqil{plan.degree}" if plan else ""
-    return {"layout": f"tp{p.tp} pp{p.pp}{cqil}", "tokens_per_step": batch * prompt,
+    return {"layout": f"tp{p.tp} pp{p.pp}{label}", "tokens_per_step": batch * prompt,
             "flops_per_step": flops.forward_flops(shape, batch, prompt),
             "memory_per_gpu": weights * (2 if w.precision == "bf16" else 4)}
 

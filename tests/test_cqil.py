@@ -4,8 +4,8 @@ Slow tests run real processes on ``tests/scenarios/cqil/equivalence.toml`` (an 8
 
 * one process (this file as a script, ``reference``): the unmodified model's logits, and the group
   formula applied layer by layer to the unmodified model's layers by
-  ``suite.parallel.cqil_finetune.concurrent_logits`` (the accuracy workload's CQIL model; it shares no
-  code with the distributed ``suite.parallel.cqil_layer``):  per group with input h,
+  ``suite.parallel.cqil.finetune.concurrent_logits`` (the accuracy workload's CQIL model; it shares no
+  code with the distributed ``suite.parallel.cqil.layer``):  per group with input h,
   a_j = attn_j(norm(h)), m_j = h + a_j + Σ_{i=1..min(d,k)} a_{j−i},  out_j = m_j + mlp_j(norm(m_j)),
   h ← h + Σ_j (out_j − h); and the degree-1 CQIL model, which must equal the unmodified model bit for bit;
 * two processes (``tests/test_inference.py``'s worker): cqil2 (bypass 0), cqil2_bypass (bypass 1)
@@ -31,7 +31,7 @@ from test_inference import (ATOL, PROMPT, ROOT, TIMEOUT, fixed_tokens, init_work
                             max_diff, run_worker, teacher_forced_logits)
 
 from suite.errors import UserError  # noqa: E402
-from suite.parallel.cqil import CQILPlan, degree_of, plan_of  # noqa: E402
+from suite.parallel.cqil import CQILConfig, CQILPlan, degree_of, plan_of  # noqa: E402
 from suite.scenario import load_scenario  # noqa: E402
 
 EQUIV = ROOT / "tests" / "scenarios" / "cqil" / "equivalence.toml"
@@ -48,9 +48,9 @@ def reference_worker(out: str, scenario: str, degree_one: str, variants: list[st
     from megatron.core import parallel_state as ps
 
     from suite.models import checkpoint, gpt
-    from suite.parallel.cqil_finetune import concurrent_logits
+    from suite.parallel.cqil.finetune import concurrent_logits
     from suite.scenario.schema import ParallelConfig
-    from suite.workloads.inference import Engine
+    from suite.models.generate import Engine
     from test_inference import full_logits
 
     init_worker()
@@ -118,7 +118,7 @@ def test_world_is_tp_times_degree(tmp_path):
     v = variant(tmp_path, "{ groups = [[12, 13]] }")
     v.parallel.tp = 2
     assert v.world_size() == 4
-    assert degree_of(None) == 1 and degree_of({"groups": [[1, 2, 3]]}) == 3
+    assert degree_of(None) == 1 and degree_of(CQILConfig(groups=[[1, 2, 3]])) == 3
 
 
 def test_cqil_errors_name_the_key(tmp_path):
@@ -130,7 +130,7 @@ def test_cqil_errors_name_the_key(tmp_path):
 # --- fast: suggested grouping ---------------------------------------------------------------------
 
 def test_suggested_groups_hold_the_threshold_against_the_first_layer():
-    from suite.analyze.similarity import suggest_groups
+    from suite.parallel.cqil.similarity import suggest_groups
 
     sim = [[1.0, 0.99, 0.90, 0.80, 0.70],
            [0.99, 1.0, 0.97, 0.96, 0.80],

@@ -1,4 +1,4 @@
-"""The accuracy workload and CQIL's recovery fine-tune (suite.workloads.accuracy, suite.parallel.cqil_finetune).
+"""The accuracy workload and CQIL's recovery fine-tune (suite.workloads.accuracy, suite.parallel.cqil.finetune).
 
 That the one-process CQIL model computes the distributed CQIL function is checked in test_cqil.py.
 Here: LoRA adapters start as a no-op and switch off cleanly (worker checks, one process), and a real
@@ -40,7 +40,7 @@ def check_lora_starts_as_a_no_op_and_switches_off(tmp):
     import torch
 
     from suite.parallel.cqil import plan_of
-    from suite.parallel.cqil_finetune import LoRA, concurrent_logits
+    from suite.parallel.cqil.finetune import LoRA, concurrent_logits
 
     spec, model, tokens = _model_and_tokens("cqil2")
     plan = plan_of(spec)

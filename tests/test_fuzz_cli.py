@@ -26,12 +26,13 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-import suite.tricks.builtin  # noqa: E402,F401  (registers the techniques)
 from suite.cli import main  # noqa: E402
 from suite.data.sources import IDX_MAGIC  # noqa: E402
 from suite.parallel.cqil import FINETUNE_KEYS, KEYS as CQIL_KEYS  # noqa: E402
+from suite.registry import TRICKS, load  # noqa: E402
 from suite.scenario.schema import SECTIONS  # noqa: E402
-from suite.tricks.registry import TRICKS  # noqa: E402
+
+load()  # registers the techniques and parallel modes
 
 # --- a TOML writer for what the strategies produce (tomllib reads, the standard library writes none) ------
 
@@ -127,6 +128,8 @@ def section_values(cls) -> st.SearchStrategy:
 
 
 SECTION_TABLES = {name: section_values(cls) for name, cls in SECTIONS.items()}
+# a parallel mode's table sits inside [parallel] (cqil = {...})
+SECTION_TABLES["parallel"] = st.one_of(SECTION_TABLES["parallel"], st.fixed_dictionaries({"cqil": cqil_tables()}))
 TRICK_TABLES = {name: section_values(trick.config) for name, trick in TRICKS.items()}
 BASES = [
     {"model": {"preset": "tiny"}},

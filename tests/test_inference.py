@@ -91,7 +91,7 @@ def worker(out: str, scenario: str, variants: list[str]) -> None:
     from megatron.core import parallel_state as ps
 
     from suite.scenario import load_scenario
-    from suite.workloads.inference import Engine
+    from suite.models.generate import Engine
 
     init_worker()
     results = {}
@@ -191,7 +191,7 @@ def test_inference_runs_exactly_its_layout(tmp_path):
     v = load(tmp_path, TINY + "[parallel]\ntp = 2\n")
     assert v.world_size() == 2 and v.world_size(launched=8) == 2  # never replicated over dp
     check_world(v, 2)
-    with pytest.raises(UserError, match=r"tp x pp x CQIL degree = 2 process\(es\), but 4 were launched"):
+    with pytest.raises(UserError, match=r"tp x pp = 2 process\(es\), but 4 were launched"):
         check_world(v, 4)
 
 

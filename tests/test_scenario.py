@@ -563,14 +563,23 @@ def test_every_numeric_key_has_a_range_or_choices():
     import typing
     from dataclasses import fields
 
-    import suite.tricks.builtin  # noqa: F401
-    from suite.scenario.schema import SECTIONS, parse_range
-    from suite.tricks.registry import TRICKS
+    import dataclasses
 
+    from suite import registry
+    from suite.scenario.schema import SECTIONS, parse_range
+
+    registry.load()  # techniques' [tricks.<name>] and parallel modes' [parallel] <name> tables too
+    todo = [*SECTIONS.items(), *((f"tricks.{k}", t.config) for k, t in registry.TRICKS.items()),
+            *((f"parallel.{k}", m.config) for k, m in registry.PARALLEL_MODES.items())]
     missing = []
-    for name, cls in [*SECTIONS.items(), *((f"tricks.{k}", t.config) for k, t in TRICKS.items())]:
+    while todo:
+        name, cls = todo.pop()
         hints = typing.get_type_hints(cls)
         for f in fields(cls):
+            nested = [t for t in (typing.get_args(hints[f.name]) or (hints[f.name],)) if dataclasses.is_dataclass(t)]
+            if nested:  # a table inside the table ([parallel.cqil.finetune])
+                todo.append((f"{name}.{f.name}", nested[0]))
+                continue
             if any(t in str(hints[f.name]) for t in ("int", "float")):
                 if f.metadata.get("range"):
                     low, _, high, _ = parse_range(f.metadata["range"])

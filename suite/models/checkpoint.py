@@ -133,8 +133,8 @@ def load(spec, chunks, path: Path, log=print) -> None:
     saved = dist_checkpointing.load_common_state_dict(str(path)).get("suite_model", {})
     check_shape(spec, saved, path)
     models = [_unwrap(c) for c in chunks]
-    # megatron checks (collectively) that every shard has one main replica among the ranks; CQIL ranks
-    # (megatron's DP ranks) each build some layers only, whose single copy is not on DP rank 0. Each
+    # megatron checks (collectively) that every shard has one main replica among the ranks; a parallel
+    # mode's ranks (e.g. megatron's DP ranks) may each build some layers only, whose single copy is not on DP rank 0. Each
     # rank still reads exactly its own tensors. Every rank must take the same branch.
     positions = [_positions(m) for m in models]
     subset = [None] * dist.get_world_size()
@@ -148,8 +148,8 @@ def load(spec, chunks, path: Path, log=print) -> None:
 
 def _positions(model) -> dict[int, int] | None:
     """megatron keys a layer's loaded entries by its layer number minus the stage's offset: its position
-    in the layer list when the stage builds all of its layers. A CQIL rank builds a subset, each layer
-    keeping its global number (suite.parallel.cqil_layer): {key number: list position}, None if equal."""
+    in the layer list when the stage builds all of its layers. A parallel mode's rank may build a subset,
+    each layer keeping its global number: {key number: list position}, None if equal."""
     decoder = model.decoder
     offset = get_transformer_layer_offset(decoder.config, decoder.vp_stage)
     position = {layer.layer_number - 1 - offset: i for i, layer in enumerate(decoder.layers)}

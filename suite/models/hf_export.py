@@ -13,8 +13,8 @@ One stage writes ``model.safetensors``.
 The output layer is exported as tied (``tie_word_embeddings``, no ``lm_head.weight``) exactly when it is
 bitwise equal to the embedding, so HF -> suite -> HF gives back the same tensors, tied or not.
 config.json is the source's (``[model] init = "hf:PATH"``) with the mapped keys rewritten, or else one
-written from [model] (``model_type`` llama, or qwen2 when the model has q/k/v biases). What a CQIL plan
-does at run time (layers of a group run on one input) is no HF architecture: the export holds the
+written from [model] (``model_type`` llama, or qwen2 when the model has q/k/v biases). What a parallel mode
+does at run time (e.g. layers of a group run on one input) is no HF architecture: the export holds the
 weights, run sequentially.
 """
 from __future__ import annotations

@@ -17,6 +17,7 @@ Scenario file layout::
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 import types
 import typing
@@ -28,18 +29,19 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+from suite import registry
 from suite.data.sources import file_problem
 from suite.errors import UserError, did_you_mean
+from suite.registry import PARALLEL_MODES, TRICKS
 from suite.scenario.presets import PRESETS, default_ffn
 from suite.scenario.schema import SECTIONS, VariantSpec, describe_range, out_of_range
 from suite.scenario.validate import check_variant
-from suite.tricks.registry import TRICKS
 
 TOP_LEVEL = ("name", "description", "extends", "variants", "tricks", *SECTIONS)
 
 
 MAX_EXTENDS = 64  # a longer 'extends' chain is a mistake (the shipped ones are 1 deep)
-MAX_NESTING = 16  # tables in tables: a scenario needs 5 ([variants.x.parallel.cqil.finetune])
+MAX_NESTING = 16  # tables in tables: a scenario needs 5 ([variants.x.parallel.<mode>.finetune])
 NAME_FIX = "use letters, digits, '_', '-', '.' or '+' (the name becomes part of result paths and records)."
 
 
@@ -174,6 +176,9 @@ def apply_overrides(table: dict, overrides: list[str]) -> dict:
 
 
 def _type_name(tp) -> str:
+    inner = typing.get_args(tp)[0] if typing.get_origin(tp) is list and typing.get_args(tp) else None
+    if typing.get_origin(inner) is list:  # list[list[int]] -> 'list of lists of int'
+        return f"list of lists of {_type_name(typing.get_args(inner)[0])}"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -182,6 +187,9 @@ def coerce(value, tp, where: dict, key: str):
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         options = [a for a in typing.get_args(tp) if a is not type(None)]
+        for opt in options:
+            if dataclasses.is_dataclass(opt) and isinstance(value, dict):  # its own errors name its keys
+                return coerce(value, opt, where, key)
         for opt in options:
             try:
                 return coerce(value, opt, where, key)
@@ -200,6 +208,8 @@ def coerce(value, tp, where: dict, key: str):
             raise _type_error(value, tp, where, key)
         (inner,) = typing.get_args(tp) or (object,)
         return [coerce(v, inner, where, key) for v in value]
+    if dataclasses.is_dataclass(tp) and isinstance(value, dict):  # a table inside a table (typed too)
+        return build_section(tp, value, where, key)
     if tp is object or isinstance(value, tp):
         return value
     raise _type_error(value, tp, where, key)
@@ -227,6 +237,8 @@ def _shown(value) -> str:
 
 
 def _article(name: str) -> str:
+    if name.startswith("list of "):
+        return "a " + name.replace(" int", " integers").replace(" float", " numbers").replace(" str", " strings")
     return {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
             "list": "a list"}.get(name, name)
 
@@ -309,6 +321,18 @@ def build_variant(table: dict, *, scenario: str, name: str, file: str, is_baseli
         if key not in TOP_LEVEL:
             raise UserError(f"unknown section '{key}'{did_you_mean(key, TOP_LEVEL)}.", key=key,
                             fix=f"sections are: {', '.join(SECTIONS)}, tricks, variants.", **where)
+    modes, parallel = {}, table.get("parallel", {})
+    if isinstance(parallel, dict):  # a parallel mode's table [parallel] <name> = {...} is typed by its plug-in
+        for mname in [k for k in parallel if k in PARALLEL_MODES]:
+            if parallel[mname] is not None:
+                modes[mname] = build_section(PARALLEL_MODES[mname].config, parallel[mname], where,
+                                             f"parallel.{mname}")
+        known = [f.name for f in fields(SECTIONS["parallel"])] + list(PARALLEL_MODES)
+        for key in parallel:
+            if key not in known:
+                raise UserError(f"unknown key '{key}' in [parallel]{did_you_mean(key, known)}.",
+                                key=f"parallel.{key}", fix=f"valid keys are: {', '.join(known)}.", **where)
+        table = {**table, "parallel": {k: v for k, v in parallel.items() if k not in PARALLEL_MODES}}
     sections = {s: build_section(cls, table.get(s, {}), where, s) for s, cls in SECTIONS.items()}
     tricks_table = table.get("tricks", {})
     if not isinstance(tricks_table, dict):
@@ -322,7 +346,7 @@ def build_variant(table: dict, *, scenario: str, name: str, file: str, is_baseli
                             fix=f"available: {', '.join(TRICKS) or 'none installed'}.", **where)
         tricks[tname] = build_section(TRICKS[tname].config, ttable, where, f"tricks.{tname}")
     fill_model(sections["model"], where)
-    spec = VariantSpec(scenario=scenario, name=name, file=file, tricks=tricks,
+    spec = VariantSpec(scenario=scenario, name=name, file=file, tricks=tricks, modes=modes,
                        is_baseline=is_baseline, **sections)
     check_variant(spec)
     for tname, tcfg in tricks.items():
@@ -343,7 +367,7 @@ def _check_name(name: str, file: str, key: str, what: str) -> None:
 def load_scenario(path: str | Path, overrides: list[str] = (), only: list[str] | None = None
                   ) -> list[VariantSpec]:
     """All variants of a scenario file, resolved and validated (raises UserError)."""
-    import suite.tricks.builtin  # noqa: F401  (registers the techniques)
+    registry.load()  # the techniques and parallel modes register themselves
 
     path = Path(path)
     file = str(path)

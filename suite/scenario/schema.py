@@ -2,71 +2,16 @@
 
 Every key has a default and a one-line doc (``doc(...)``), and every numeric key a documented range or a
 list of choices, checked for every section in one place (``suite.scenario.loader.build_section``).
-Techniques add their own section under ``[tricks.<name>]`` through ``suite.tricks.registry``; the core
-schema does not know them.
+Plug-ins add their own sections through ``suite.registry``: a technique ``[tricks.<name>]``, a parallel
+mode the table ``[parallel] <name> = {...}`` (``VariantSpec.modes``); the core schema does not know them.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
-from suite.parallel.cqil import degree_of
-
-BIG = 10**9  # upper bound of counts (steps, intervals): larger values are typos, not plans
-
-
-def doc(text: str, default: Any = None, *, choices: tuple | None = None, range: str | None = None, factory=None):
-    """A dataclass field with its documentation, allowed values and numeric range attached.
-
-    ``range`` is an interval in the usual notation, e.g. ``"[1, 4096]"`` or ``"(0, 1)"`` (round brackets
-    exclude the end); it applies to the value, or to every item of a list. ``suite.scenario.loader``
-    checks it for every section (the techniques' included), so no key needs its own bounds check, and
-    numbers that are not finite (nan, inf) are rejected everywhere.
-    """
-    if range is not None:
-        parse_range(range)  # a malformed range is a bug here, found at import
-    meta = {"doc": text, "choices": choices, "range": range}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def parse_range(text: str) -> tuple[float, bool, float, bool]:
-    """'[1, 4096]' -> (1, True, 4096, True): low, low included, high, high included."""
-    low, high = text[1:-1].split(",")
-    return float(low), text[0] == "[", float(high), text[-1] == "]"
-
-
-def _number(x: float) -> str:
-    """1000000000.0 -> '1000000000', 1e20 -> '1e+20', 0.5 -> '0.5'."""
-    return str(int(x)) if x.is_integer() and abs(x) < 1e16 else f"{x:g}"
-
-
-def describe_range(text: str | None) -> str:
-    """'[1, 4096]' -> 'between 1 and 4096'; '(0, 1)' -> 'above 0 and below 1' (for the fix of an error)."""
-    if text is None:
-        return "that is finite"
-    low, low_in, high, high_in = (_number(x) if isinstance(x, float) else x for x in parse_range(text))
-    if low_in and high_in:
-        return f"between {low} and {high}"
-    return f"{'at least' if low_in else 'above'} {low} and {'at most' if high_in else 'below'} {high}"
-
-
-def out_of_range(value, text: str | None) -> str | None:
-    """Why ``value`` (a number, or a list of them) breaks the range ``text``; None when it is fine."""
-    for v in value if isinstance(value, list) else [value]:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            continue  # types are checked by the loader; this checks numbers only
-        if isinstance(v, float) and not math.isfinite(v):
-            return f"{v} is not a finite number"
-        if text is None:
-            continue
-        low, low_in, high, high_in = parse_range(text)
-        if not ((low <= v if low_in else low < v) and (v <= high if high_in else v < high)):
-            return f"{v!r} is outside {text}"
-    return None
-
+from suite import registry
+from suite.fields import BIG, describe_range, doc, out_of_range, parse_range  # noqa: F401  (the schema's vocabulary)
 
 @dataclass
 class ModelConfig:
@@ -100,10 +45,6 @@ class ParallelConfig:
     vpp: int | None = doc("Virtual pipeline stages per pipeline rank (interleaved 1F1B).", range="[1, 1024]")
     sequence_parallel: bool = doc("Megatron sequence parallelism (needs tp > 1).", False)
     recompute: str = doc("Activation recompute.", "none", choices=("none", "selective", "full"))
-    cqil: dict | None = doc("CQIL layer groups run in parallel (inference): {groups = [[12, 13], ...], "
-                            "bypass = 0} or {start = 12, end = 30 (exclusive), degree = 2, bypass = 0}; "
-                            "needs tp x degree GPUs (suite.parallel.cqil). With kind = 'accuracy' (one "
-                            "process) also finetune = {steps, rank, alpha, lr, batch, weight_decay}.")
 
 
 @dataclass
@@ -111,7 +52,8 @@ class WorkloadConfig:
     """[workload]: what is run and measured."""
 
     kind: str = doc("What to measure: training, inference latency (suite.workloads.inference), or held-out "
-                    "accuracy of a model and its CQIL form before and after recovery (suite.workloads.accuracy).",
+                    "accuracy of a model and of its parallel mode's form, before and after recovery "
+                    "(suite.workloads.accuracy).",
                     "train", choices=("train", "inference", "accuracy"))
     steps: int = doc("Optimizer steps, warm-up included.", 20, range=f"[1, {BIG}]")
     warmup_steps: int = doc("First steps excluded from timing (compilation, allocator warm-up).", 3,
@@ -237,15 +179,21 @@ class VariantSpec:
     report: ReportConfig
     tricks: dict[str, Any] = field(default_factory=dict)
     is_baseline: bool = False
+    modes: dict[str, Any] = field(default_factory=dict)  # parallel modes in use: name -> typed table
 
     def world_size(self, launched: int | None = None) -> int:
-        """GPUs this variant needs: tp*pp*dp, with dp taken from the launch (or 1) when omitted;
-        inference: tp*pp*CQIL degree."""
+        """GPUs this variant needs: a parallel mode's rule when it has one; else tp*pp*dp, with dp taken
+        from the launch (or 1) when omitted; inference: tp*pp (one model, never replicated)."""
+        for name, cfg in self.modes.items():
+            rule = registry.mode(name).world_size
+            need = rule(self, cfg) if rule else None
+            if need is not None:
+                return need
         p = self.parallel
         if self.workload.kind == "accuracy":  # one process (validated: tp = pp = 1)
             return 1
-        if self.workload.kind == "inference":  # one model: tp x pp x CQIL degree, never replicated
-            return p.tp * p.pp * degree_of(p.cqil)
+        if self.workload.kind == "inference":
+            return p.tp * p.pp
         if p.dp is not None:
             return p.tp * p.pp * p.dp
         if launched is not None:
@@ -253,10 +201,14 @@ class VariantSpec:
         return p.tp * p.pp
 
     def resolved(self) -> dict:
-        """The variant as plain data (for records, hashing and `suite plan`)."""
+        """The variant as plain data (for records, hashing and `suite plan`): a parallel mode's table sits
+        under ``parallel.<name>`` (null when unused), where the user writes it."""
         from dataclasses import asdict
 
+        registry.load()
         out = {s: asdict(getattr(self, s)) for s in SECTIONS}
+        out["parallel"].update({name: asdict(self.modes[name]) if name in self.modes else None
+                                for name in registry.PARALLEL_MODES})
         out["tricks"] = {k: asdict(v) for k, v in self.tricks.items()}
         return out
 
@@ -266,4 +218,7 @@ def defaults() -> dict:
     a newer schema added holds this value in new records and is absent from older ones."""
     from dataclasses import asdict
 
-    return {s: asdict(cls()) for s, cls in SECTIONS.items()}
+    registry.load()
+    out = {s: asdict(cls()) for s, cls in SECTIONS.items()}
+    out["parallel"].update(dict.fromkeys(registry.PARALLEL_MODES))
+    return out

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from suite.data.sources import check_data, check_text, file_problem
 from suite.errors import fail
-from suite.parallel.cqil import plan_of
+from suite.registry import conflicts, mode
 
 
 def _divisors(n: int, most: int = 12) -> str:
@@ -107,7 +107,17 @@ def check_variant(spec) -> None:
         key = "eval.text" if spec.eval.text is not None else "eval.text_stride"
         fail(spec, key, "a text file is scored by the accuracy workload.",
              'set [workload] kind = "accuracy" (it evaluates [model] init), or remove text and text_stride.')
-    plan_of(spec)  # CQIL groups (suite.parallel.cqil); None without [parallel] cqil
+    check_plugins(spec)
+
+
+def check_plugins(spec) -> None:
+    """Exclusive hooks answered twice (two workload loops, two parallel modes), then each parallel mode's
+    own checks (the techniques' run after the variant is built, ``suite.scenario.loader``)."""
+    for key, message, fix in conflicts(spec):
+        fail(spec, key, message, fix)
+    for name, cfg in spec.modes.items():
+        if mode(name).validate:
+            mode(name).validate(spec, cfg)
 
 
 def check_inference(spec) -> None:
@@ -125,7 +135,7 @@ def check_inference(spec) -> None:
     if w.repeats < 1 or w.warmup_repeats < 0:
         fail(spec, "workload.repeats", f"repeats must be >= 1 and warmup_repeats >= 0, got {w.repeats} and "
               f"{w.warmup_repeats}.", "set e.g. repeats = 10, warmup_repeats = 2.")
-    if p.dp is not None and p.cqil is None and p.dp != 1:
+    if p.dp is not None and not spec.modes and p.dp != 1:  # a parallel mode checks its own use of dp
         fail(spec, "parallel.dp", f"inference measures one model replica; dp {p.dp} would run copies.",
               "remove dp.")
     if (p.vpp or 1) > 1 or p.sequence_parallel:
@@ -141,7 +151,7 @@ def check_accuracy(spec) -> None:
     p = spec.parallel
     for key, value in (("tp", p.tp), ("pp", p.pp), ("dp", p.dp or 1), ("vpp", p.vpp or 1)):
         if value != 1:
-            fail(spec, f"parallel.{key}", f"the accuracy workload runs on one process (the CQIL model's "
+            fail(spec, f"parallel.{key}", f"the accuracy workload runs on one process (a parallel mode's "
                   f"function is computed on one device); {key} = {value}.", f"remove {key}.")
     if spec.data.source not in ("text", "jsonl", "hf"):
         fail(spec, "data.source", f"the accuracy workload scores held-out real text; source is "
@@ -207,7 +217,8 @@ def check_world(spec, world: int) -> None:
     if spec.workload.kind in ("inference", "accuracy"):
         need = spec.world_size()
         if world != need:
-            size = f"tp x pp x CQIL degree = {need}" if spec.workload.kind == "inference" else str(need)
+            widths = "".join(f" x {mode(m).width}" for m in spec.modes if mode(m).width)
+            size = f"tp x pp{widths} = {need}" if spec.workload.kind == "inference" else str(need)
             fail(spec, "parallel", f"{spec.workload.kind} runs one model on {size} process(es), "
                   f"but {world} were launched.", f"launch {need} (`python -m suite run` sizes each variant itself).")
         return

@@ -2,13 +2,14 @@
 rank) and ``metrics(raw, spec, ctx) -> dict`` (the record's metrics; may use collectives).
 
 A technique that replaces the whole loop (e.g. a multi-level V-cycle) registers ``workload`` in its
-``Trick``; otherwise ``[workload] kind`` picks the module.
+``Trick`` (``suite.registry``; two such techniques in one variant are refused at validation); otherwise
+``[workload] kind`` picks the module.
 """
 from __future__ import annotations
 
 import importlib
 
-from suite.tricks.registry import TRICKS
+from suite import registry
 
 KINDS = {"train": "suite.workloads.train", "inference": "suite.workloads.inference",
          "accuracy": "suite.workloads.accuracy"}
@@ -16,7 +17,7 @@ KINDS = {"train": "suite.workloads.train", "inference": "suite.workloads.inferen
 
 def workload_for(spec):
     for name in spec.tricks:
-        module = TRICKS[name].workload
+        module = registry.trick(name).workload
         if module:
             return importlib.import_module(module)
     return importlib.import_module(KINDS[spec.workload.kind])

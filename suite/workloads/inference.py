@@ -5,24 +5,11 @@ For every point of the grid ``batch_sizes × prompt_lengths × gen_lengths`` (×
 which yields the first greedy token, then ``gen`` decode steps, each feeding back the greedy token.
 ``warmup_repeats`` requests run untimed, then ``repeats`` timed ones: the prefill as one interval and
 every decode step as its own. CUDA events on GPU, host clock on CPU, read on rank 0: every step ends
-with collectives that include rank 0 (TP and CQIL all-reduces, or the PP broadcast of the token),
+with collectives that include rank 0 (TP all-reduces and a parallel mode's, or the PP broadcast of the token),
 so rank 0's clock spans the step.
 
-KV cache: our own, in the core attention (``CachedAttention``, swapped in through the layer spec),
-rather than megatron's ``StaticInferenceContext``. Megatron's static cache returns a key tensor that
-grows every step and re-applies RoPE to every cached key, so each decode step has new shapes and
-cannot be captured in a CUDA graph (megatron's graphable path needs flash-attn's kvcache kernel,
-which the GPU image lacks). Ours has fixed shapes: per layer K/V buffers [b, groups, prompt + gen,
-d] holding keys with RoPE applied, the step's position as a device tensor and a boolean mask over the
-buffer. Prefill writes the prompt's K/V and attends causally within the prompt; a decode step writes
-one position and attends over the buffer with later positions masked. Every layer keeps its own
-cache, in CQIL groups too (each layer computes its own K/V from the group's shared input).
-
-The model runs as megatron's embedding → decoder → output layer called in turn (GPTModel.forward
-derives RoPE positions from the input length, and decode needs position p); ``tests/test_inference.py``
-checks decode logits against GPTModel.forward over the whole sequence. The LM head runs on the last
-position only. Prefill is eager; ``cuda_graph`` applies to the decode step, captured whole per
-pipeline stage (embedding, layers with their TP/CQIL collectives, head, argmax, position update).
+The generation engine (this rank's model, its KV cache, prefill, decode step and CUDA-graph capture)
+is ``suite.models.generate.Engine``; this module times it and turns the timings into metrics.
 
 Record: ``metrics.inference`` is a list with one flat entry per (batch, prompt, gen, cuda_graph):
 
@@ -43,7 +30,7 @@ Record: ``metrics.inference`` is a list with one flat entry per (batch, prompt, 
     request_ms_median           median over timed requests of prefill + all decode steps
     decode_bytes_per_step       bytes a step must read: every weight once (layers, final norm, LM head, the
                                 batch's embedding rows) + K/V of the valid context (prompt + t + 1 at step
-                                t), averaged over the steps; layers CQIL replicates count once (useful bytes)
+                                t), averaged over the steps; layers a parallel mode replicates count once (useful bytes)
     decode_bandwidth_tb_s       decode_bytes_per_step / median decode step / 1e12
     decode_bandwidth_fraction   decode_bandwidth_tb_s / (world size × measured copy bandwidth); null on CPU
     repeats_same_tokens         every request of the point (warm-up included) produced the same greedy
@@ -58,237 +45,27 @@ Record: ``metrics.inference`` is a list with one flat entry per (batch, prompt, 
                                 rank 0 (PP: the last stage holds them)
 
 Beside it: parameters, world_size, peak_memory_bytes, memory_kind, gemm_ceiling_tflops,
-copy_bandwidth_tb_s, datasheet_peak_tflops, cuda_graph_unavailable (asked for, no GPU), cqil
-(``CQILPlan.describe()``: degree, groups, bypass, depth, layers_per_gpu; null without CQIL), extra.
+copy_bandwidth_tb_s, datasheet_peak_tflops, cuda_graph_unavailable (asked for, no GPU), one block per
+registered parallel mode under its name (``ParallelMode.describe``; null when the variant does not use it), extra.
 The record's ``measures`` hold the raw samples per point: ``ttft`` (ms, one per timed request) and
-``decode_latency`` (ms/token, one per timed decode step) (``suite.workloads.measures``); under CQIL its
-``layout`` holds ``cqil_degree`` (and dp = 1).
+``decode_latency`` (ms/token, one per timed decode step) (``suite.workloads.measures``); a parallel mode adds
+its keys to ``layout`` (``ParallelMode.layout``).
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as Fn
-from megatron.core import parallel_state as ps
-from megatron.core.tensor_parallel import random as mrandom
-from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
+from suite import registry
 from suite.metrics import flops as F
 from suite.metrics import hardware
 from suite.metrics.collect import peak_memory, reduce_scalar
 from suite.metrics.stats import summarize
+from suite.models.generate import Engine
 from suite.workloads.measures import inference_measures
-from suite.models import gpt
-from suite.models.build import build
-from suite.models.attention import SDPAttention
-from suite.parallel import cqil, cqil_layer
 from suite.workloads.train import StepClock
-
-
-@dataclass
-class DecodeState:
-    """Shared by every layer's cache: what the current forward is and where it writes."""
-
-    mode: str = "off"  # "off": plain attention, no cache; "prefill"; "decode"
-    pos: torch.Tensor | None = None  # [1] int64: position of the token being decoded
-    mask: torch.Tensor | None = None  # [1, 1, 1, capacity] bool: positions <= pos
-
-
-class CachedAttention(SDPAttention):
-    """SDPAttention plus this layer's K/V cache (``Engine.allocate`` sets the buffers)."""
-
-    state: DecodeState | None = None
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-
-    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
-                packed_seq_params=None):
-        st = self.state
-        if st is None or st.mode == "off":
-            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
-                                   packed_seq_params)
-        k, v = key.permute(1, 2, 0, 3), value.permute(1, 2, 0, 3)  # [b, groups, s, d]
-        if st.mode == "prefill":  # the prompt attends causally to itself; keep its K/V
-            self.k[:, :, :k.shape[2]] = k
-            self.v[:, :, :v.shape[2]] = v
-            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
-                                   packed_seq_params)
-        self.k.index_copy_(2, st.pos, k)
-        self.v.index_copy_(2, st.pos, v)
-        q = query.permute(1, 2, 0, 3)
-        out = Fn.scaled_dot_product_attention(q, self.k, self.v, attn_mask=st.mask, scale=self.softmax_scale,
-                                              enable_gqa=q.shape[1] != self.k.shape[1])
-        return out.permute(2, 0, 1, 3).reshape(1, q.shape[0], -1)
-
-
-@contextlib.contextmanager
-def _rng_fork_disabled():
-    """Megatron forks its CUDA RNG tracker around dropout in some paths; forking reseeds, which
-    graph capture forbids. Inference has no dropout, so the fork is a null context while capturing."""
-    fork = mrandom.CudaRNGStatesTracker.fork
-    mrandom.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
-    try:
-        yield
-    finally:
-        mrandom.CudaRNGStatesTracker.fork = fork
-
-
-class Engine:
-    """This rank's model for generation (a pipeline stage, TP shard or CQIL rank), its caches and
-    optionally its decode step captured in a CUDA graph.
-
-    After ``allocate(b, capacity)``: ``prefill(prompt)`` then ``decode()`` steps; ``tokens`` [b, 1]
-    holds the latest greedy tokens on every rank (the next step's input), ``logits`` [b, vocab]
-    the logits that chose them (last pipeline stage).
-    """
-
-    def __init__(self, spec, log=print):
-        self.spec = spec
-        self.cuda = torch.cuda.is_available()
-        self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else torch.device("cpu")
-        self.plan = cqil.plan_of(spec)
-        self.cqil_groups = []
-        layer = gpt.layer_spec()
-        layer.submodules.self_attention.submodules.core_attention = CachedAttention
-        block = layer
-        if self.plan:
-            from suite.launch.guard import TIMEOUT_MARGIN_S  # megatron's groups get the same (spmd)
-
-            group, cqil_rank, self.cqil_groups = cqil_layer.new_groups(
-                spec.parallel.tp, self.plan.degree, timeout_s=spec.workload.timeout_s + TIMEOUT_MARGIN_S)
-            block = cqil_layer.block_spec(layer, self.plan, cqil_rank, group)
-        built = build(spec, block, log=log, inference=True)  # [model] init, CQIL ranks included
-        self.model, self.config = built.model, built.config
-        self.state = DecodeState()
-        self.attention = [m for m in self.model.modules() if isinstance(m, CachedAttention)]
-        for a in self.attention:
-            a.state = self.state
-        self.first, self.last = ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage()
-        self.pp = ps.get_pipeline_model_parallel_world_size()
-        self.rope = self.model.rotary_pos_emb(spec.model.max_sequence_length)  # [positions, 1, 1, d]
-        self.graph = None
-
-    # --- buffers ---------------------------------------------------------------------------------
-
-    def allocate(self, batch: int, capacity: int) -> None:
-        """Zeroed K/V caches for ``batch`` sequences of up to ``capacity`` tokens, and the step's buffers."""
-        self.release()
-        c, dev, dtype = self.config, self.device, self.config.params_dtype
-        groups = c.num_query_groups // ps.get_tensor_model_parallel_world_size()
-        for a in self.attention:
-            a.k = torch.zeros(batch, groups, capacity, c.kv_channels, dtype=dtype, device=dev)
-            a.v = torch.zeros_like(a.k)
-        self.state.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.state.mask = torch.zeros(1, 1, 1, capacity, dtype=torch.bool, device=dev)
-        self.positions = torch.arange(capacity, device=dev).view(1, 1, 1, capacity)
-        self.tokens = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        self.logits = torch.zeros(batch, self.spec.model.vocab_size, dtype=dtype, device=dev)
-        self.hidden_in = torch.zeros(1, batch, c.hidden_size, dtype=dtype, device=dev)
-        self.hidden_out = torch.zeros_like(self.hidden_in)
-
-    def release(self) -> None:
-        self.graph = None
-        for a in self.attention:
-            a.k = a.v = None
-        self.state.mode = "off"
-        if self.cuda:
-            torch.cuda.empty_cache()
-
-    def close(self) -> None:
-        """Frees the caches and this variant's CQIL process groups."""
-        self.release()
-        for g in self.cqil_groups:
-            dist.destroy_process_group(g)
-        self.cqil_groups = []
-
-    # --- forward ---------------------------------------------------------------------------------
-
-    def _stage(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        """This stage's forward: tokens [b, s] or hidden [s, b, h] in; hidden, or the last position's
-        full-vocabulary logits [b, vocab] on the last stage, out."""
-        m = self.model
-        if self.first:
-            hidden = m.embedding(input_ids=x, position_ids=None)
-        else:
-            m.decoder.set_input_tensor(x)  # megatron's decoder reads a non-first stage's input from here
-            hidden = x
-        hidden = m.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
-        if not self.last:
-            return hidden
-        logits, _ = m.output_layer(hidden[-1:])
-        return gather_from_tensor_model_parallel_region(logits)[0, :, :self.spec.model.vocab_size]
-
-    def _finish(self, out: torch.Tensor) -> None:
-        """Last stage: logits and greedy tokens into the step's buffers; other stages: hidden."""
-        if self.last:
-            self.logits.copy_(out)
-            self.tokens.copy_(out.argmax(dim=-1, keepdim=True))
-        else:
-            self.hidden_out.copy_(out)
-
-    def _share_tokens(self) -> None:
-        if self.pp > 1:  # the first stage needs the token for the next step
-            dist.broadcast(self.tokens, src=ps.get_pipeline_model_parallel_last_rank(),
-                           group=ps.get_pipeline_model_parallel_group())
-
-    @torch.no_grad()
-    def prefill(self, prompt: torch.Tensor) -> None:
-        """Runs the prompt [b, p], fills the caches and leaves the first greedy tokens in ``tokens``."""
-        b, p = prompt.shape
-        self.state.mode = "prefill"
-        x = prompt
-        if not self.first:
-            x = torch.empty(p, b, self.config.hidden_size, dtype=self.config.params_dtype, device=self.device)
-            dist.recv(x, ps.get_pipeline_model_parallel_prev_rank())
-        out = self._stage(x, self.rope[:p])
-        if self.last:
-            self._finish(out)
-        else:
-            dist.send(out.contiguous(), ps.get_pipeline_model_parallel_next_rank())
-        self._share_tokens()
-        self.state.pos.fill_(p)
-        self.state.mode = "decode"
-
-    def _decode_compute(self) -> None:
-        """One decode step of this stage on the static buffers (what a CUDA graph captures)."""
-        torch.le(self.positions, self.state.pos, out=self.state.mask)
-        out = self._stage(self.tokens if self.first else self.hidden_in, self.rope.index_select(0, self.state.pos))
-        self._finish(out)
-        self.state.pos.add_(1)
-
-    @torch.no_grad()
-    def decode(self) -> None:
-        """Feeds ``tokens`` at the current position; the next greedy tokens replace them."""
-        if not self.first:
-            dist.recv(self.hidden_in, ps.get_pipeline_model_parallel_prev_rank())
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self._decode_compute()
-        if not self.last:
-            dist.send(self.hidden_out, ps.get_pipeline_model_parallel_next_rank())
-        self._share_tokens()
-
-    @torch.no_grad()
-    def capture(self) -> None:
-        """Captures ``_decode_compute`` in a CUDA graph (call after a prefill; the state is restored)."""
-        saved = self.tokens.clone(), self.state.pos.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream (cuBLAS, allocator, NCCL), as capture needs
-            for _ in range(2):
-                self._decode_compute()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the NCCL watchdog thread may query events while this thread captures
-        with _rng_fork_disabled(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self._decode_compute()
-        self.tokens.copy_(saved[0])
-        self.state.pos.copy_(saved[1])
 
 
 # --- measurement ---------------------------------------------------------------------------------
@@ -349,7 +126,9 @@ def measure_point(engine: Engine, spec, batch: int, prompt: int, gen: int, graph
 
 def run(spec, ctx, fault=lambda step: None) -> dict:
     """Measure the latency grid on this rank; returns raw timings (rank 0's are recorded)."""
-    engine = Engine(spec, ctx.log)
+    from suite.launch.guard import TIMEOUT_MARGIN_S  # megatron's groups get the same (spmd)
+
+    engine = Engine(spec, ctx.log, group_timeout_s=spec.workload.timeout_s + TIMEOUT_MARGIN_S)
     try:
         if engine.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -427,7 +206,6 @@ def metrics(raw: dict, spec, ctx) -> dict:
             if a is not None and b is not None:
                 entry["graph_logits_rel_diff"] = float((a - b).abs().max() / b.abs().max())
         entries.append(entry)
-    plan = cqil.plan_of(spec)
     samples = {(pt["batch"], pt["prompt"], pt["gen"], pt["cuda_graph"]):
                {"ttft": [t * 1e3 for t in pt["prefill_s"]], "decode": [t * 1e3 for t in pt["decode_s"]]}
                for pt in raw["points"]}
@@ -436,8 +214,8 @@ def metrics(raw: dict, spec, ctx) -> dict:
         "peak_memory_bytes": int(peak), "memory_kind": kind,
         "gemm_ceiling_tflops": ceilings.get("gemm_tflops"), "copy_bandwidth_tb_s": ceilings.get("copy_tb_s"),
         "datasheet_peak_tflops": peak_tflops, "cuda_graph_unavailable": raw["cuda_graph_unavailable"],
-        "cqil": plan.describe() if plan else None, "inference": entries, "extra": {},
-        "layout": plan.layout() if plan else {},
+        **registry.mode_blocks(spec), "inference": entries, "extra": {},
+        "layout": registry.mode_layout(spec),
     }
     out["measures"] = inference_measures(out, samples)
     return out

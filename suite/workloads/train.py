@@ -22,6 +22,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from suite import registry
 from suite.data.tokens import TokenSource
 from suite.metrics.collect import training_metrics as metrics  # noqa: F401  (the workload interface)
 from suite.metrics import flops as F
@@ -29,7 +30,6 @@ from suite.metrics.energy import EnergyMeter
 from suite.metrics.stats import summarize
 from suite.models import checkpoint, gpt
 from suite.models.build import build
-from suite.tricks.registry import TRICKS
 
 
 @dataclass
@@ -128,8 +128,8 @@ class Trainer:
         w = spec.workload
         self.cuda = torch.cuda.is_available()
         self.dp = ps.get_data_parallel_world_size()
-        self.tricks = [TRICKS[name].runtime(spec, cfg) for name, cfg in spec.tricks.items()
-                       if TRICKS[name].runtime]
+        self.tricks = [registry.trick(name).runtime(spec, cfg) for name, cfg in spec.tricks.items()
+                       if registry.trick(name).runtime]
         layer = gpt.layer_spec()
         for t in self.tricks:
             layer = t.layer_spec(layer)

@@ -19,7 +19,7 @@ follow the code because the released LoRA adapters and the published d = 1 accur
 with it; the two variants cost the same time (one all-gather, one add), so latency numbers hold
 for either.
 
-Deployment (``cqil_layer.py``): world = tp × degree. CQIL rank c = global rank // tp (megatron
+Deployment (``layer.py``): world = tp × degree. CQIL rank c = global rank // tp (megatron
 orders ranks TP-fastest, so the CQIL ranks of one TP shard are the ranks with equal rank % tp, i.e.
 megatron's data-parallel dimension). CQIL rank c builds the c-th layer of every group and *all*
 layers outside groups: those run redundantly on every CQIL rank, which costs memory but no
@@ -28,39 +28,56 @@ all-reduce over the CQIL ranks sums the deltas; with bypass, an all-gather betwe
 MLP hands every rank the attention outputs of its group (one collective, deadlock-free, and
 capturable in a CUDA graph; with d = 1 and degree 2 it moves the same bytes as a send).
 
-Accuracy (``[workload] kind = "accuracy"``): ``cqil_finetune.py`` computes the same function on one
+Accuracy (``[workload] kind = "accuracy"``): ``finetune.py`` computes the same function on one
 process and fine-tunes LoRA adapters with distillation to recover quality (``finetune`` below).
 
-This module is torch-free (config, validation, layer assignment); ``cqil_layer.py`` holds the
-megatron-core layer and the process groups.
+A parallel mode (``suite.registry``): this module is torch-free (the typed ``[parallel] cqil`` table,
+validation, layer assignment, world size, plan row, record layout) and registers the mode;
+``layer.py`` holds the megatron-core layer and the process groups, ``finetune.py`` the one-process
+function and its recovery, ``report.py`` what CQIL adds to reports. Nothing outside this folder
+names CQIL, except the registry's list of built-in plug-ins.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
 from suite import errors
-from suite.errors import did_you_mean
+from suite.fields import doc
+from suite.registry import ModeRuntime, ParallelMode, register_mode
 
-KEYS = ("groups", "start", "end", "degree", "bypass", "finetune")
+LAYER_RANGE = "[0, 4096]"  # start, end, degree, bypass: layer counts (model.num_layers <= 4096)
 
 
 @dataclass(frozen=True)
 class Finetune:
-    """``[parallel.cqil.finetune]``: the LoRA + distillation recovery (``cqil_finetune.finetune``)."""
+    """``[parallel.cqil.finetune]``: the LoRA + distillation recovery (``finetune.finetune``)."""
 
-    steps: int = 200
-    rank: int = 32
-    alpha: float = 32.0
-    lr: float = 1e-4
-    batch: int = 8
-    weight_decay: float = 0.1
+    steps: int = doc("Optimizer steps of the fine-tune.", 200, range="[1, 10000000]")
+    rank: int = doc("LoRA rank r.", 32, range="[1, 65536]")
+    alpha: float = doc("LoRA scale numerator (adapters scaled by alpha / r).", 32.0, range="(0, 1000000]")
+    lr: float = doc("AdamW learning rate of the adapters (constant).", 1e-4, range="(0, 100]")
+    batch: int = doc("Windows of seq_length tokens per step.", 8, range="[1, 1048576]")
+    weight_decay: float = doc("AdamW weight decay of the adapters.", 0.1, range="[0, 100]")
 
 
+@dataclass
+class CQILConfig:
+    """``[parallel] cqil = {...}``: layer groups that run in parallel (inference), or whose function the
+    accuracy workload measures on one process."""
+
+    groups: list[list[int]] | None = doc("Explicit groups of consecutive 0-based layer ids, e.g. "
+                                         "[[12, 13], [14, 15]] (instead of start/end/degree).", range=LAYER_RANGE)
+    start: int | None = doc("Compact form: first grouped layer (0-based).", range=LAYER_RANGE)
+    end: int | None = doc("Compact form: the layer after the last grouped one (exclusive).", range=LAYER_RANGE)
+    degree: int | None = doc("Compact form: layers per group = CQIL ranks (GPUs per TP shard).", range=LAYER_RANGE)
+    bypass: int = doc("Bypass distance d: a group's k-th layer adds the attention outputs of the previous "
+                      "min(d, k) layers (0: none, the authors' recommendation).", 0, range=LAYER_RANGE)
+    finetune: Finetune | None = doc("accuracy workload: recover quality with LoRA + distillation, "
+                                    "{steps, rank, alpha, lr, batch, weight_decay}.")
+
+
+KEYS = tuple(f.name for f in fields(CQILConfig))
 FINETUNE_KEYS = tuple(f.name for f in fields(Finetune))
-# Ranges in suite.scenario.schema's notation (this table is untyped, outside the schema's dataclasses).
-FINETUNE_RANGES = {"steps": "[1, 10000000]", "rank": "[1, 65536]", "alpha": "(0, 1000000]", "lr": "(0, 100]",
-                   "batch": "[1, 1048576]", "weight_decay": "[0, 100]"}
-LAYER_RANGE = "[0, 4096]"  # start, end, degree, bypass, group ids: layer counts (model.num_layers <= 4096)
 
 
 @dataclass(frozen=True)
@@ -101,48 +118,39 @@ class CQILPlan:
                 "depth": self.depth, "layers_per_gpu": len(self.layers_on(0))}
 
 
-def degree_of(table: dict | None) -> int:
-    """CQIL ranks a (validated) ``parallel.cqil`` table needs; 1 without CQIL."""
-    if not table:
+def degree_of(cfg: CQILConfig | None) -> int:
+    """CQIL ranks a (validated) ``[parallel] cqil`` table needs; 1 without CQIL."""
+    if cfg is None:
         return 1
-    return table["degree"] if "degree" in table else len(table["groups"][0])
+    return cfg.degree if cfg.degree is not None else len(cfg.groups[0])
 
 
 def plan_of(spec) -> CQILPlan | None:
     """The variant's CQIL plan, validated against the model and layout (raises UserError)."""
-    table = spec.parallel.cqil
-    if table is None:
-        return None
+    cfg = spec.modes.get("cqil")
+    return None if cfg is None else validate(spec, cfg)
+
+
+def validate(spec, cfg: CQILConfig) -> CQILPlan:
+    """The plan of ``cfg`` (types and ranges were checked by the loader); raises UserError."""
 
     def fail(message: str, fix: str, key: str = "parallel.cqil"):
         errors.fail(spec, key, message, fix)
 
     example = "write cqil = { start = 12, end = 30, degree = 2, bypass = 0 } or cqil = { groups = [[12, 13]] }."
-    for key, value in table.items():
-        if key not in KEYS:
-            fail(f"unknown key '{key}'{did_you_mean(key, KEYS)}.", f"valid keys are: {', '.join(KEYS)}.",
-                 f"parallel.cqil.{key}")
-        if key not in ("groups", "finetune") and (not isinstance(value, int) or isinstance(value, bool)):
-            fail(f"expected an integer, got {value!r}.", example, f"parallel.cqil.{key}")
-        if key not in ("groups", "finetune") and not 0 <= value <= 4096:
-            fail(f"{key} = {value} is outside {LAYER_RANGE}.", f"set {key} to a layer count of the model.",
-                 f"parallel.cqil.{key}")
     L = spec.model.num_layers
-    bypass = table.get("bypass", 0)
-    if "groups" in table:
-        if "start" in table or "end" in table:
+    bypass = cfg.bypass
+    if cfg.groups is not None:
+        if cfg.start is not None or cfg.end is not None:
             fail("give either groups or start/end, not both.", example)
-        groups = table["groups"]
-        if (not isinstance(groups, list) or not groups
-                or not all(isinstance(g, list) and g and all(isinstance(i, int) and not isinstance(i, bool)
-                                                            for i in g) for g in groups)):
+        if not cfg.groups or not all(cfg.groups):
             fail("groups must be a non-empty list of non-empty lists of layer ids.",
                  "write groups = [[12, 13], [14, 15]].", "parallel.cqil.groups")
-        groups = sorted(tuple(g) for g in groups)
+        groups = sorted(tuple(g) for g in cfg.groups)
     else:
-        if "start" not in table or "end" not in table or "degree" not in table:
+        if cfg.start is None or cfg.end is None or cfg.degree is None:
             fail("the compact form needs start, end and degree.", example)
-        start, end, degree = table["start"], table["end"], table["degree"]
+        start, end, degree = cfg.start, cfg.end, cfg.degree
         if degree < 1:
             fail(f"degree must be at least 1, got {degree}.", "use degree = 2 or 4.", "parallel.cqil.degree")
         if not 0 <= start < end <= L:
@@ -158,8 +166,8 @@ def plan_of(spec) -> CQILPlan | None:
         fail(f"groups have different sizes {sorted(sizes)}; every group runs one layer per CQIL rank.",
              "give every group the same number of layers (the CQIL degree).", "parallel.cqil.groups")
     degree = len(groups[0])
-    if "degree" in table and table["degree"] != degree:
-        fail(f"degree {table['degree']} disagrees with the group size {degree}.",
+    if cfg.degree is not None and cfg.degree != degree:
+        fail(f"degree {cfg.degree} disagrees with the group size {degree}.",
              "remove degree or make it equal to the group size.", "parallel.cqil.degree")
     for g in groups:
         if list(g) != list(range(g[0], g[0] + len(g))):
@@ -181,11 +189,13 @@ def plan_of(spec) -> CQILPlan | None:
         fail("CQIL runs in the inference workload (latency) and the accuracy workload (quality and its "
              "recovery); training under CQIL is not implemented.",
              'set [workload] kind = "inference" or "accuracy".', "workload.kind")
-    if "finetune" in table and kind != "accuracy":
+    if cfg.finetune is not None and kind != "accuracy":
         fail("the CQIL fine-tune runs in the accuracy workload.",
              'set [workload] kind = "accuracy", or remove finetune.', "parallel.cqil.finetune")
     if kind == "accuracy":  # one process computes the concurrent model's function
-        finetune_of(spec)
+        if cfg.finetune is not None and spec.workload.seq_length < 2:
+            errors.fail(spec, "workload.seq_length", "the fine-tune needs windows of at least 2 tokens.",
+                        "set seq_length = 512 or so.")
         return CQILPlan(groups=tuple(groups), bypass=bypass, num_layers=L)
     if p.pp != 1 or (p.vpp or 1) != 1:
         fail("CQIL replaces pipeline parallelism over the grouped layers; it runs with pp = 1.",
@@ -197,26 +207,83 @@ def plan_of(spec) -> CQILPlan | None:
 
 
 def finetune_of(spec) -> Finetune | None:
-    """The variant's ``[parallel.cqil.finetune]``, or None (raises UserError)."""
-    table = (spec.parallel.cqil or {}).get("finetune")
-    if table is None:
-        return None
-    from suite.scenario.schema import describe_range, out_of_range  # here: the schema imports this module
+    """The variant's ``[parallel.cqil.finetune]``, or None."""
+    cfg = spec.modes.get("cqil")
+    return None if cfg is None else cfg.finetune
 
-    key = "parallel.cqil.finetune"
-    if not isinstance(table, dict):
-        errors.fail(spec, key, f"expected a table, got {table!r}.", "write finetune = { steps = 200, rank = 32 }.")
-    for name, value in table.items():
-        if name not in FINETUNE_KEYS:
-            errors.fail(spec, f"{key}.{name}", f"unknown key '{name}'{did_you_mean(name, FINETUNE_KEYS)}.",
-                        f"valid keys are: {', '.join(FINETUNE_KEYS)}.")
-        integer = name in ("steps", "rank", "batch")
-        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) \
-                or out_of_range(value, FINETUNE_RANGES[name]):
-            errors.fail(spec, f"{key}.{name}", f"expected {'an integer' if integer else 'a number'} "
-                        f"{describe_range(FINETUNE_RANGES[name])}, got {value!r}.",
-                        f"set e.g. {name} = {getattr(Finetune(), name)!r}.")
-    if spec.workload.seq_length < 2:
-        errors.fail(spec, "workload.seq_length", "the fine-tune needs windows of at least 2 tokens.",
-                    "set seq_length = 512 or so.")
-    return Finetune(**table)
+
+# --- the parallel mode's hooks --------------------------------------------------------------------
+
+def world_size(spec, cfg: CQILConfig) -> int | None:
+    """Inference: one model on tp x degree processes (never replicated); accuracy: the core's one."""
+    return spec.parallel.tp * spec.parallel.pp * degree_of(cfg) if spec.workload.kind == "inference" else None
+
+
+def plan_row(spec, cfg: CQILConfig) -> dict:
+    """Every rank holds the layers outside groups and one layer of each group."""
+    plan = validate(spec, cfg)
+    return {"layout": f" cqil{plan.degree}", "layers": plan.depth}
+
+
+def layout(spec, cfg: CQILConfig) -> dict:
+    return validate(spec, cfg).layout() if spec.workload.kind == "inference" else {}
+
+
+def describe(spec, cfg: CQILConfig) -> dict:
+    return validate(spec, cfg).describe()
+
+
+class Runtime(ModeRuntime):
+    """This rank's CQIL process groups and decoder block (``layer.block_spec``)."""
+
+    def __init__(self, spec, cfg: CQILConfig, timeout_s: float | None = None):
+        from suite.parallel.cqil import layer
+
+        self.plan, self.layer = validate(spec, cfg), layer
+        self.group, self.rank, self.groups = layer.new_groups(spec.parallel.tp, self.plan.degree, timeout_s=timeout_s)
+
+    def layer_spec(self, spec):
+        return self.layer.block_spec(spec, self.plan, self.rank, self.group)
+
+    def close(self) -> None:
+        import torch.distributed as dist
+
+        for g in self.groups:
+            dist.destroy_process_group(g)
+        self.groups = []
+
+
+def runtime(spec, cfg: CQILConfig, timeout_s: float | None = None):
+    return Runtime(spec, cfg, timeout_s) if spec.workload.kind == "inference" else None
+
+
+def accuracy(spec, cfg: CQILConfig, model, quality, data, ctx, fault) -> dict:
+    """The concurrent model's blocks (and, with ``finetune``, the fine-tune's and the recovered model's)."""
+    from suite.parallel.cqil import finetune as ft
+
+    plan, tune, vocab, seq = validate(spec, cfg), cfg.finetune, spec.model.vocab_size, spec.workload.seq_length
+    device = next(model.parameters()).device
+
+    def scored(lora=None) -> dict:
+        return quality(lambda tokens: ft.logprobs(model, tokens.to(device), plan, vocab),
+                       lambda heldout: ft.heldout_kl(model, plan, lora, heldout, seq, vocab))
+
+    out = {"concurrent": scored()}
+    ctx.log(f"CQIL: perplexity {out['concurrent']['perplexity']:.3f}, "
+            f"KL to the original {out['concurrent']['kl_to_original']:.5f}")
+    fault(0)
+    if tune is not None:
+        lora, out["finetune"] = ft.finetune(model, plan, tune, data.train, seq, vocab, spec.workload.seed, ctx.log)
+        out["finetuned"] = scored(lora)
+        ctx.log(f"CQIL after the fine-tune: perplexity {out['finetuned']['perplexity']:.3f}, "
+                f"KL to the original {out['finetuned']['kl_to_original']:.5f}")
+        lora.remove()
+    return out
+
+
+register_mode(ParallelMode(
+    name="cqil", config=CQILConfig, validate=validate, world_size=world_size, width="CQIL degree",
+    runtime=runtime, plan_row=plan_row, layout=layout, describe=describe, accuracy=accuracy,
+    doc="CQIL layer groups run in parallel (inference): {groups = [[12, 13], ...], bypass = 0} or {start = 12, "
+        "end = 30 (exclusive), degree = 2, bypass = 0}; needs tp x degree GPUs. With kind = 'accuracy' (one "
+        "process) also finetune = {steps, rank, alpha, lr, batch, weight_decay}."))

@@ -2,7 +2,7 @@
 fine-tune with knowledge distillation from the original model that recovers accuracy.
 
 ``concurrent_logits`` computes, on one process, the same function the distributed CQIL forward
-(``cqil_layer``) computes over P GPUs: per group with input h, every layer j of the group gets h,
+(``layer.py``) computes over P GPUs: per group with input h, every layer j of the group gets h,
 ``a_j = attn_j(norm(h))``, ``m_j = h + a_j + Σ_{i=1..min(d,k)} a_{j−i}``,
 ``out_j = m_j + mlp_j(norm(m_j))``, and the group outputs ``h + Σ_j (out_j − h)`` (see
 ``suite.parallel.cqil`` for the bypass convention). ``tests/test_cqil.py`` checks it against the

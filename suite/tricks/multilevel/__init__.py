@@ -21,8 +21,8 @@ from dataclasses import dataclass, replace
 
 from suite import errors
 from suite.metrics import flops as F
-from suite.scenario.schema import doc
-from suite.tricks.registry import Trick, register
+from suite.fields import doc
+from suite.registry import Trick, register
 
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size")
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from suite.errors import UserError
 from suite.metrics import flops as F
-from suite.scenario.schema import doc
-from suite.tricks.registry import Trick, register
+from suite.fields import doc
+from suite.registry import Trick, register
 
 
 @dataclass

@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from suite.metrics import flops as F
 from suite.tricks.random_ltd import dropping_layers, kept_length, layer_tokens, step_flops
-from suite.tricks.registry import TrickRuntime
+from suite.registry import TrickRuntime
 
 
 @dataclass
