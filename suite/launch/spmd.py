@@ -77,8 +77,7 @@ def _now() -> str:
 
 def _cap_host_threads(limit: int = 8) -> None:
     """On GPU the host threads only launch kernels and prepare batches; torch's default pool (every
-    core) spins and slowed host-bound steps: a 6 x 384 model's training step took 53.4 ms with the
-    default and 39.3 ms with 8 threads on an H200 host of 64 cores (the large model's 164.6 vs 153.8 ms).
+    core) spins and slowed host-bound steps (measured in reports/README.md, "Host threads").
     torchrun already sets OMP_NUM_THREADS=1 for several processes per node; an explicit setting wins."""
     if "OMP_NUM_THREADS" not in os.environ:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))

@@ -38,9 +38,8 @@ Without samples or a spread, a ``median`` or ``mean`` measure falls back to the 
 
 Run-to-run noise. The intervals above know each run's own sampling noise, not how much two identical
 runs differ: a host-bound step, an eager decode or a training run that amplifies non-deterministic
-kernels moves between processes by more than its within-run uncertainty (measured on one H200:
-a V-cycle's small phase +20% step time and +0.12 nats validation loss between two identical runs,
-where the dense model moved +0.6% and +0.004). When the baseline holds several runs of a variant
+kernels moves between processes by more than its within-run uncertainty (measured in
+reports/README.md: the nightly's run-to-run numbers). When the baseline holds several runs of a variant
 with one configuration (records appended to one file), each measure gets a noise floor: with ``s``
 the standard deviation of the k runs' statistic (log scale for ratios), the 95% prediction bound
 of the difference of two single runs, ``t(0.975, k - 1) sqrt(2) s`` (Student's t: s rests on k - 1
