@@ -8,8 +8,7 @@ itself at import (``register``, ``register_mode``); ``load()`` imports the built
 module names, importable from ``sys.path``): a technique or parallel mode kept outside suite is one
 folder plus that variable. Each plug-in package must import without torch (``suite validate``,
 ``suite plan`` and the reporter run without it); its torch code is imported by its runtime factory.
-A plug-in package may hold a torch-free ``report`` module: the reporter imports it
-(``suite.tricks.report_builtin``).
+A plug-in package may hold a torch-free ``report`` module: the reporter imports it (``report_modules``).
 
 Names are unique: registering a second, different plug-in under a taken name raises (a bug, found at
 import). Two plug-ins of one variant that answer the same exclusive hook (two workloads, two parallel
@@ -152,6 +151,22 @@ def plugin_modules() -> list[str]:
     """The built-in plug-in modules, then those named in ``SUITE_PLUGINS``."""
     extra = [m.strip() for m in os.environ.get(ENV, "").split(",") if m.strip()]
     return [*BUILTIN, *(m for m in extra if m not in BUILTIN)]
+
+
+def report_modules() -> list[str]:
+    """The plug-ins' report modules (each package's ``report`` submodule, where it has one), in the
+    plug-ins' order, for ``suite.report.plugins``; found without importing torch."""
+    import importlib.util
+
+    out = []
+    for module in plugin_modules():
+        try:
+            found = importlib.util.find_spec(f"{module}.report")
+        except ModuleNotFoundError:  # a plain module (not a package) has no report submodule
+            found = None
+        if found is not None:
+            out.append(f"{module}.report")
+    return out
 
 
 def load() -> None:

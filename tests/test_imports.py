@@ -24,7 +24,6 @@ KNOWN: set[tuple[str, str]] = {
     ("metrics", "workloads"),  # metrics/collect.py calls the training workload's measure declarations
     ("models", "launch"),  # models/hf_export.py's command enters the CPU compat layer ...
     ("models", "scenario"),  # ... and loads the scenario itself (the command line could, as for `data prepare`)
-    ("report", "tricks"),  # report/plugins.py finds plug-in report modules through suite.tricks.report_builtin
 }
 
 

@@ -84,7 +84,7 @@ def by_variant(records: list[dict]) -> dict[str, dict]:
 
 
 def test_reporter_never_imports_torch():
-    """Also every plug-in's report module (suite.tricks.report_builtin) and the record reader."""
+    """Also every plug-in's report module (suite.registry.report_modules) and the record reader."""
     code = ("import suite.report.render, suite.report.compare, suite.report.plugins as p, suite.records, sys; "
             "p.plugins(); "
             "assert 'torch' not in sys.modules and 'megatron' not in sys.modules, "

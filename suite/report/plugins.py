@@ -2,8 +2,8 @@
 reporting, so that nothing in ``suite/report/`` names a technique.
 
 A plug-in's report module (torch-free) calls ``register(ReportPlugin(...))`` at import. The built-in
-ones are listed in ``suite.tricks.report_builtin.MODULES`` and imported on first use. Every hook is
-optional:
+ones and those named in ``SUITE_PLUGINS`` are found by ``suite.registry.report_modules`` and imported on
+first use. Every hook is optional:
 
     upgrade_v1(rec)           schema-1 records: adds what the plug-in's own v1 fields imply to the v2 view
                               being built (``rec["layout"]`` keys, ``rec["measures"]``); mutates ``rec``
@@ -51,9 +51,9 @@ def plugins() -> list[ReportPlugin]:
     global _loaded
     if not _loaded:
         _loaded = True
-        from suite.tricks.report_builtin import MODULES
+        from suite.registry import report_modules
 
-        for module in MODULES:
+        for module in report_modules():
             importlib.import_module(module)
     return list(_PLUGINS.values())
 

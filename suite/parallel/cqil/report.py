@@ -2,7 +2,7 @@
 and after its fine-tune, and the decode cut of each CQIL variant next to the ideal one. For schema-1
 records, whose ``dp`` field held the CQIL degree, it moves the degree into ``layout.cqil_degree``.
 
-Torch-free (imported by the reporter through ``suite.tricks.report_builtin``).
+Torch-free (found by the reporter through ``suite.registry.report_modules``).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 every phase for the loss plot, and, for schema-1 records, per-phase step times in place of the
 pooled step-time spread (a V-cycle's steps have a different shape in every phase).
 
-Torch-free (imported by the reporter through ``suite.tricks.report_builtin``).
+Torch-free (found by the reporter through ``suite.registry.report_modules``).
 """
 from __future__ import annotations
 

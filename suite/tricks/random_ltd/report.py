@@ -3,7 +3,7 @@ the step-time measure marked as pooled (information, never gated). Random-LTD's 
 with the kept length, so the spread of all its steps is the schedule, not noise; schema-2 records
 carry one step-time measure per kept length instead (``RandomLTDRuntime.step_point``).
 
-Torch-free (imported by the reporter through ``suite.tricks.report_builtin``).
+Torch-free (found by the reporter through ``suite.registry.report_modules``).
 """
 from __future__ import annotations
 
