@@ -65,6 +65,7 @@ class RankContext:
     world: int
     local_rank: int
     label: str = ""
+    group_timeout_s: float | None = None  # the variant's process groups' timeout (its own, e.g. a parallel mode's)
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -240,6 +241,7 @@ def _run_variant(v, ctx: RankContext, out: str, args, watch: guard.Guard) -> str
     from suite.workloads import workload_for
 
     ctx.label = f"{v.scenario}/{v.name}"
+    ctx.group_timeout_s = v.workload.timeout_s + guard.TIMEOUT_MARGIN_S  # as megatron's groups below
     base = _base_record(v, ctx.world)
     refusal = _feasible(v, ctx)
     if refusal:

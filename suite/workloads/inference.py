@@ -126,9 +126,7 @@ def measure_point(engine: Engine, spec, batch: int, prompt: int, gen: int, graph
 
 def run(spec, ctx, fault=lambda step: None) -> dict:
     """Measure the latency grid on this rank; returns raw timings (rank 0's are recorded)."""
-    from suite.launch.guard import TIMEOUT_MARGIN_S  # megatron's groups get the same (spmd)
-
-    engine = Engine(spec, ctx.log, group_timeout_s=spec.workload.timeout_s + TIMEOUT_MARGIN_S)
+    engine = Engine(spec, ctx.log, group_timeout_s=ctx.group_timeout_s)  # megatron's groups get the same
     try:
         if engine.cuda:
             torch.cuda.reset_peak_memory_stats()
