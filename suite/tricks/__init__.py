@@ -1,1 +1,1 @@
-"""Training and inference techniques as plug-ins (see ``registry``)."""
+"""Training techniques as plug-ins, one package each, registered through ``suite.registry``."""
