@@ -251,6 +251,8 @@ def test_csv_one_row_per_variant(tmp_path):
     assert rows[5]["extra.fp8.recipe"] == "delayed" and rows[0]["extra.fp8.recipe"] == ""
     assert rows[6]["status"] == "failed" and rows[6]["error"].startswith("failed: OutOfMemoryError")
     assert float(rows[3]["step_time_median_ms"]) == pytest.approx(412.0)
+    # every declared measure is a column too (schema-1 records: the measures derived on read)
+    assert float(rows[3]["measure.step_time (s)"]) == pytest.approx(0.412)
 
 
 def test_json_rows():
@@ -402,6 +404,38 @@ def test_seed_repeats_get_mean_costs_and_the_delta_of_the_means():
     assert rows["fast"][1:4] == ["1, 2", "2/2", "15"] and rows["fast"][4] == "75"
     assert rows["fast"][6:8] == ["-50.0%", "-46.9%"]
     assert rows["flaky"][2] == "1/2" and rows["flaky"][3:5] == ["n/a", "n/a"]
+
+
+def test_walltime_to_target_with_and_without_start_up():
+    """Records with metrics.warmup_walltime_s also show the walltime to the target without start-up (minus
+    it, for points past warm-up), for every variant alike; a record without it says 'start-up included';
+    tables of records without it are unchanged (the committed reports' re-render test covers that)."""
+    from suite.report.quality import quality_rows, quality_section
+
+    def with_startup(rec, warm, warmup_steps=2):
+        rec["metrics"]["warmup_walltime_s"] = warm
+        rec["config"]["workload"]["warmup_steps"] = warmup_steps
+        return rec
+
+    base = with_startup(seeded("base", 1, [[10, 2.0, 3.0, 100], [20, 1.5, 5.0, 200]], baseline=True), 1.0)
+    fast = with_startup(seeded("fast", 1, [[10, 1.5, 2.5, 50]], lr=2e-3), 2.0)
+    early = with_startup(seeded("early", 1, [[2, 1.4, 0.9, 10]], lr=4e-3), 0.9)  # reached within warm-up
+    old = seeded("old", 1, [[10, 1.5, 2.0, 60]], lr=3e-3)  # written before warmup_walltime_s
+    _, rows = quality_rows([base, fast, early, old], asked=1.5)
+    by = {r["variant"]: r for r in rows}
+    assert by["base"]["walltime_after_startup_s"] == 4.0 and by["fast"]["walltime_after_startup_s"] == 0.5
+    assert by["fast"]["delta_walltime_after_startup_pct"] == pytest.approx(100 * (0.5 - 4.0) / 4.0)
+    assert by["early"]["has_startup"] and by["early"]["walltime_after_startup_s"] is None
+    assert not by["old"]["has_startup"]
+    text = "\n".join(quality_section([base, fast, early, old], asked=1.5))
+    cells = {c[0]: c for c in ([x.strip() for x in line.strip("|").split("|")] for line in text.splitlines()
+                               if line.startswith("| "))}
+    assert "walltime w/o start-up (s)" in cells["variant"] and "Δ walltime w/o start-up" in cells["variant"]
+    assert cells["fast"][4:6] == ["2.5", "0.5"] and cells["fast"][-1] == "-87.5%"
+    assert cells["old"][5] == "start-up included" and cells["early"][5] == "n/a"
+    plain = "\n".join(quality_section([seeded("a", 1, [[10, 2.0, 1, 1], [20, 1.5, 2, 2]], baseline=True),
+                                        seeded("b", 1, [[10, 1.5, 1, 1]], lr=2e-3)], asked=1.5))
+    assert "start-up" not in plain
 
 
 def test_no_seed_table_without_repeats():

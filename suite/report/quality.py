@@ -8,6 +8,12 @@ variant reaches it at the first validation whose loss is at or below the target;
 the curve point's steps, tokens, model FLOPs and training walltime (step times summed, validation
 passes excluded).
 
+Start-up (first-step compilation, allocator growth) is paid by every variant but not equally. Records
+that carry ``metrics.warmup_walltime_s`` (the time of the first ``workload.warmup_steps`` steps) also
+get the walltime without it: the point's walltime minus that time, for points past warm-up, the same
+way for every variant. Tables of older records, which lack it, are unchanged (their walltimes include
+start-up); in a table that mixes both, an older record's row says "start-up included".
+
 Variants that differ only in ``workload.seed`` are repeats of one configuration: when there are
 any, a second table gives each configuration's mean cost over its seeds and the Δ of the means, so
 a saving can be read against the seed-to-seed spread (MLPerf averages several runs to a target for
@@ -54,15 +60,29 @@ def group_name(group: list[dict]) -> str:
     return min((r["variant"] for r in group), key=len)
 
 
+def without_startup(rec: dict, step, walltime) -> tuple[bool, float | None]:
+    """(whether the record measured its start-up, the point's walltime without it): None for a point
+    not past warm-up, and (False, None) for records written before ``warmup_walltime_s`` existed."""
+    warm = metric(rec, "warmup_walltime_s")
+    if warm is None:
+        return False, None
+    warmup_steps = ((rec.get("config") or {}).get("workload") or {}).get("warmup_steps")
+    if None in (step, walltime, warmup_steps) or step <= warmup_steps:
+        return True, None
+    return True, walltime - warm
+
+
 def reach(rec: dict, target: float) -> dict | None:
-    """The first curve point at or below target: {'step', 'tokens', 'flops', 'walltime_s', 'loss'}."""
+    """The first curve point at or below target: {'step', 'tokens', 'flops', 'walltime_s', 'loss',
+    'has_startup', 'walltime_after_startup_s'}."""
     steps, tokens = metric(rec, "steps"), metric(rec, "tokens")
     for point in metric(rec, "validation_curve") or []:
         if len(point) >= 4 and point[1] is not None and point[1] <= target:  # null: a non-finite loss
             step, loss, walltime, flops = point[:4]
             known = None not in (step, tokens) and steps
+            has, after = without_startup(rec, step, walltime)
             return {"step": step, "tokens": tokens * step // steps if known else None, "flops": flops,
-                    "walltime_s": walltime, "loss": loss}
+                    "walltime_s": walltime, "loss": loss, "has_startup": has, "walltime_after_startup_s": after}
     return None
 
 
@@ -89,6 +109,8 @@ def quality_rows(records: list[dict], asked: float | None = None) -> tuple[float
             **(hit or {}),
             "delta_flops_pct": None if not (hit and base_hit) else _pct(hit["flops"], base_hit["flops"]),
             "delta_walltime_pct": None if not (hit and base_hit) else _pct(hit["walltime_s"], base_hit["walltime_s"]),
+            "delta_walltime_after_startup_pct": None if not (hit and base_hit) else
+            _pct(hit["walltime_after_startup_s"], base_hit["walltime_after_startup_s"]),
         })
     return target, rows
 
@@ -97,23 +119,33 @@ def quality_section(records: list[dict], asked: float | None = None) -> list[str
     target, rows = quality_rows(records, asked)
     if not rows:
         return []
+    startup = any(r.get("has_startup") for r in rows)  # both walltimes, only when some record has both
     body = []
     for r in rows:
         name = r["variant"] + (" (baseline)" if r["baseline"] else "")
         if not r["reached"]:
-            body.append([name, "not reached"] + [""] * 6)
+            body.append([name, "not reached"] + [""] * (8 if startup else 6))
             continue
         dash = r["baseline"]
         step = fmt.NA if r["step"] is None else str(r["step"])
-        body.append([name, step, fmt.count(r["tokens"]), fmt.count(r["flops"]),
-                     fmt.fixed(r["walltime_s"], 1), fmt.fixed(r["loss"], 4),
-                     "—" if dash else fmt.fixed(r["delta_flops_pct"], 1, signed=True, unit="%"),
-                     "—" if dash else fmt.fixed(r["delta_walltime_pct"], 1, signed=True, unit="%")])
-    headers = ["variant", "step", "tokens", "model FLOPs", "walltime (s)", "val loss", "Δ FLOPs", "Δ walltime"]
+        row = [name, step, fmt.count(r["tokens"]), fmt.count(r["flops"]), fmt.fixed(r["walltime_s"], 1)]
+        if startup:
+            row.append(fmt.fixed(r["walltime_after_startup_s"], 1) if r["has_startup"] else "start-up included")
+        row += [fmt.fixed(r["loss"], 4), "—" if dash else fmt.fixed(r["delta_flops_pct"], 1, signed=True, unit="%"),
+                "—" if dash else fmt.fixed(r["delta_walltime_pct"], 1, signed=True, unit="%")]
+        if startup:
+            row.append("—" if dash else fmt.fixed(r["delta_walltime_after_startup_pct"], 1, signed=True, unit="%"))
+        body.append(row)
+    headers = ["variant", "step", "tokens", "model FLOPs", "walltime (s)"] + \
+        (["walltime w/o start-up (s)"] if startup else []) + ["val loss", "Δ FLOPs", "Δ walltime"] + \
+        (["Δ walltime w/o start-up"] if startup else [])
+    note = ("First validation at or below the target; walltime sums training step times "
+            "(validation excluded). A variant validated every N steps can overshoot by up to N steps.")
+    if startup:
+        note += (" Without start-up: minus the variant's first `warmup_steps` step times "
+                 "(`metrics.warmup_walltime_s`), for points past warm-up.")
     return [f"### Cost to reach validation loss {target:.4f}",
-            fmt.table(headers, body, "l" + "r" * 7),
-            "First validation at or below the target; walltime sums training step times "
-            "(validation excluded). A variant validated every N steps can overshoot by up to N steps."
+            fmt.table(headers, body, "l" + "r" * (len(headers) - 1)), note,
             ] + _seed_means(rows, [r for r in records if is_ok(r)])
 
 
@@ -129,6 +161,7 @@ def _seed_means(rows: list[dict], records: list[dict]) -> list[str]:
 
     base = next((g for g in groups if any(row["baseline"] for row, _ in g)), None)
     base_flops, base_wall = (mean(base, "flops"), mean(base, "walltime_s")) if base else (None, None)
+    startup = any(row.get("has_startup") for row in rows)
     body = []
     for g in groups:
         seeds = ", ".join(sorted(str((rec.get("config") or {}).get("workload", {}).get("seed")) for _, rec in g))
@@ -136,14 +169,19 @@ def _seed_means(rows: list[dict], records: list[dict]) -> list[str]:
         walls = [row["walltime_s"] for row, _ in g if row["reached"]]
         spread = f" ({min(walls):.1f}–{max(walls):.1f})" if len(walls) > 1 else ""
         is_base = g is base
-        body.append([group_name([rec for _, rec in g]) + (" (baseline)" if is_base else ""), seeds,
-                     f"{sum(row['reached'] for row, _ in g)}/{len(g)}",
-                     fmt.NA if step is None else f"{step:.0f}",
-                     fmt.count(flops), fmt.NA if wall is None else f"{wall:.1f}{spread}",
-                     "—" if is_base else fmt.percent(relative_change(flops, base_flops), signed=True),
-                     "—" if is_base else fmt.percent(relative_change(wall, base_wall), signed=True)])
-    headers = ["configuration", "seeds", "reached", "mean step", "mean model FLOPs", "mean walltime (s)",
-               "Δ FLOPs", "Δ walltime"]
+        row = [group_name([rec for _, rec in g]) + (" (baseline)" if is_base else ""), seeds,
+               f"{sum(row['reached'] for row, _ in g)}/{len(g)}",
+               fmt.NA if step is None else f"{step:.0f}",
+               fmt.count(flops), fmt.NA if wall is None else f"{wall:.1f}{spread}"]
+        if startup:
+            after = mean(g, "walltime_after_startup_s")
+            row.append(f"{after:.1f}" if after is not None else
+                       "start-up included" if not all(r.get("has_startup") for r, _ in g) else fmt.NA)
+        row += ["—" if is_base else fmt.percent(relative_change(flops, base_flops), signed=True),
+                "—" if is_base else fmt.percent(relative_change(wall, base_wall), signed=True)]
+        body.append(row)
+    headers = ["configuration", "seeds", "reached", "mean step", "mean model FLOPs", "mean walltime (s)"] + \
+        (["mean walltime w/o start-up (s)"] if startup else []) + ["Δ FLOPs", "Δ walltime"]
     return ["Mean over seeds (variants that differ only in `workload.seed`); a mean needs every seed "
             "to reach the target, walltime range in brackets:",
-            fmt.table(headers, body, "ll" + "r" * 6)]
+            fmt.table(headers, body, "ll" + "r" * (len(headers) - 2))]

@@ -41,6 +41,17 @@ def flatten(prefix: str, value) -> dict:
     return {} if isinstance(value, list) else {prefix: value}
 
 
+def measure_columns(rec: dict) -> dict:
+    """Every declared measure's value as one flat column, 'measure.NAME[.KEY=VALUE...] (UNIT)': csv and
+    json carry what the record declares without naming any measure (samples stay in the record)."""
+    out = {}
+    for m in rec.get("measures") or []:
+        if isinstance(m, dict) and m.get("name"):
+            key = "measure." + m["name"] + "".join(f".{k}={v}" for k, v in (m.get("point") or {}).items())
+            out[f"{key} ({m['unit']})" if m.get("unit") else key] = m.get("value")
+    return out
+
+
 def _scaled(value, factor: float):
     # Rounded so csv/json show 73.4, not 73.39999999999999; still far finer than any measurement.
     return None if value is None else round(value * factor, 6)
@@ -78,6 +89,9 @@ def variant_row(rec: dict, base: dict) -> dict:
     for model, block in model_blocks(rec).items():  # the accuracy workload's blocks, likewise
         row.update(flatten(model, block))
     row.update(flatten("target", metric(rec, "target") or {}))
+    if metric(rec, "warmup_walltime_s") is not None:  # training records since it was added
+        row["warmup_walltime_s"] = metric(rec, "warmup_walltime_s")
+    row.update(measure_columns(rec))
     row.update(flatten("extra", metric(rec, "extra") or {}))
     return row
 
