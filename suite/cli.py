@@ -42,8 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="submit one Slurm job per variant (through submitit), sized from its plan; "
                           "README: Multi-node")
 
-    val = sub.add_parser("validate", help="check scenario files without running them")
-    val.add_argument("scenarios", nargs="+")
+    val = sub.add_parser("validate", help="check scenario files without running them",
+                         description="Checks every scenario file given; --explain SECTION prints the keys "
+                         "of a section instead (doc, type, default, range or choices).")
+    val.add_argument("scenarios", nargs="*")
+    val.add_argument("--explain", default=None, metavar="SECTION",
+                     help="print every key of SECTION: model, parallel, workload, data, eval, report, "
+                          "tricks.<name> or parallel.<mode>")
     _add_scenario_args(val)
 
     plan = sub.add_parser("plan", help="per variant: parameters, FLOPs/step, memory/GPU, GPUs")
@@ -128,6 +133,34 @@ def _add_verbose(parser: argparse.ArgumentParser) -> None:
                 _add_verbose(sub)
 
 
+def explain(section: str) -> str:
+    """Every key of a scenario section as a table: the schema's own doc(), type, default, range, choices."""
+    import dataclasses
+
+    from suite import registry
+    from suite.errors import did_you_mean
+    from suite.scenario.schema import SECTIONS
+
+    registry.load()
+    known = {**SECTIONS, **{f"tricks.{n}": t.config for n, t in registry.TRICKS.items()},
+             **{f"parallel.{n}": m.config for n, m in registry.PARALLEL_MODES.items()}}
+    if section not in known:
+        raise UserError(f"no section '{section}'{did_you_mean(section, known)}.", key="--explain",
+                        fix=f"sections are: {', '.join(known)}.")
+    lines = [((known[section].__doc__ or "").strip().splitlines() or [f"[{section}]"])[0], ""]
+    for f in dataclasses.fields(known[section]):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        meta = f.metadata
+        allowed = (f"one of {', '.join(map(str, meta['choices']))}" if meta.get("choices")
+                   else f"range {meta['range']}" if meta.get("range") else "")
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        lines.append(f"{f.name} ({kind}; default {'unset' if default is None else repr(default)}"
+                     f"{'; ' + allowed if allowed else ''})")
+        lines.append(f"    {meta.get('doc', '')}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from suite import quiet
@@ -136,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             from suite.scenario import load_scenario
+
+            if args.explain:
+                print(explain(args.explain))
+                return 0
+            if not args.scenarios:
+                raise UserError("no scenario file given.", key="validate",
+                                fix="write `suite validate FILE...` or `suite validate --explain SECTION`.")
 
             bad = 0
             for path in args.scenarios:  # every file is checked and reported; exit 2 if any is bad
