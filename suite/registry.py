@@ -23,7 +23,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-BUILTIN: tuple[str, ...] = ("suite.tricks.multilevel", "suite.tricks.random_ltd", "suite.parallel.cqil")
+BUILTIN: tuple[str, ...] = ("suite.tricks.multilevel", "suite.tricks.random_ltd", "suite.tricks.mixture_of_depths",
+                            "suite.tricks.speculative", "suite.parallel.cqil")
 ENV = "SUITE_PLUGINS"
 
 
@@ -70,6 +71,7 @@ class Trick:
     validate: Callable | None = None  # (variant, trick_config) -> None; raises UserError
     runtime: Callable | None = None  # (variant, trick_config) -> TrickRuntime
     workload: str | None = None  # module replacing the workload (``run``/``metrics``, see suite.workloads)
+    kinds: tuple[str, ...] = ("train",)  # the [workload] kinds it applies to (others refuse its section)
 
 
 class ModeRuntime:
