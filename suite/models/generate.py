@@ -8,7 +8,9 @@ cannot be captured in a CUDA graph (megatron's graphable path needs flash-attn's
 which the GPU image lacks). Ours has fixed shapes: per layer K/V buffers [b, groups, prompt + gen,
 d] holding keys with RoPE applied, the step's position as a device tensor and a boolean mask over the
 buffer. Prefill writes the prompt's K/V and attends causally within the prompt; a decode step writes
-one position and attends over the buffer with later positions masked. Every layer keeps its own
+one position and attends over the buffer with later positions masked (a caller may set ``pos`` to
+several positions and ``mask`` to one row per position to feed several tokens at once, as speculative
+decoding's verify step does). Every layer keeps its own
 cache, also where a parallel mode runs layers side by side (each computes its own K/V from its input).
 
 The model runs as megatron's embedding → decoder → output layer called in turn (GPTModel.forward
@@ -68,7 +70,7 @@ class CachedAttention(SDPAttention):
         q = query.permute(1, 2, 0, 3)
         out = Fn.scaled_dot_product_attention(q, self.k, self.v, attn_mask=st.mask, scale=self.softmax_scale,
                                               enable_gqa=q.shape[1] != self.k.shape[1])
-        return out.permute(2, 0, 1, 3).reshape(1, q.shape[0], -1)
+        return out.permute(2, 0, 1, 3).reshape(q.shape[2], q.shape[0], -1)  # [s, b, h]: one or more new tokens
 
 
 @contextlib.contextmanager

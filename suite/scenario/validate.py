@@ -6,7 +6,7 @@ from pathlib import Path
 
 from suite.data.sources import check_data, check_text, file_problem
 from suite.errors import fail
-from suite.registry import conflicts, mode
+from suite.registry import conflicts, mode, trick
 
 
 def _divisors(n: int, most: int = 12) -> str:
@@ -142,8 +142,9 @@ def check_inference(spec) -> None:
         fail(spec, "parallel.vpp" if (p.vpp or 1) > 1 else "parallel.sequence_parallel",
               "inference runs plain pipeline stages without sequence parallelism (a decode step has one token).",
               "remove vpp and set sequence_parallel = false.")
-    if spec.tricks:
-        fail(spec, "tricks", f"techniques {', '.join(spec.tricks)} change training; inference runs the plain "
+    trained = [name for name in spec.tricks if "inference" not in trick(name).kinds]
+    if trained:
+        fail(spec, "tricks", f"techniques {', '.join(trained)} change training; inference runs the plain "
               "model.", "remove the [tricks.*] sections from inference variants.")
 
 

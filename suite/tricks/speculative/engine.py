@@ -1,0 +1,171 @@
+"""The speculative engine: a draft and the target, each a ``suite.models.generate.Engine`` (its model and
+KV cache), driven by cached forwards of one or more tokens (see the package docstring for the step).
+
+A cached forward of s tokens at positions start..start+s-1 sets the shared ``DecodeState`` to those
+positions and to a mask with one row per new token (row i sees positions <= start + i), then runs
+megatron's embedding, the decoder's layers (all, or the first N for a self-speculative draft, then the
+final norm) and the LM head. Rollback is bookkeeping: the next forward starts at the accepted length,
+masks everything after it and overwrites it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
+
+from suite.metrics import flops as F
+from suite.models.generate import Engine
+from suite.tricks.speculative import SpeculativeConfig, draft_model, self_layers
+
+
+@dataclass
+class Stats:
+    """What one request did: its verify steps, their accepted counts, and every forward run
+    (``(role, batch, new, start, head)``, for ``request_flops``)."""
+
+    k: int
+    batch: int
+    accepted: list[int] = field(default_factory=list)  # per verify step: accepted proposals (batch minimum)
+    accepted_per_sequence: list[int] = field(default_factory=list)  # per step: summed over the batch
+    forwards: list[tuple] = field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.accepted)
+
+    def acceptance_rate(self) -> float | None:
+        return sum(self.accepted) / (self.k * self.steps) if self.steps else None
+
+    def accepted_rate_per_sequence(self) -> float | None:
+        return sum(self.accepted_per_sequence) / (self.k * self.steps * self.batch) if self.steps else None
+
+    def tokens_per_step(self) -> float | None:
+        return (sum(self.accepted) + self.steps) / self.steps if self.steps else None
+
+
+def cached_forward(engine: Engine, tokens: torch.Tensor, start: int, layers: int | None = None,
+                   last_only: bool = False) -> torch.Tensor:
+    """Feeds ``tokens`` [b, s] at positions start.. through the first ``layers`` layers (all: None) with
+    ``engine``'s caches; greedy-ready logits [b, s, vocab] (``last_only``: [b, 1, vocab])."""
+    m, st = engine.model, engine.state
+    s = tokens.shape[1]
+    st.mode = "decode"
+    st.pos = torch.arange(start, start + s, device=engine.device)
+    st.mask = engine.positions <= st.pos.view(1, 1, s, 1)  # [1, 1, s, capacity]
+    rope = engine.rope[start:start + s]
+    hidden = m.embedding(input_ids=tokens, position_ids=None)
+    if layers is None:
+        hidden = m.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
+    else:
+        for layer in m.decoder.layers[:layers]:
+            hidden, _ = layer(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
+        hidden = m.decoder.final_layernorm(hidden)
+    if last_only:
+        hidden = hidden[-1:]
+    logits, _ = m.output_layer(hidden)
+    return gather_from_tensor_model_parallel_region(logits)[..., :engine.spec.model.vocab_size].transpose(0, 1)
+
+
+class Speculative:
+    """Target and draft on this rank; ``generate(prompt, gen)`` returns the target's greedy tokens."""
+
+    def __init__(self, spec, cfg: SpeculativeConfig, log=print):
+        self.spec, self.k = spec, cfg.k
+        self.target = Engine(spec, log)
+        self.self_layers = self_layers(cfg)
+        if self.self_layers is None:  # a second model: same seed and precision, its own shape and init
+            self.draft = Engine(replace(spec, model=draft_model(spec, cfg), tricks={}, modes={}), log)
+        else:
+            self.draft = self.target  # the target's first layers, on its cache
+        self.cuda, self.device = self.target.cuda, self.target.device
+        self.pos = 0  # position of ``x``, the target's latest greedy token, not yet fed to it
+
+    @property
+    def engines(self) -> list[Engine]:
+        return [self.target] if self.draft is self.target else [self.target, self.draft]
+
+    def allocate(self, batch: int, capacity: int) -> None:
+        for e in self.engines:
+            e.allocate(batch, capacity)
+
+    def release(self) -> None:
+        for e in self.engines:
+            e.release()
+
+    def close(self) -> None:
+        for e in self.engines:
+            e.close()
+
+    # --- one request, in steps (the workload times them) ------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> Stats:
+        """Both prefills; the first greedy token is the target's. Returns the request's fresh stats."""
+        b, p = prompt.shape
+        self.stats = Stats(self.k, b)
+        self.target.prefill(prompt)
+        self.stats.forwards.append(("prefill", b, p, 0, 1))
+        if self.draft is not self.target:
+            self.draft.prefill(prompt)
+            self.stats.forwards.append(("draft_prefill", b, p, 0, 1))
+        self.x = self.target.tokens.clone()
+        self.pos = self.draft_pos = p
+        self.pending = self.x  # the draft's next input, starting at draft_pos
+        return self.stats
+
+    @torch.no_grad()
+    def propose(self) -> torch.Tensor:
+        """k draft tokens [b, k] continuing from ``x`` (the draft's forwards, cache advanced)."""
+        out, inp, at = [], self.pending, self.draft_pos
+        for _ in range(self.k):
+            logits = cached_forward(self.draft, inp, at, self.self_layers, last_only=True)
+            self.stats.forwards.append(("draft", inp.shape[0], inp.shape[1], at, 1))
+            at += inp.shape[1]
+            inp = logits[:, -1].argmax(dim=-1, keepdim=True)
+            out.append(inp)
+        return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """One verify step: proposals, one target forward over [x, d1..dk], acceptance and rollback.
+        Returns the tokens it emits [b, n + 1]."""
+        k, pos = self.k, self.pos
+        d = self.propose()
+        logits = cached_forward(self.target, torch.cat([self.x, d], dim=1), pos)
+        self.stats.forwards.append(("verify", d.shape[0], k + 1, pos, k + 1))
+        g = logits.argmax(dim=-1)  # [b, k + 1]: the target's choice after x, d1, ..., dk
+        agree = torch.cumprod((d == g[:, :k]).long(), dim=1).sum(dim=1)  # per sequence
+        n = int(agree.min())
+        self.stats.accepted.append(n)
+        self.stats.accepted_per_sequence.append(int(agree.sum()))
+        emitted = torch.cat([d[:, :n], g[:, n:n + 1]], dim=1)
+        self.x = g[:, n:n + 1].contiguous()
+        self.pos = pos + n + 1
+        if self.draft is self.target or n < k:  # the draft's cache holds x, d1..dn: continue from x
+            self.pending, self.draft_pos = self.x, self.pos
+        else:  # all accepted: the draft never saw dk
+            self.pending, self.draft_pos = torch.cat([d[:, k - 1:], self.x], dim=1), pos + k
+        return emitted
+
+    def capacity(self, prompt: int, gen: int) -> int:
+        """Cache positions a request of ``gen`` tokens may touch: a verify step looks k past the last one."""
+        return prompt + gen + self.k
+
+    @torch.no_grad()
+    def generate(self, prompt: torch.Tensor, gen: int) -> torch.Tensor:
+        """The first greedy token and ``gen`` more [b, gen + 1] (allocates and releases the caches)."""
+        self.allocate(prompt.shape[0], self.capacity(prompt.shape[1], gen))
+        self.prefill(prompt)
+        out = [self.x]
+        while sum(t.shape[1] for t in out) < gen + 1:
+            out.append(self.step())
+        self.release()
+        return torch.cat(out, dim=1)[:, :gen + 1]
+
+
+def shapes(spec, cfg) -> tuple[F.Shape, tuple[F.Shape, int]]:
+    """(target shape, (draft shape, draft layers)) for ``request_flops``."""
+    from suite.tricks.speculative import draft_shape
+
+    return F.Shape.of(spec.model), draft_shape(spec, cfg)
