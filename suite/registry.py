@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 BUILTIN: tuple[str, ...] = ("suite.tricks.multilevel", "suite.tricks.random_ltd", "suite.tricks.mixture_of_depths",
-                            "suite.tricks.speculative", "suite.parallel.cqil")
+                            "suite.tricks.stacking", "suite.tricks.speculative", "suite.parallel.cqil")
 ENV = "SUITE_PLUGINS"
 
 

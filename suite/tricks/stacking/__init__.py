@@ -1,0 +1,115 @@
+"""Model growth by depth stacking (G_stack; Du et al., 2024, arXiv 2405.15319).
+
+Train a shallow model of L/g layers (the scenario's width, vocabulary and everything else) for
+``steps[0]`` steps, stack its whole layer stack g times, layers [l1 … ln, l1 … ln, …] (the paper's
+G_stack: the stack repeated, not each layer repeated in place), and train the L-layer model that gives
+for ``steps[1]`` steps. Embeddings, the final norm and the output layer carry over unchanged. Each phase
+is a fresh megatron-core model, optimizer (state reset) and LR schedule (warm-up, then decay over the
+phase's steps), as in the V-cycle (``suite.tricks.multilevel``), whose TP/PP gather and scatter and
+training phase the workload reuses.
+
+What the growth step preserves, exactly: every parameter of the grown model is a copy — layer
+i + j·n (j < g) of the grown model is layer i of the shallow one, and every parameter outside the
+layers is the shallow model's — so the grown network computes final_norm(D^g(embed(x))) where D is the
+shallow model's layer stack: the shallow model's blocks applied g times in a row. It does **not**
+preserve the shallow model's function final_norm(D(embed(x))) (nor its loss): stacking is an
+initialisation that the paper finds trains faster, not a function-preserving expansion (unlike the
+V-cycle's de-coalescing). The record keeps the validation loss at the end of the shallow phase and right
+after the growth, so the jump is visible.
+
+FLOPs: each step counts its own phase's model (``train_step_flops`` of L/g layers, then of L).
+
+This module is torch-free (config, phase shapes, FLOPs, validation); ``operators.py`` stacks a state
+dict, ``workload.py`` runs the two phases.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from suite import errors
+from suite.fields import doc
+from suite.metrics import flops as F
+from suite.registry import Trick, register
+
+KEY = "tricks.stacking."
+
+
+@dataclass
+class StackingConfig:
+    """[tricks.stacking]"""
+
+    growth: int = doc("Times the shallow model's layer stack is repeated (g): it has num_layers / g layers; "
+                      "the paper's G_stack uses 4.", 4, range="[2, 1024]")
+    steps: list[int] | None = doc("Optimizer steps of the two phases: [shallow, grown]. Replaces workload.steps.",
+                                  range="[1, 1000000000]")
+    lr: list[float] | None = doc("Peak LR of each phase, [shallow, grown] (default: workload.lr for both); each "
+                                 "phase's min_lr keeps workload.min_lr's ratio to lr.", range="(0, 100]")
+
+
+def shallow_model(model, growth: int):
+    """The [model] section of the shallow phase: num_layers / growth layers, all else kept."""
+    return replace(model, num_layers=model.num_layers // growth)
+
+
+def phase_models(model, cfg: StackingConfig) -> list:
+    return [shallow_model(model, cfg.growth), model]
+
+
+def phase_spec(spec, cfg: StackingConfig, phase: int):
+    """The VariantSpec one phase trains: its depth, steps and LR, no techniques."""
+    w = spec.workload
+    lr = cfg.lr[phase] if cfg.lr else w.lr
+    model = phase_models(spec.model, cfg)[phase]
+    workload = replace(w, steps=cfg.steps[phase], lr=lr, min_lr=w.min_lr * lr / w.lr)
+    return replace(spec, model=model, workload=workload, tricks={})
+
+
+def phase_flops(spec, cfg: StackingConfig) -> list[int]:
+    """Model FLOPs of each phase: its steps times its own model's training step FLOPs."""
+    w = spec.workload
+    return [n * F.train_step_flops(F.Shape.of(m), w.global_batch, w.seq_length)
+            for n, m in zip(cfg.steps, phase_models(spec.model, cfg))]
+
+
+def validate(spec, cfg: StackingConfig) -> None:
+    def fail(key, message, fix):
+        errors.fail(spec, key, message, fix)
+
+    w, m, p = spec.workload, spec.model, spec.parallel
+    if w.kind != "train":
+        fail("workload.kind", f"stacking is a training schedule; workload.kind is '{w.kind}'.",
+             'set kind = "train" or remove [tricks.stacking].')
+    others = [name for name in spec.tricks if name != "stacking"]
+    if others:
+        fail("tricks", f"stacking runs its own training loop and cannot be combined with {', '.join(others)}.",
+             "compare the techniques in separate variants.")
+    if m.init != "random":
+        fail("model.init", f"stacking trains its shallow model from scratch; model.init is '{m.init}', a model "
+             f"of {m.num_layers} layers, which the {m.num_layers // max(cfg.growth, 1)}-layer first phase cannot load.",
+             'set init = "random" or remove [tricks.stacking].')
+    if cfg.steps is None or len(cfg.steps) != 2:
+        fail(KEY + "steps", "steps needs two step counts: [shallow, grown].", "write e.g. steps = [50, 150].")
+    for i, n in enumerate(cfg.steps):
+        if n <= w.warmup_steps:
+            fail(KEY + "steps", f"phase {i} has {n} steps, not more than workload.warmup_steps {w.warmup_steps} "
+                 "(each phase is a new model whose first steps are warm-up).",
+                 f"give each phase more than {w.warmup_steps} steps or lower warmup_steps.")
+    if cfg.lr is not None:
+        if len(cfg.lr) != 2:
+            fail(KEY + "lr", f"lr has {len(cfg.lr)} entries; stacking has two phases (shallow, grown).",
+                 "give two learning rates or remove lr.")
+        if any(x <= 0 for x in cfg.lr):
+            fail(KEY + "lr", f"learning rates must be positive, got {cfg.lr}.", "use e.g. lr = [6e-4, 6e-4].")
+    if cfg.growth < 2:
+        fail(KEY + "growth", f"growth {cfg.growth} does not grow the model.", "use 2 or more (the paper: 4).")
+    if m.num_layers % cfg.growth:
+        fail(KEY + "growth", f"num_layers {m.num_layers} is not divisible by growth {cfg.growth}.",
+             "choose a growth factor that divides num_layers.")
+    stages = p.pp * (p.vpp or 1)
+    if (m.num_layers // cfg.growth) % stages:
+        what = f"pp {p.pp}" + (f" x vpp {p.vpp}" if p.vpp else "")
+        fail("parallel.pp", f"the shallow model has {m.num_layers // cfg.growth} layers, not divisible by {what}.",
+             "lower pp (x vpp) or the growth factor.")
+
+
+register(Trick(name="stacking", config=StackingConfig, validate=validate, workload="suite.tricks.stacking.workload"))
