@@ -80,7 +80,12 @@ def draft_model(spec, cfg: SpeculativeConfig):
     d = cfg.draft
     d = replace(d, vocab_size=d.vocab_size or spec.model.vocab_size,
                 max_sequence_length=d.max_sequence_length or spec.model.max_sequence_length)
-    return fill_model(d, {"file": spec.file, "variant": spec.name})
+    try:
+        return fill_model(d, {"file": spec.file, "variant": spec.name})
+    except errors.UserError as e:  # fill_model names [model]'s keys: name the draft's
+        e.key = f"{KEY}.draft.{e.key.split('.', 1)[1]}" if e.key else e.key
+        e.fix = e.fix and e.fix.replace("[model] ", "the draft's ")
+        raise
 
 
 def draft_shape(spec, cfg: SpeculativeConfig) -> tuple[F.Shape, int]:

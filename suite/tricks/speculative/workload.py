@@ -43,7 +43,7 @@ from suite.metrics import hardware
 from suite.metrics.collect import peak_memory, reduce_scalar
 from suite.metrics.declare import median, measure
 from suite.metrics.stats import summarize
-from suite.tricks.speculative import greedy_flops, request_flops
+from suite.tricks.speculative import draft_model, greedy_flops, request_flops
 from suite.tricks.speculative.engine import Speculative, shapes
 from suite.tricks.speculative.measures import ACCEPTANCE_RATE, MS_PER_TOKEN, TOKENS_PER_VERIFY, VERIFY_STEP
 from suite.workloads.inference import grid, point_entry, synthetic_prompt
@@ -113,11 +113,12 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
         engine.close()
 
 
-def draft_name(cfg) -> str:
+def draft_name(spec, cfg) -> str:
+    """'layers:N', or the second model's preset and shape ('tiny 2x64')."""
     if isinstance(cfg.draft, str):
         return cfg.draft
-    d = cfg.draft
-    return d.preset or f"{d.num_layers}x{d.hidden_size}"
+    d = draft_model(spec, cfg)
+    return f"{d.preset + ' ' if d.preset else ''}{d.num_layers}x{d.hidden_size}"
 
 
 def _ms(x: float | None) -> float | None:
@@ -148,7 +149,7 @@ def metrics(raw: dict, spec, ctx) -> dict:
         entries.append(entry)
         per_token = summarize(pt["decode_s"])
         blocks.append({
-            "batch": b, "prompt": p, "gen": g, "k": cfg.k, "draft": draft_name(cfg),
+            "batch": b, "prompt": p, "gen": g, "k": cfg.k, "draft": draft_name(spec, cfg),
             "verify_steps": pt["verify_steps"], "acceptance_rate": pt["acceptance_rate"],
             "accepted_rate_per_sequence": pt["accepted_rate_per_sequence"],
             "tokens_per_verify": pt["tokens_per_step"],

@@ -1,0 +1,271 @@
+"""Speculative decoding (suite.tricks.speculative): the output is the target's greedy output, token for
+token; its FLOPs; its validation; a run and its report.
+
+The model checks run in one single-process worker (``python tests/test_speculative.py --worker OUT DIR``)
+on the tiny preset in fp32 (4 layers, vocabulary 256, random weights):
+
+* for k in {1, 2, 4}, two prompt shapes (batch 1 × 5 tokens, batch 3 × 11 tokens) and five drafts — the
+  first layer and the first three (self-speculative), a smaller second model, a second model identical
+  to the target (every proposal accepted: the path where the draft must catch up on dk) and a draft
+  that always proposes a wrong token (nothing accepted) — the generated tokens equal the target's
+  plain greedy decoding (``Engine.prefill`` then one ``decode`` per token);
+* FlopCounterMode over a whole speculative request equals ``request_flops`` without the attention
+  products (on CPU the counter sees only ``aten.mm``: it has no formula for CPU SDPA, see
+  tests/test_flops.py), exactly: every projection and LM-head position of every forward is counted.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from check_worker import ROOT, result, run_suite, run_worker, worker_main
+
+from suite.errors import UserError
+from suite.metrics import flops as F
+from suite.tricks.speculative import forward_flops, greedy_flops, request_flops
+
+TINY = """
+[model]
+preset = "tiny"
+[workload]
+kind = "inference"
+precision = "fp32"
+batch_sizes = [1]
+prompt_lengths = [11]
+gen_lengths = [24]
+repeats = 1
+warmup_repeats = 0
+"""
+DRAFTS = {"self1": '"layers:1"', "self3": '"layers:3"', "small": '{ preset = "tiny", num_layers = 2, hidden_size = 32 }',
+          "identical": '{ preset = "tiny" }', "wrong": '"layers:2"'}
+GEN = 24
+SHAPES = [(1, 5), (3, 11)]  # (batch, prompt)
+
+
+def scenario(folder: Path, draft: str, k: int = 4, extra: str = "") -> Path:
+    path = Path(folder) / "s.toml"
+    path.write_text(TINY + extra + f"[tricks.speculative]\ndraft = {draft}\nk = {k}\n")
+    return path
+
+
+def load(tmp_path, draft: str, k: int = 4, extra: str = ""):
+    from suite.scenario import load_scenario
+
+    (spec,) = load_scenario(scenario(tmp_path, draft, k, extra))
+    return spec
+
+
+# --- the worker -----------------------------------------------------------------------------------
+
+def _greedy(engine, prompt, gen: int):
+    import torch
+
+    engine.allocate(*prompt.shape[:1], prompt.shape[1] + gen)
+    engine.prefill(prompt)
+    out = [engine.tokens.clone()]
+    for _ in range(gen):
+        engine.decode()
+        out.append(engine.tokens.clone())
+    engine.release()
+    return torch.cat(out, dim=1)
+
+
+def check_output_is_the_targets_greedy_output(tmp):
+    import torch
+
+    from suite.tricks.speculative.engine import Speculative
+    from suite.workloads.inference import synthetic_prompt
+
+    class Wrong(Speculative):
+        """Proposes, at every position, a token the target does not choose there (from its greedy output)."""
+
+        reference = None
+
+        def propose(self):
+            super().propose()  # keep the draft's own forwards (and cache) as they are
+            start = self.pos - self.prompt_len + 1  # index in the reference of the first proposed position
+            ref = self.reference[:, start:start + self.k]
+            ref = torch.cat([ref, ref[:, -1:].expand(-1, self.k - ref.shape[1])], dim=1) if ref.shape[1] < self.k else ref
+            return (ref + 1) % self.spec.model.vocab_size
+
+    out = {}
+    for name, draft in DRAFTS.items():
+        spec = load(Path(tmp), draft)
+        for k in (1, 2, 4):
+            engine = (Wrong if name == "wrong" else Speculative)(spec, spec.tricks["speculative"], log=lambda *_: None)
+            engine.k = k
+            for batch, prompt in SHAPES:
+                tokens = synthetic_prompt(spec, batch, prompt)
+                reference = _greedy(engine.target, tokens, GEN + k)
+                engine.reference, engine.prompt_len = reference, prompt
+                got = engine.generate(tokens, GEN)
+                out[f"{name} k{k} b{batch} p{prompt}"] = {
+                    "equal": torch.equal(got, reference[:, :GEN + 1]), "shape": list(got.shape),
+                    "acceptance": engine.stats.acceptance_rate(), "tokens_per_step": engine.stats.tokens_per_step(),
+                    "steps": engine.stats.steps}
+            engine.close()
+    return out
+
+
+def check_flops_against_the_counter(tmp):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from suite.tricks.speculative.engine import Speculative, shapes
+    from suite.workloads.inference import synthetic_prompt
+
+    out = {}
+    for name in ("self1", "small"):
+        spec = load(Path(tmp), DRAFTS[name], k=3)
+        cfg = spec.tricks["speculative"]
+        engine = Speculative(spec, cfg, log=lambda *_: None)
+        tokens = synthetic_prompt(spec, 2, 7)
+        with FlopCounterMode(display=False) as counter:
+            engine.generate(tokens, 9)
+        target, draft = shapes(spec, cfg)
+        out[name] = {"counted": counter.get_total_flops(), "forwards": [list(f) for f in engine.stats.forwards],
+                     "analytic": request_flops(engine.stats.forwards, target, draft, attention=False)["total"]}
+        engine.close()
+    return out
+
+
+CHECKS = [check_output_is_the_targets_greedy_output, check_flops_against_the_counter]
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    sys.exit(worker_main(CHECKS, sys.argv[2], sys.argv[3]))
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    return run_worker(__file__, tmp_path_factory.mktemp("speculative_worker"), 300)
+
+
+def test_every_draft_and_k_gives_the_targets_greedy_tokens(worker):
+    data = result(worker, "output_is_the_targets_greedy_output")
+    assert len(data) == len(DRAFTS) * 3 * len(SHAPES)
+    for case, r in data.items():
+        assert r["equal"], case
+        assert r["shape"][1] == GEN + 1, case
+
+
+def test_identical_draft_accepts_everything_and_a_wrong_draft_nothing(worker):
+    data = result(worker, "output_is_the_targets_greedy_output")
+    for k in (1, 2, 4):
+        for batch, prompt in SHAPES:
+            same, wrong = data[f"identical k{k} b{batch} p{prompt}"], data[f"wrong k{k} b{batch} p{prompt}"]
+            assert same["acceptance"] == 1.0 and same["tokens_per_step"] == k + 1
+            assert same["steps"] == -(-GEN // (k + 1))  # ceil: each step emits k + 1 tokens
+            assert wrong["acceptance"] == 0.0 and wrong["tokens_per_step"] == 1.0 and wrong["steps"] == GEN
+    # a real (random) self-speculative draft lies in between somewhere
+    assert any(0 < r["acceptance"] < 1 for c, r in data.items() if c.startswith("self"))
+
+
+def test_flops_equal_the_counter_exactly(worker):
+    data = result(worker, "flops_against_the_counter")
+    for name, r in data.items():
+        assert r["counted"] == r["analytic"], name
+        roles = {f[0] for f in r["forwards"]}
+        assert roles == ({"prefill", "verify", "draft"} | ({"draft_prefill"} if name == "small" else set())), name
+
+
+# --- fast: FLOPs by hand, validation ---------------------------------------------------------------
+
+def test_forward_flops_by_hand():
+    s = F.Shape(layers=4, hidden=64, heads=4, groups=2, ffn=192, vocab=256)  # kv_dim 64
+    b, new, start = 2, 3, 10
+    linear = 2 * b * new * 64 * (64 + 64) + 2 * b * new * 64 * 64 + 6 * b * new * 64 * 192
+    attention = 4 * b * new * (start + new) * 64
+    head = 2 * b * 1 * 64 * 256
+    assert forward_flops(s, 2, b, new, start, 1) == 2 * (linear + attention) + head
+    assert forward_flops(s, 2, b, new, start, 1, attention=False) == 2 * linear + head
+
+
+def test_request_flops_sums_each_role_with_its_model():
+    target = F.Shape(layers=4, hidden=64, heads=4, groups=2, ffn=192, vocab=256)
+    draft = F.Shape(layers=2, hidden=32, heads=4, groups=2, ffn=96, vocab=256)
+    log = [("prefill", 1, 5, 0, 1), ("draft_prefill", 1, 5, 0, 1), ("draft", 1, 1, 5, 1), ("draft", 1, 1, 6, 1),
+           ("verify", 1, 3, 5, 3)]
+    got = request_flops(log, target, (draft, 2))
+    assert got["prefill"] == forward_flops(target, 4, 1, 5, 0, 1)
+    assert got["draft_prefill"] == forward_flops(draft, 2, 1, 5, 0, 1)
+    assert got["draft"] == forward_flops(draft, 2, 1, 1, 5, 1) + forward_flops(draft, 2, 1, 1, 6, 1)
+    assert got["verify"] == forward_flops(target, 4, 1, 3, 5, 3)
+    assert got["total"] == sum(v for k, v in got.items() if k != "total")
+    # plain greedy: the prefill is the same forward as the speculative one; gen one-token steps after it
+    assert greedy_flops(target, 1, 5, 2) == (got["prefill"] + forward_flops(target, 4, 1, 1, 5, 1)
+                                             + forward_flops(target, 4, 1, 1, 6, 1))
+
+
+def test_a_valid_section_resolves(tmp_path):
+    spec = load(tmp_path, '{ preset = "tiny", num_layers = 2 }', k=3)
+    cfg = spec.tricks["speculative"]
+    assert cfg.k == 3 and cfg.draft.num_layers == 2
+    assert spec.resolved()["tricks"]["speculative"]["draft"]["preset"] == "tiny"
+    assert load(tmp_path, '"layers:3"').tricks["speculative"].draft == "layers:3"
+
+
+@pytest.mark.parametrize("draft,k,edit,key,fragment", [
+    ('"layers:4"', 4, None, "tricks.speculative.draft", "shorter than the model's 4 layers"),
+    ('"layers:0"', 4, None, "tricks.speculative.draft", "at least 1"),
+    ('"first:2"', 4, None, "tricks.speculative.draft", "neither 'layers:N' nor a model table"),
+    ('{ preset = "tiny", vocab_size = 300 }', 4, None, "tricks.speculative.draft.vocab_size", "vocabulary (300)"),
+    ('{ preset = "tinyy" }', 4, None, "tricks.speculative.draft.preset", "unknown preset"),
+    ('{ preset = "tiny", layers = 2 }', 4, None, "tricks.speculative.draft.layers", "unknown key 'layers'"),
+    ('"layers:1"', 0, None, "tricks.speculative.k", "k = 0"),
+    ('"layers:1"', 4, ('precision = "fp32"', 'cuda_graph = "on"'), "workload.cuda_graph", "runs eagerly"),
+    ('"layers:1"', 64, ("[24]", "[200]"), "model.max_sequence_length", "exceed max_sequence_length 256"),
+    ('{ preset = "tiny", max_sequence_length = 32 }', 4, None, "tricks.speculative.draft.max_sequence_length",
+     "exceed max_sequence_length 32"),
+    ('"layers:1"', 4, ("[tricks", "[parallel]\ntp = 2\n[tricks"), "parallel.tp", "one GPU"),
+])
+def test_settings_are_validated(tmp_path, draft, k, edit, key, fragment):
+    from suite.scenario import load_scenario
+
+    path = scenario(tmp_path, draft, k)
+    if edit:
+        path.write_text(path.read_text().replace(*edit))
+    with pytest.raises(UserError) as e:
+        load_scenario(path)
+    assert e.value.key == key and fragment in str(e.value), str(e.value)
+
+
+def test_training_variants_refuse_it(tmp_path):
+    path = scenario(tmp_path, '"layers:1"')
+    path.write_text(path.read_text().replace('kind = "inference"', 'kind = "train"'))
+    from suite.scenario import load_scenario
+
+    with pytest.raises(UserError, match="an inference technique") as e:
+        load_scenario(path)
+    assert e.value.key == "workload.kind"
+
+
+# --- a run and its report --------------------------------------------------------------------------
+
+def test_run_records_and_report(tmp_path):
+    path = tmp_path / "s.toml"
+    path.write_text(TINY.replace("gen_lengths = [24]", "gen_lengths = [6]") + "[report]\nbaseline = \"baseline\"\n"
+                    "[variants.baseline]\n[variants.self.tricks.speculative]\ndraft = \"layers:2\"\nk = 2\n")
+    r = run_suite("run", path, "--out", tmp_path / "res", timeout_s=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    recs = {json.loads(line)["variant"]: json.loads(line) for line in (tmp_path / "res" / "records.jsonl").open()}
+    rec = recs["self"]
+    assert rec["status"] == "ok"
+    (block,) = rec["metrics"]["speculative"]
+    assert block["draft"] == "layers:2" and block["k"] == 2 and 0 <= block["acceptance_rate"] <= 1
+    assert block["tokens_per_verify"] == pytest.approx(1 + 2 * block["acceptance_rate"])
+    assert block["flops_total"] == block["flops_draft"] + block["flops_verify"] + block["flops_prefill"]
+    names = {m["name"] for m in rec["measures"]}
+    assert {"ttft", "ms_per_token", "verify_step", "acceptance_rate", "tokens_per_verify"} <= names
+    per_token = next(m for m in rec["measures"] if m["name"] == "ms_per_token")
+    assert len(per_token["samples"]) == 1 and per_token["point"] == {"batch": 1, "prompt": 11, "gen": 6, "graph": "off"}
+    r = run_suite("report", tmp_path / "res")
+    assert r.returncode == 0, r.stderr
+    assert "### Speculative decoding" in r.stdout and "| self | layers:2 | 2 | 1 | 11 | 6 |" in r.stdout
+
+
+def test_the_scenario_validates_and_plans():
+    r = run_suite("validate", ROOT / "scenarios" / "latency_alternatives.toml")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run_suite("plan", ROOT / "scenarios" / "latency_alternatives.toml")
+    assert r.returncode == 0 and "self_speculative" in r.stdout, r.stdout + r.stderr
