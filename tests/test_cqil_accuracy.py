@@ -141,3 +141,32 @@ def test_report_renders_the_accuracy_table(records):
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
     sys.exit(worker_main(CHECKS, sys.argv[2], sys.argv[3]))
+
+
+@pytest.mark.slow
+def test_the_fine_tuned_model_is_saved_with_its_adapters_merged(tmp_path):
+    """[workload] save_checkpoint with a fine-tune saves the recovered weights (LoRA folded into the
+    projections): loaded again under the same CQIL groups without a fine-tune, the model scores what the
+    fine-tuned one did; without a fine-tune there is nothing new to save, and validate says so."""
+    model = "\n".join(SCENARIO.read_text().split("[model]")[1].split("[workload]")[0].strip().splitlines())
+    common = (f'[workload]\nkind = "accuracy"\nseq_length = 64\nprecision = "fp32"\n'
+              f'[eval]\nheldout_max_tokens = 512\n[data]\nsource = "text"\npath = "builtin:shakespeare"\n')
+    cqil = "[variants.cqil2.parallel.cqil]\nstart = 1\nend = 5\ndegree = 2\n"
+    tune = 'finetune = { steps = 20, rank = 4, alpha = 8, lr = 3e-3, batch = 4 }\n'
+    (tmp_path / "tune.toml").write_text(f'name = "tune"\n[model]\n{model}\n{common}'
+                                        f'[variants.cqil2.workload]\nsave_checkpoint = "saved"\n{cqil}{tune}')
+    (tmp_path / "load.toml").write_text(f'name = "load"\n[model]\n{model}\ninit = "checkpoint:saved"\n{common}{cqil}')
+    (tmp_path / "bad.toml").write_text(f'name = "bad"\n[model]\n{model}\n{common}'
+                                       f'[variants.cqil2.workload]\nsave_checkpoint = "x"\n{cqil}')
+    runs = {}
+    for name in ("tune", "load"):
+        r = run_suite("run", tmp_path / f"{name}.toml", "--out", tmp_path / name, timeout_s=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        [rec] = [json.loads(line) for line in (tmp_path / name / "records.jsonl").read_text().splitlines()]
+        runs[name] = rec["metrics"]["accuracy"]
+    tuned, loaded = runs["tune"]["finetuned"], runs["load"]["concurrent"]
+    assert loaded["tokens"] == tuned["tokens"]
+    assert math.isclose(loaded["loss"], tuned["loss"], rel_tol=1e-5)
+    assert not math.isclose(runs["load"]["original"]["loss"], runs["tune"]["original"]["loss"], rel_tol=1e-5)
+    r = run_suite("validate", tmp_path / "bad.toml")
+    assert r.returncode == 2 and "key 'workload.save_checkpoint'" in r.stderr and "add finetune" in r.stderr

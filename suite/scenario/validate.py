@@ -169,6 +169,10 @@ def check_accuracy(spec) -> None:
     if spec.tricks:
         fail(spec, "tricks", f"techniques {', '.join(spec.tricks)} change training; the accuracy workload "
               "evaluates a model.", "remove the [tricks.*] sections from accuracy variants.")
+    if spec.workload.save_checkpoint and not spec.modes:  # a mode saves what its own fine-tune changed
+        fail(spec, "workload.save_checkpoint", "the accuracy workload changes no weights unless a parallel mode "
+              "fine-tunes them, so there is nothing new to save.",
+              "remove save_checkpoint, or add a mode's fine-tune (e.g. [parallel.cqil.finetune]).")
 
 
 def check_eval_text(spec) -> None:

@@ -193,6 +193,9 @@ def validate(spec, cfg: CQILConfig) -> CQILPlan:
         fail("the CQIL fine-tune runs in the accuracy workload.",
              'set [workload] kind = "accuracy", or remove finetune.', "parallel.cqil.finetune")
     if kind == "accuracy":  # one process computes the concurrent model's function
+        if cfg.finetune is None and spec.workload.save_checkpoint:
+            fail("only the fine-tuned model (adapters merged) is saved; without finetune the weights are "
+                 "the loaded ones.", "add finetune = {...} or remove save_checkpoint.", "workload.save_checkpoint")
         if cfg.finetune is not None and spec.workload.seq_length < 2:
             errors.fail(spec, "workload.seq_length", "the fine-tune needs windows of at least 2 tokens.",
                         "set seq_length = 512 or so.")
@@ -277,7 +280,13 @@ def accuracy(spec, cfg: CQILConfig, model, quality, data, ctx, fault) -> dict:
         out["finetuned"] = scored(lora)
         ctx.log(f"CQIL after the fine-tune: perplexity {out['finetuned']['perplexity']:.3f}, "
                 f"KL to the original {out['finetuned']['kl_to_original']:.5f}")
-        lora.remove()
+        if spec.workload.save_checkpoint:  # the recovered weights, for [model] init or `suite export-hf`
+            from suite.models import checkpoint
+
+            lora.merge()
+            checkpoint.save(spec, [model], ctx.log)
+        else:
+            lora.remove()
     return out
 
 

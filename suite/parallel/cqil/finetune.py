@@ -62,7 +62,7 @@ class LoRA(torch.nn.Module):
 
     def __init__(self, model, rank: int, alpha: float):
         super().__init__()
-        self.scale, self.enabled, self.handles = alpha / rank, True, []
+        self.scale, self.enabled, self.handles, self.adapted = alpha / rank, True, [], []
         self.down, self.up = torch.nn.ParameterList(), torch.nn.ParameterList()
         for name, module in model.named_modules():
             if name.rsplit(".", 1)[-1] not in ADAPTED:
@@ -73,6 +73,7 @@ class LoRA(torch.nn.Module):
             self.down.append(torch.nn.Parameter(down))
             self.up.append(torch.nn.Parameter(torch.zeros(w.shape[0], rank, device=w.device)))
             self.handles.append(module.register_forward_hook(self._hook(len(self.up) - 1), with_kwargs=True))
+            self.adapted.append(module)
         for p in model.parameters():
             p.requires_grad_(False)
 
@@ -89,6 +90,15 @@ class LoRA(torch.nn.Module):
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+    def merge(self) -> None:
+        """Folds each adapter into its layer's weight (W + scale * up @ down, rounded to W's dtype) and
+        removes the hooks: the plain model then computes what the adapted one did, and saves or exports
+        like any other."""
+        with torch.no_grad():
+            for module, down, up in zip(self.adapted, self.down, self.up):
+                module.weight.add_((self.scale * (up @ down)).to(module.weight.dtype))
+        self.remove()
 
 
 def kl_per_token(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
