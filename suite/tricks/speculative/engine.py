@@ -153,15 +153,37 @@ class Speculative:
         return prompt + gen + self.k
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, gen: int) -> torch.Tensor:
-        """The first greedy token and ``gen`` more [b, gen + 1] (allocates and releases the caches)."""
-        self.allocate(prompt.shape[0], self.capacity(prompt.shape[1], gen))
+    def request(self, prompt: torch.Tensor, gen: int, clock=None) -> torch.Tensor:
+        """One request on allocated caches: the prefills, then verify steps until ``gen`` tokens follow the
+        first one; returns them [b, gen + 1]. ``clock`` (start/stop) times the prefill and every step."""
+        clock = clock or _Untimed()
+        clock.start()
         self.prefill(prompt)
-        out = [self.x]
-        while sum(t.shape[1] for t in out) < gen + 1:
-            out.append(self.step())
-        self.release()
+        clock.stop()
+        out, produced = [self.x], 1
+        while produced < gen + 1:
+            clock.start()
+            emitted = self.step()
+            clock.stop()
+            out.append(emitted)
+            produced += emitted.shape[1]
         return torch.cat(out, dim=1)[:, :gen + 1]
+
+    def generate(self, prompt: torch.Tensor, gen: int) -> torch.Tensor:
+        """``request`` on freshly allocated caches, released after."""
+        self.allocate(prompt.shape[0], self.capacity(prompt.shape[1], gen))
+        try:
+            return self.request(prompt, gen)
+        finally:
+            self.release()
+
+
+class _Untimed:
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
 
 
 def shapes(spec, cfg) -> tuple[F.Shape, tuple[F.Shape, int]]:

@@ -14,7 +14,7 @@ from suite.report.select import is_ok, metric
 
 BLOCK = "metrics.speculative"
 FIELDS = {BLOCK: LIST, f"{BLOCK}[]": DICT + "!", f"{BLOCK}[].draft": STR + "!",
-          **{f"{BLOCK}[].{k}": INT + "!" for k in ("batch", "prompt", "gen", "k")},
+          **{f"{BLOCK}[].{k}": INT + "!" for k in ("batch", "prompt", "gen", "k")}, f"{BLOCK}[].draft_parameters": INT,
           **{f"{BLOCK}[].{k}": NUM for k in ("verify_steps", "acceptance_rate", "accepted_rate_per_sequence",
                                              "tokens_per_verify", "ms_per_token_median", "verify_step_ms_median",
                                              "ttft_ms_median", "flops_draft", "flops_verify", "flops_prefill",
@@ -26,7 +26,7 @@ HEADERS = ["variant", "draft", "k", "batch", "prompt", "gen", "acceptance", "per
 NOTE = ("Speculative decoding (greedy acceptance; the output is the target's greedy output token for token). "
         "acceptance: accepted draft tokens / proposed, the batch verified in lockstep (per sequence: each "
         "sequence's own accepted length); tokens/verify: tokens emitted per verify step (accepted + 1); "
-        "ms/token: median over timed requests of decode time / generated tokens; baseline ms/token: the "
+        "draft: 'layers:N' (the model's first N layers) or a second model (its parameters); ms/token: median over timed requests of decode time / generated tokens; baseline ms/token: the "
         "baseline variant's eager decode step at the same point; speed-up: baseline / speculative ms/token; "
         "FLOPs vs greedy: model FLOPs of the request (draft and verify forwards, prefills) over plain greedy "
         "decoding's. A draft with random weights agrees with a random target by chance only: its acceptance "
@@ -49,7 +49,8 @@ def speculative_lines(records: list[dict], ctx: dict) -> list[str]:
             mine = e.get("ms_per_token_median")
             speedup = None if not ref or not mine else ref / mine
             greedy = e.get("flops_greedy")
-            body.append([rec["variant"], e["draft"], str(e["k"]), str(e["batch"]), str(e["prompt"]), str(e["gen"]),
+            draft = e["draft"] + (f" ({fmt.count(e['draft_parameters'])})" if e.get("draft_parameters") else "")
+            body.append([rec["variant"], draft, str(e["k"]), str(e["batch"]), str(e["prompt"]), str(e["gen"]),
                          fmt.percent(e.get("acceptance_rate")), fmt.percent(e.get("accepted_rate_per_sequence")),
                          fmt.fixed(e.get("tokens_per_verify"), 2), fmt.sig(e["verify_step_ms_median"])
                          if e.get("verify_step_ms_median") is not None else fmt.NA,

@@ -14,6 +14,7 @@ those requests) and the decode bandwidth columns are null (a verify step is not 
 weights per token). ``metrics.speculative`` is one entry per point:
 
     batch, prompt, gen, k, draft        the point; draft: 'layers:N' or the draft's preset / shape
+    draft_parameters                    the second draft model's parameters (0: self-speculative, shared)
     verify_steps                        verify steps of the last timed request
     acceptance_rate                     accepted proposals / (k · verify steps), the batch verified in lockstep
     accepted_rate_per_sequence          the same with each sequence's own accepted length
@@ -56,22 +57,14 @@ def measure_point(engine: Speculative, spec, batch: int, prompt: int, gen: int) 
     w = spec.workload
     tokens = synthetic_prompt(spec, batch, prompt).to(engine.device)
     prefill_s, per_token_s, step_s, request_s, accept, per_verify = [], [], [], [], [], []
-    first, same, stats = None, True, None
+    first, same = None, True
+    # one allocation per point, as the inference workload does: a request overwrites what it reads, and the
+    # timed forwards then find the allocator warm
+    engine.allocate(batch, engine.capacity(prompt, gen))
     for r in range(w.warmup_repeats + w.repeats):
-        engine.allocate(batch, engine.capacity(prompt, gen))
         clock = StepClock(engine.cuda)
-        clock.start()
-        stats = engine.prefill(tokens)
-        clock.stop()
-        out, produced = [engine.x], 1
-        while produced < gen + 1:
-            clock.start()
-            emitted = engine.step()
-            clock.stop()
-            out.append(emitted)
-            produced += emitted.shape[1]
-        engine.release()
-        got = torch.cat(out, dim=1)[:, :gen + 1]
+        got = engine.request(tokens, gen, clock)
+        stats = engine.stats
         first = got if first is None else first
         same = same and torch.equal(got, first)
         if r >= w.warmup_repeats:
@@ -83,6 +76,7 @@ def measure_point(engine: Speculative, spec, batch: int, prompt: int, gen: int) 
                 per_token_s.append(sum(times[1:]) / gen)
                 accept.append(stats.acceptance_rate())
                 per_verify.append(stats.tokens_per_step())
+    engine.release()
     return {"batch": batch, "prompt": prompt, "gen": gen, "cuda_graph": False, "prefill_s": prefill_s,
             "decode_s": per_token_s, "request_s": request_s, "verify_s": step_s, "acceptance": accept,
             "tokens_per_verify": per_verify, "repeats_same_tokens": same, "tokens": got.tolist(),
@@ -150,6 +144,7 @@ def metrics(raw: dict, spec, ctx) -> dict:
         per_token = summarize(pt["decode_s"])
         blocks.append({
             "batch": b, "prompt": p, "gen": g, "k": cfg.k, "draft": draft_name(spec, cfg),
+            "draft_parameters": 0 if isinstance(cfg.draft, str) else F.parameters(draft[0])["total"],
             "verify_steps": pt["verify_steps"], "acceptance_rate": pt["acceptance_rate"],
             "accepted_rate_per_sequence": pt["accepted_rate_per_sequence"],
             "tokens_per_verify": pt["tokens_per_step"],
