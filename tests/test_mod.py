@@ -1,5 +1,6 @@
 """Mixture-of-Depths (suite.tricks.mixture_of_depths): dense equality, router gradients, per-sequence top-k,
-causality for a fixed selection, FLOPs, and a short run through `suite run`.
+causality for a fixed selection, FLOPs, and through `torchrun -m suite run` (2 processes): DP, TP and PP
+train the same function, the records' FLOPs, and a checkpoint saved at PP=2 loading on one process.
 
 Torch-free tests run in the pytest process; megatron-core checks run in one worker subprocess
 (``python THIS_FILE --worker``, see ``check_worker``), as in tests/test_random_ltd.py, whose explicit-matmul
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from check_worker import result, run_suite, run_worker, worker_main
+from check_worker import result, run_suite, run_worker, torchrun, worker_main
 
 from suite.errors import UserError
 from suite.metrics import flops as F
@@ -21,6 +22,7 @@ from suite.tricks.mixture_of_depths import MixtureOfDepthsConfig, kept_tokens, r
 
 ROOT = Path(__file__).resolve().parents[1]
 UNIT = ROOT / "tests" / "scenarios" / "mixture_of_depths" / "unit.toml"
+LAYOUTS = UNIT.with_name("layouts.toml")
 
 
 def cfg(**kw) -> MixtureOfDepthsConfig:
@@ -267,27 +269,63 @@ def test_step_flops_match_flop_counter(worker):
     assert [r["counted"] for r in rows] == sorted(r["counted"] for r in rows)
 
 
-def test_run_records_the_exact_flops_and_the_routing(tmp_path):
-    r = run_suite("run", UNIT, "--out", tmp_path, timeout_s=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    (rec,) = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
-    assert rec["status"] == "ok", rec.get("error")
-    m, spec = rec["metrics"], _torch_free_spec()
-    want = step_flops(spec.tricks["mixture_of_depths"], F.Shape.of(spec.model), 2, 64)
-    assert m["flops_total"] == 4 * want and m["flops_per_step"] == want
-    extra = m["extra"]["mixture_of_depths"]
-    assert extra["routed_layers"] == [1, 3] and extra["kept_tokens"] == 16
-    assert extra["layer_token_fraction"] == pytest.approx((2 * 16 + 2 * 64) / (4 * 64))
-    assert m["validation_loss"] is not None and len(m["validation_curve"]) == 2
-
-
-def _torch_free_spec():
-    from suite.scenario import load_scenario
-
-    (v,) = load_scenario(UNIT, [])
-    return v
-
-
 def test_config_is_a_dataclass_with_documented_fields():
     for f in dataclasses.fields(MixtureOfDepthsConfig):
         assert f.metadata.get("doc"), f.name
+
+
+# --- layouts (2 processes) and the checkpoint --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def layout_records(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mod_layouts")
+    # every variant saves to the same folder, replacing the previous one: the last, pp2, stays
+    r = torchrun("-m", "suite", "run", str(LAYOUTS), "--out", str(out), "--set",
+                 f'workload.save_checkpoint="{out / "checkpoint"}"')
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    records = {rec["variant"]: rec for rec in map(json.loads, (out / "records.jsonl").read_text().splitlines())}
+    return records, out / "checkpoint"
+
+
+@pytest.mark.slow
+def test_layouts_train_the_same_function(layout_records):
+    records, _ = layout_records
+    assert {v: (rec["status"], rec["tp"], rec["pp"], rec["dp"]) for v, rec in records.items()} == \
+        {"dp": ("ok", 1, 1, 2), "tp2": ("ok", 2, 1, 1), "pp2": ("ok", 1, 2, 1)}
+    curves = {v: [x for _, x in rec["metrics"]["loss_curve"]] for v, rec in records.items()}
+    for v in ("tp2", "pp2"):
+        assert curves[v] == pytest.approx(curves["dp"], rel=1e-5), v
+        assert records[v]["metrics"]["validation_loss"] == pytest.approx(records["dp"]["metrics"]["validation_loss"],
+                                                                         rel=1e-5)
+
+
+@pytest.mark.slow
+def test_checkpoint_saved_at_pp2_loads_on_one_process_with_its_routers(layout_records, tmp_path):
+    """The routers are keyed by their global layer in the checkpoint: the PP=2 run's final model, loaded on
+    one process and stepped at a vanishing LR, validates as it did."""
+    records, checkpoint = layout_records
+    r = run_suite("run", LAYOUTS, "--variant", "dp", "--out", tmp_path, "--set", f'model.init="checkpoint:{checkpoint}"',
+                  "--set", "workload.lr=1e-30", "--set", "workload.min_lr=0", "--set", "workload.steps=2", timeout_s=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (rec,) = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert rec["metrics"]["validation_loss"] == pytest.approx(records["pp2"]["metrics"]["validation_loss"], rel=1e-6)
+    assert rec["metrics"]["heldout"]["loss"] == pytest.approx(records["pp2"]["metrics"]["heldout"]["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_records_hold_the_exact_flops_and_the_routing(layout_records):
+    records, _ = layout_records
+    (spec,) = [v for v in _load(LAYOUTS) if v.name == "dp"]
+    want = step_flops(spec.tricks["mixture_of_depths"], F.Shape.of(spec.model), 4, 64)
+    for rec in records.values():
+        m = rec["metrics"]
+        assert m["flops_total"] == 4 * want and m["flops_per_step"] == want
+        extra = m["extra"]["mixture_of_depths"]
+        assert extra["routed_layers"] == [1, 3] and extra["kept_tokens"] == 16 and extra["router_scale"] == "sigmoid"
+        assert extra["layer_token_fraction"] == pytest.approx((2 * 16 + 2 * 64) / (4 * 64))
+
+
+def _load(path):
+    from suite.scenario import load_scenario
+
+    return load_scenario(path)

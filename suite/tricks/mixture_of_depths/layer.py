@@ -19,6 +19,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from suite.metrics import flops as F
@@ -57,6 +58,19 @@ class MixtureOfDepthsLayer(TransformerLayer):
         if self.routed:
             self.router = torch.nn.Linear(self.config.hidden_size, 1, bias=False,
                                           dtype=self.config.params_dtype)
+            # r = 1 never reaches the router: a frozen weight, so no optimizer or DDP bucket waits for its grad
+            self.router.weight.requires_grad_(routing.scale != "none")
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """megatron's checkpoint entry for every layer parameter stacks the layers on a prepended axis,
+        which a parameter of only some layers cannot fill: the router is keyed by its own global layer
+        instead (``decoder.layers.<i>.router.weight``), so any TP/PP layout saves and loads it."""
+        out = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.routed:
+            name = f"{prefix}router.weight"  # the block rewrites the key's local prefix to "decoder.layers."
+            out[name] = ShardedTensor.from_rank_offsets(f"{prefix}{self.layer_number - 1}.router.weight",
+                                                        self.router.weight, replica_id=out[name].replica_id)
+        return out
 
     def forward(self, hidden_states, **kwargs):
         if not self.routed:
