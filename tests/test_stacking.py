@@ -1,5 +1,6 @@
 """Depth stacking (suite.tricks.stacking): the growth operator, what the growth preserves on a real
-megatron-core model, per-phase FLOPs, and the two phases through `suite run`.
+megatron-core model, per-phase FLOPs, and the two phases through `torchrun -m suite run` (2 processes: DP,
+TP and PP grow and train the same function).
 
 The growth does not preserve the shallow model's function; what it preserves exactly is tested: every
 grown parameter is a copy (layer i + j·n = shallow layer i, embeddings and head unchanged), so the grown
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from check_worker import result, run_suite, run_worker, worker_main
+from check_worker import result, run_worker, torchrun, worker_main
 
 from suite.errors import UserError
 from suite.metrics import flops as F
@@ -157,15 +158,17 @@ def test_grown_model_is_the_shallow_stack_applied_twice_not_the_shallow_function
 @pytest.fixture(scope="module")
 def records(tmp_path_factory):
     out = tmp_path_factory.mktemp("stacking_run")
-    r = run_suite("run", GROW, "--out", out, timeout_s=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    r = torchrun("-m", "suite", "run", str(GROW), "--out", str(out))
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
     return {rec["variant"]: rec for rec in map(json.loads, (out / "records.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.slow
 def test_run_counts_each_phases_flops_and_records_the_growth(records):
-    assert {name: rec["status"] for name, rec in records.items()} == \
-        {"baseline": "ok", "stacking": "ok", "stacking_g4": "ok"}
-    for name, layers in (("stacking", [2, 4]), ("stacking_g4", [1, 4])):
+    assert {name: (rec["status"], rec["tp"], rec["pp"], rec["dp"]) for name, rec in records.items()} == \
+        {"stacking": ("ok", 1, 1, 2), "stacking_tp2": ("ok", 2, 1, 1), "stacking_pp2": ("ok", 1, 2, 1),
+         "stacking_g4": ("ok", 1, 1, 2)}
+    for name, layers in (("stacking", [2, 4]), ("stacking_pp2", [2, 4]), ("stacking_g4", [1, 4])):
         spec, m = _spec(name), records[name]["metrics"]
         cfg = spec.tricks["stacking"]
         ext = m["extra"]["stacking"]
@@ -181,5 +184,13 @@ def test_run_counts_each_phases_flops_and_records_the_growth(records):
         assert all(step > cfg.steps[0] for step, *_ in m["validation_curve"])
         assert {p[4] for p in ext["validation_curve"]} == {0, 1}
         assert m["validation_loss"] == pytest.approx(phases[1]["validation_at_end"])
-    assert records["baseline"]["metrics"]["flops_total"] == \
-        6 * F.train_step_flops(F.Shape.of(_spec("baseline").model), 4, 32)
+
+
+@pytest.mark.slow
+def test_layouts_grow_and_train_the_same_function(records):
+    curves = {v: [x for _, x in records[v]["metrics"]["loss_curve"]] for v in ("stacking", "stacking_tp2", "stacking_pp2")}
+    for v in ("stacking_tp2", "stacking_pp2"):
+        assert curves[v] == pytest.approx(curves["stacking"], rel=1e-5), v
+        want = [c[1] for c in records["stacking"]["metrics"]["extra"]["stacking"]["validation_curve"]]
+        got = [c[1] for c in records[v]["metrics"]["extra"]["stacking"]["validation_curve"]]
+        assert got == pytest.approx(want, rel=1e-5), v
