@@ -194,3 +194,20 @@ def test_layouts_grow_and_train_the_same_function(records):
         want = [c[1] for c in records["stacking"]["metrics"]["extra"]["stacking"]["validation_curve"]]
         got = [c[1] for c in records[v]["metrics"]["extra"]["stacking"]["validation_curve"]]
         assert got == pytest.approx(want, rel=1e-5), v
+
+
+@pytest.mark.slow
+def test_report_lists_both_phases_and_plots_both(records):
+    from suite.report.plots import curve
+    from suite.tricks.stacking.report import phases_section
+
+    text = "\n".join(phases_section(list(records.values())))
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in text.splitlines()
+            if line.startswith("| stacking_g4 ")]
+    phases = records["stacking_g4"]["metrics"]["extra"]["stacking"]["phases"]
+    assert [r[1:3] for r in rows] == [["shallow", "1 × 64"], ["grown ×4", "4 × 64"]]
+    assert [int(r[5]) for r in rows] == [p["steps"] for p in phases]
+    assert rows[0][10] == "—" and rows[1][10] != "—"
+    assert float(rows[1][11]) == pytest.approx(phases[1]["validation_at_start"], abs=1e-3)
+    points = curve(records["stacking_g4"])
+    assert {p[4] for p in points} == {0, 1} and points[0][0] <= phases[0]["last_step"]
