@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Evidence for issue 16's latency family: scenarios/latency_alternatives.toml on the GPUs of this machine
 # (LLaMA-7B bf16, random weights): plain greedy decoding (eager and CUDA graph), speculative decoding with
-# a small draft model, self-speculative decoding with the first 8 layers, and CQIL over 2 GPUs (skipped by
-# the launcher on a one-GPU host). Records, log and report go to $OUT/latency_alternatives.
+# a small draft model, self-speculative decoding with the first 8 layers, and CQIL over 2 GPUs alone and with
+# the draft (both skipped by the launcher on a one-GPU host). Records, log and report go to $OUT/latency_alternatives.
 # Usage on a device machine (carry .whl/):
 #   bash bench/latency_alternatives.sh                          # every variant that fits
 #   bash bench/latency_alternatives.sh baseline speculative     # only these

@@ -72,6 +72,7 @@ class Trick:
     runtime: Callable | None = None  # (variant, trick_config) -> TrickRuntime
     workload: str | None = None  # module replacing the workload (``run``/``metrics``, see suite.workloads)
     kinds: tuple[str, ...] = ("train",)  # the [workload] kinds it applies to (others refuse its section)
+    with_modes: bool = False  # its workload runs the variant's parallel mode too (builds through its layer spec)
 
 
 class ModeRuntime:
@@ -202,7 +203,7 @@ def conflicts(spec) -> list[tuple[str, str, str]]:
         names = list(spec.modes)
         out.append((f"parallel.{names[1]}", f"parallel modes {' and '.join(names)} both lay out the model's "
                     "layers and processes; one variant uses one.", "compare them in separate variants."))
-    if spec.modes and workloads:
+    if spec.modes and workloads and not trick(workloads[0]).with_modes:
         out.append((f"parallel.{next(iter(spec.modes))}", f"parallel mode {next(iter(spec.modes))} and "
                     f"technique {workloads[0]} (its own workload loop) cannot be combined.",
                     "compare them in separate variants."))

@@ -9,6 +9,8 @@ on the tiny preset in fp32 (4 layers, vocabulary 256, random weights):
   to the target (every proposal accepted: the path where the draft must catch up on dk) and a draft
   that always proposes a wrong token (nothing accepted) — the generated tokens equal the target's
   plain greedy decoding (``Engine.prefill`` then one ``decode`` per token);
+* over CQIL's layout on 2 processes (``python -m torch.distributed.run ... tests/test_speculative.py --cqil
+  OUT``): the tokens of CQIL's own greedy decoding, identical on both ranks;
 * FlopCounterMode over a whole speculative request equals ``request_flops`` without the attention
   products (on CPU the counter sees only ``aten.mm``: it has no formula for CPU SDPA, see
   tests/test_flops.py), exactly: every projection and LM-head position of every forward is counted.
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from check_worker import ROOT, result, run_suite, run_worker, worker_main
+from check_worker import ROOT, result, run_suite, run_worker, torchrun, worker_main
 
 from suite.errors import UserError
 from suite.metrics import flops as F
@@ -132,8 +134,52 @@ def check_flops_against_the_counter(tmp):
 
 CHECKS = [check_output_is_the_targets_greedy_output, check_flops_against_the_counter]
 
+CQIL = TINY.replace('preset = "tiny"', 'preset = "tiny"\nnum_layers = 6') + "[parallel]\ncqil = { start = 1, end = 5, degree = 2 }\n"
+
+
+def cqil_worker(out: str) -> None:
+    """Under torchrun, 2 processes: CQIL's greedy tokens (the plain engine over the CQIL layout) and the
+    speculative ones over the same layout, per draft, on every rank."""
+    import os
+    import tempfile
+
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from suite.launch import cpu_compat
+    from suite.tricks.speculative.engine import Speculative
+    from suite.workloads.inference import synthetic_prompt
+
+    torch.set_num_threads(1)
+    cpu_compat.enable()
+    dist.init_process_group("gloo")
+    ps.initialize_model_parallel()
+    results = {}
+    folder = Path(tempfile.mkdtemp(prefix=f"spec_cqil{os.environ['RANK']}_"))
+    for name in ("self3", "small"):
+        path = folder / "s.toml"
+        path.write_text(CQIL + f"[tricks.speculative]\ndraft = {DRAFTS[name]}\nk = 3\n")
+        from suite.scenario import load_scenario
+
+        (spec,) = load_scenario(path)
+        engine = Speculative(spec, spec.tricks["speculative"], log=lambda *_: None)
+        tokens = synthetic_prompt(spec, 2, 7)
+        reference = _greedy(engine.target, tokens, 12)
+        got = engine.generate(tokens, 12)
+        results[name] = {"equal": torch.equal(got, reference), "tokens": got.tolist(),
+                         "layers": len(engine.target.model.decoder.layers),
+                         "acceptance": engine.stats.acceptance_rate()}
+        engine.close()
+    Path(out, f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
     sys.exit(worker_main(CHECKS, sys.argv[2], sys.argv[3]))
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--cqil":
+    cqil_worker(sys.argv[2])
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +213,18 @@ def test_flops_equal_the_counter_exactly(worker):
         assert r["counted"] == r["analytic"], name
         roles = {f[0] for f in r["forwards"]}
         assert roles == ({"prefill", "verify", "draft"} | ({"draft_prefill"} if name == "small" else set())), name
+
+
+def test_with_cqil_the_output_is_cqils_greedy_output(tmp_path):
+    """Speculative decoding over CQIL's layout (2 processes): the tokens of CQIL's own greedy decoding, the same
+    on both ranks, for a self-speculative draft that reaches into the first group and a second model."""
+    r = torchrun(__file__, "--cqil", str(tmp_path), nproc=2, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(2)]
+    for name in ("self3", "small"):
+        assert ranks[0][name]["equal"] and ranks[1][name]["equal"], name
+        assert ranks[0][name]["tokens"] == ranks[1][name]["tokens"], name
+        assert ranks[0][name]["layers"] == 4  # layer 0, one of each group of 2 in 1..4, layer 5
 
 
 # --- fast: FLOPs by hand, validation ---------------------------------------------------------------
@@ -217,7 +275,7 @@ def test_a_valid_section_resolves(tmp_path):
     ('"layers:1"', 64, ("[24]", "[200]"), "model.max_sequence_length", "exceed max_sequence_length 256"),
     ('{ preset = "tiny", max_sequence_length = 32 }', 4, None, "tricks.speculative.draft.max_sequence_length",
      "exceed max_sequence_length 32"),
-    ('"layers:1"', 4, ("[tricks", "[parallel]\ntp = 2\n[tricks"), "parallel.tp", "one GPU"),
+    ('"layers:1"', 4, ("[tricks", "[parallel]\ntp = 2\n[tricks"), "parallel.tp", "without tensor or pipeline"),
 ])
 def test_settings_are_validated(tmp_path, draft, k, edit, key, fragment):
     from suite.scenario import load_scenario
@@ -261,7 +319,7 @@ def test_run_records_and_report(tmp_path):
     assert len(per_token["samples"]) == 1 and per_token["point"] == {"batch": 1, "prompt": 11, "gen": 6, "graph": "off"}
     r = run_suite("report", tmp_path / "res")
     assert r.returncode == 0, r.stderr
-    assert "### Speculative decoding" in r.stdout and "| self | layers:2 | 2 | 1 | 11 | 6 |" in r.stdout
+    assert "### Speculative decoding" in r.stdout and "| self | 1 | layers:2 | 2 | 1 | 11 | 6 |" in r.stdout
 
 
 def test_the_scenario_validates_and_plans():

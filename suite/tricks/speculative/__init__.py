@@ -25,6 +25,11 @@ Drafts (``draft``):
   for timing. It has its own cache; when all k proposals are accepted it has not yet seen dk, so its
   next first forward takes two tokens [dk, x].
 
+With a parallel mode (CQIL), the target is built through the mode's layer spec on each of its processes,
+every process runs the same draft (a second model is replicated; a self-speculative draft is the first N
+layers of each process's decoder, for CQIL its layers in order, so past the first group its concurrent
+form) and takes the same decisions from the same logits, as the plain decode step does.
+
 A batch is verified in lockstep: the step accepts the smallest n over the batch (still exactly greedy:
 past its own n a sequence's gn is the target's token too). ``accepted_rate_per_sequence`` in the record
 says what lockstep costs against per-sequence acceptance.
@@ -135,10 +140,10 @@ def validate(spec, cfg: SpeculativeConfig) -> None:
     if w.kind != "inference":
         fail("workload.kind", f"speculative decoding is an inference technique; workload.kind is '{w.kind}'.",
              'set kind = "inference" or remove [tricks.speculative].')
-    if p.tp != 1 or p.pp != 1 or spec.modes:
-        fail("parallel.tp" if p.tp != 1 else "parallel.pp" if p.pp != 1 else f"parallel.{next(iter(spec.modes))}",
-             "speculative decoding runs the draft and the target on one GPU (tp = pp = 1, no parallel mode).",
-             "set tp = 1 and pp = 1 and remove the parallel mode, or compare it in a separate variant.")
+    if p.tp != 1 or p.pp != 1:
+        fail("parallel.tp" if p.tp != 1 else "parallel.pp", "speculative decoding runs without tensor or pipeline "
+             "parallelism (every process runs the draft and reads the target's logits; a parallel mode such as "
+             "CQIL may lay the target over several GPUs).", "set tp = 1 and pp = 1.")
     if w.cuda_graph != "off":
         fail("workload.cuda_graph", "the speculative path runs eagerly (its verify forward and its rollback "
              "are not captured in a CUDA graph).", 'set cuda_graph = "off" for this variant.')
@@ -173,4 +178,4 @@ def validate(spec, cfg: SpeculativeConfig) -> None:
 
 
 register(Trick(name="speculative", config=SpeculativeConfig, validate=validate,
-               workload="suite.tricks.speculative.workload", kinds=("inference",)))
+               workload="suite.tricks.speculative.workload", kinds=("inference",), with_modes=True))

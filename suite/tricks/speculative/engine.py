@@ -70,9 +70,9 @@ def cached_forward(engine: Engine, tokens: torch.Tensor, start: int, layers: int
 class Speculative:
     """Target and draft on this rank; ``generate(prompt, gen)`` returns the target's greedy tokens."""
 
-    def __init__(self, spec, cfg: SpeculativeConfig, log=print):
+    def __init__(self, spec, cfg: SpeculativeConfig, log=print, group_timeout_s: float | None = None):
         self.spec, self.k = spec, cfg.k
-        self.target = Engine(spec, log)
+        self.target = Engine(spec, log, group_timeout_s=group_timeout_s)  # a parallel mode's layout included
         self.self_layers = self_layers(cfg)
         if self.self_layers is None:  # a second model: same seed and precision, its own shape and init
             self.draft = Engine(replace(spec, model=draft_model(spec, cfg), tricks={}, modes={}), log)

@@ -21,7 +21,7 @@ FIELDS = {BLOCK: LIST, f"{BLOCK}[]": DICT + "!", f"{BLOCK}[].draft": STR + "!",
                                              "flops_total", "flops_greedy", "flops_per_token")},
           f"{BLOCK}[].same_tokens_across_repeats": BOOL}
 
-HEADERS = ["variant", "draft", "k", "batch", "prompt", "gen", "acceptance", "per sequence", "tokens/verify",
+HEADERS = ["variant", "GPUs", "draft", "k", "batch", "prompt", "gen", "acceptance", "per sequence", "tokens/verify",
            "verify step (ms)", "ms/token", "baseline ms/token", "speed-up", "FLOPs vs greedy"]
 NOTE = ("Speculative decoding (greedy acceptance; the output is the target's greedy output token for token). "
         "acceptance: accepted draft tokens / proposed, the batch verified in lockstep (per sequence: each "
@@ -30,8 +30,9 @@ NOTE = ("Speculative decoding (greedy acceptance; the output is the target's gre
         "baseline variant's eager decode step at the same point; speed-up: baseline / speculative ms/token; "
         "FLOPs vs greedy: model FLOPs of the request (draft and verify forwards, prefills) over plain greedy "
         "decoding's. A draft with random weights agrees with a random target by chance only: its acceptance "
-        "says nothing about a trained pair. Speculative decoding runs on one GPU; CQIL rows lay the target over "
-        "several GPUs instead (the two are not combined in one variant yet).")
+        "says nothing about a trained pair. GPUs: a variant with a parallel mode (CQIL) lays the target over "
+        "several GPUs and decodes speculatively on them: beside the CQIL variant alone and speculative decoding "
+        "alone, it shows what the two buy together.")
 
 
 def _baseline_ms(ctx: dict) -> dict[tuple, float]:
@@ -50,7 +51,7 @@ def speculative_lines(records: list[dict], ctx: dict) -> list[str]:
             speedup = None if not ref or not mine else ref / mine
             greedy = e.get("flops_greedy")
             draft = e["draft"] + (f" ({fmt.count(e['draft_parameters'])})" if e.get("draft_parameters") else "")
-            body.append([rec["variant"], draft, str(e["k"]), str(e["batch"]), str(e["prompt"]), str(e["gen"]),
+            body.append([rec["variant"], str(rec.get("world_size")), draft, str(e["k"]), str(e["batch"]), str(e["prompt"]), str(e["gen"]),
                          fmt.percent(e.get("acceptance_rate")), fmt.percent(e.get("accepted_rate_per_sequence")),
                          fmt.fixed(e.get("tokens_per_verify"), 2), fmt.sig(e["verify_step_ms_median"])
                          if e.get("verify_step_ms_median") is not None else fmt.NA,
@@ -59,7 +60,7 @@ def speculative_lines(records: list[dict], ctx: dict) -> list[str]:
                          fmt.NA if not greedy or e.get("flops_total") is None else f"{e['flops_total'] / greedy:.2f}×"])
     if not body:
         return []
-    return ["### Speculative decoding", fmt.table(HEADERS, body, "llr" + "r" * (len(HEADERS) - 3)), NOTE]
+    return ["### Speculative decoding", fmt.table(HEADERS, body, "lrlr" + "r" * (len(HEADERS) - 4)), NOTE]
 
 
 register(ReportPlugin("speculative", fields=FIELDS, sections=speculative_lines))

@@ -86,9 +86,10 @@ def measure_point(engine: Speculative, spec, batch: int, prompt: int, gen: int) 
 
 
 def run(spec, ctx, fault=lambda step: None) -> dict:
-    """Measure the latency grid on this rank (one GPU: validated)."""
+    """Measure the latency grid on this rank (rank 0's timings are recorded: every verify step ends with the
+    parallel mode's collectives, when there is one)."""
     cfg = spec.tricks["speculative"]
-    engine = Speculative(spec, cfg, ctx.log)
+    engine = Speculative(spec, cfg, ctx.log, group_timeout_s=ctx.group_timeout_s)
     try:
         if engine.cuda:
             torch.cuda.reset_peak_memory_stats()
