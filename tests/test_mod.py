@@ -58,14 +58,16 @@ def test_step_flops_by_hand_and_at_full_capacity():
 
 
 def test_validation_refuses_bad_settings():
-    for override, key in [("tricks.mixture_of_depths.layers=[4]", "layers"),
-                          ("tricks.mixture_of_depths.layers=[1, 1]", "layers"),
-                          ("tricks.mixture_of_depths.capacity=0.01", "capacity"),
-                          ("tricks.mixture_of_depths.capacity=1.5", "capacity"),
-                          ('tricks.mixture_of_depths.router_scale="softmax"', "router_scale")]:
+    section = "tricks.mixture_of_depths."
+    for override, key in [(section + "layers=[4]", section + "layers"),
+                          (section + "layers=[1, 1]", section + "layers"),
+                          (section + "capacity=0.01", section + "capacity"),
+                          (section + "capacity=1.5", section + "capacity"),
+                          (section + 'router_scale="softmax"', section + "router_scale"),
+                          ("tricks.random_ltd.min_kept=16", "tricks")]:
         with pytest.raises(UserError) as e:
             _spec(override)
-        assert key in e.value.key, (override, e.value)
+        assert e.value.key == key, (override, e.value)
 
 
 # --- the single-process worker --------------------------------------------------------------------

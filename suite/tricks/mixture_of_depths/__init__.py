@@ -24,7 +24,9 @@ Causality. Attention among the selected tokens is causal (sorted positions, the 
 causal mask), so, for a fixed selection, no token reads a later one through attention. The *selection*
 is not causal: top-k over the whole sequence compares a token's score with later tokens' scores, so
 whether token i is processed depends on the future. That is the paper's training (and teacher-forced
-validation) setting; autoregressive decoding needs the paper's causal predictor (an auxiliary router or
+validation) setting, and the validation loss and held-out metrics of a Mixture-of-Depths record are measured
+the same way, so they carry that look-ahead (at most one bit per token and routed layer: processed or not);
+autoregressive decoding needs the paper's causal predictor (an auxiliary router or
 a per-token threshold), which is not implemented: the layer refuses a KV-cache (inference) forward.
 
 FLOPs per step (``step_flops``): routed layers at k tokens (attention k²), the others at S, the routers'
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from suite import errors
+from suite import errors, registry
 from suite.fields import doc
 from suite.metrics import flops as F
 from suite.registry import Trick, register
@@ -87,6 +89,11 @@ def validate(spec, cfg: MixtureOfDepthsConfig) -> None:
         errors.fail(spec, "workload.kind", f"Mixture-of-Depths trains a router; workload.kind is "
                     f"'{spec.workload.kind}' (decoding would need the paper's causal predictor).",
                     'set kind = "train" or remove [tricks.mixture_of_depths].')
+    others = [name for name in spec.tricks if name != "mixture_of_depths" and registry.trick(name).runtime]
+    if others:
+        errors.fail(spec, "tricks", f"Mixture-of-Depths replaces the transformer layer; combined with "
+                    f"{', '.join(others)} (whose runtime may replace it too) one would silently undo the other.",
+                    "compare the techniques in separate variants.")
     if cfg.layers is not None:
         bad = [i for i in cfg.layers if not 0 <= i < L]
         if bad:
