@@ -174,7 +174,8 @@ def validate(spec, cfg: SpeculativeConfig) -> None:
         if longest > model.max_sequence_length:
             fail(f"{where}.max_sequence_length", f"prompt {max(w.prompt_lengths)} + generated {max(w.gen_lengths)} "
                  f"+ k {cfg.k} positions (a verify step may look k past the last token) exceed max_sequence_length "
-                 f"{model.max_sequence_length}.", f"shorten the grid, lower k or raise max_sequence_length to {longest}.")
+                 f"{model.max_sequence_length}.",
+                 f"shorten the grid, lower k or raise max_sequence_length to {longest}.")
 
 
 register(Trick(name="speculative", config=SpeculativeConfig, validate=validate,
