@@ -1,6 +1,7 @@
 """`suite plan`: what each variant will cost, from the analytic model alone (no torch)."""
 from __future__ import annotations
 
+from suite import registry
 from suite.metrics import flops
 from suite.report import fmt  # torch-free: parameters are written as the report writes them
 from suite.scenario import load_scenario
@@ -24,6 +25,10 @@ def plan_rows(variants) -> list[dict]:
                        tokens_per_step=w.global_batch * w.seq_length,
                        flops_per_step=flops.train_step_flops(shape, w.global_batch, w.seq_length),
                        memory_per_gpu=flops.memory_estimate_bytes(v)["total"])
+        for name, cfg in v.tricks.items():  # a technique may add to the layout and the memory (a draft model)
+            extra = registry.trick(name).plan_row(v, cfg) if registry.trick(name).plan_row else {}
+            row["layout"] += extra.get("layout", "")
+            row["memory_per_gpu"] += extra.get("memory", 0)
         rows.append(row)
     return rows
 

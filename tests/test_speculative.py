@@ -323,7 +323,19 @@ def test_run_records_and_report(tmp_path):
 
 
 def test_the_scenario_validates_and_plans():
-    r = run_suite("validate", ROOT / "scenarios" / "latency_alternatives.toml")
+    from suite.plan import plan_rows
+    from suite.scenario import load_scenario
+    from suite.scenario.presets import PRESETS
+
+    path = ROOT / "scenarios" / "latency_alternatives.toml"
+    r = run_suite("validate", path)
     assert r.returncode == 0, r.stdout + r.stderr
-    r = run_suite("plan", ROOT / "scenarios" / "latency_alternatives.toml")
-    assert r.returncode == 0 and "self_speculative" in r.stdout, r.stdout + r.stderr
+    r = run_suite("plan", path)
+    assert r.returncode == 0 and "| self_speculative | tp1 pp1 + draft layers:8 | 1 |" in r.stdout, r.stdout + r.stderr
+    rows = {row["variant"].split()[0]: row for row in plan_rows(load_scenario(path))}
+    base = PRESETS["gpt-base"]
+    draft = F.parameters(F.Shape(base["num_layers"], base["hidden_size"], base["num_attention_heads"],
+                                 base["num_attention_heads"], base["ffn_hidden_size"], 32000))["total"]
+    assert rows["speculative"]["memory_per_gpu"] == rows["baseline"]["memory_per_gpu"] + 2 * draft  # bf16 weights
+    assert rows["self_speculative"]["memory_per_gpu"] == rows["baseline"]["memory_per_gpu"]
+    assert rows["cqil2_speculative"]["gpus"] == 2 and rows["cqil2_speculative"]["layout"].endswith("+ draft 12x768")

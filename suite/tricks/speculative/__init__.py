@@ -130,6 +130,16 @@ def greedy_flops(target: F.Shape, batch: int, prompt: int, gen: int, attention: 
     return total + sum(forward_flops(target, target.layers, batch, 1, prompt + t, 1, attention) for t in range(gen))
 
 
+def plan_row(spec, cfg: SpeculativeConfig) -> dict:
+    """`suite plan`: the draft in the layout column, a second model's weights in the memory (every process
+    holds one)."""
+    if isinstance(cfg.draft, str):
+        return {"layout": f" + draft {cfg.draft}"}
+    shape, _ = draft_shape(spec, cfg)
+    return {"layout": f" + draft {shape.layers}x{shape.hidden}",
+            "memory": F.parameters(shape)["total"] * (2 if spec.workload.precision == "bf16" else 4)}
+
+
 # --- validation ----------------------------------------------------------------------------------
 
 def validate(spec, cfg: SpeculativeConfig) -> None:
@@ -179,4 +189,5 @@ def validate(spec, cfg: SpeculativeConfig) -> None:
 
 
 register(Trick(name="speculative", config=SpeculativeConfig, validate=validate,
-               workload="suite.tricks.speculative.workload", kinds=("inference",), with_modes=True))
+               workload="suite.tricks.speculative.workload", kinds=("inference",), with_modes=True,
+               plan_row=plan_row))
