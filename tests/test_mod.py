@@ -205,7 +205,6 @@ def check_top_k_per_sequence_and_causal_for_a_fixed_selection(tmp):
 
 def check_flops(tmp):
     """step_flops against FlopCounterMode (forward + backward, explicit-matmul attention) at 3 capacities."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from suite.models import gpt
@@ -306,8 +305,9 @@ def test_checkpoint_saved_at_pp2_loads_on_one_process_with_its_routers(layout_re
     """The routers are keyed by their global layer in the checkpoint: the PP=2 run's final model, loaded on
     one process and stepped at a vanishing LR, validates as it did."""
     records, checkpoint = layout_records
-    r = run_suite("run", LAYOUTS, "--variant", "dp", "--out", tmp_path, "--set", f'model.init="checkpoint:{checkpoint}"',
-                  "--set", "workload.lr=1e-30", "--set", "workload.min_lr=0", "--set", "workload.steps=2", timeout_s=300)
+    r = run_suite("run", LAYOUTS, "--variant", "dp", "--out", tmp_path, "--set",
+                  f'model.init="checkpoint:{checkpoint}"', "--set", "workload.lr=1e-30", "--set", "workload.min_lr=0",
+                  "--set", "workload.steps=2", timeout_s=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (rec,) = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     assert rec["metrics"]["validation_loss"] == pytest.approx(records["pp2"]["metrics"]["validation_loss"], rel=1e-6)

@@ -50,7 +50,8 @@ def test_stack_repeats_the_whole_layer_stack():
     assert len(grown) == 3 + 2 * 6
     for i in range(6):  # G_stack order: [l0 l1 l2 l0 l1 l2], not [l0 l0 l1 l1 l2 l2]
         assert grown[f"decoder.layers.{i}.mlp.linear_fc2.weight"].tag == (i % 3, "mlp.linear_fc2.weight")
-        assert grown[f"decoder.layers.{i}.mlp.linear_fc2.weight"] is not state[f"decoder.layers.{i % 3}.mlp.linear_fc2.weight"]
+        copy, source = f"decoder.layers.{i}.mlp.linear_fc2.weight", f"decoder.layers.{i % 3}.mlp.linear_fc2.weight"
+        assert grown[copy] is not state[source]
     for n in names:
         assert grown[n] is state[n]
     with pytest.raises(ValueError):
@@ -188,7 +189,8 @@ def test_run_counts_each_phases_flops_and_records_the_growth(records):
 
 @pytest.mark.slow
 def test_layouts_grow_and_train_the_same_function(records):
-    curves = {v: [x for _, x in records[v]["metrics"]["loss_curve"]] for v in ("stacking", "stacking_tp2", "stacking_pp2")}
+    curves = {v: [x for _, x in records[v]["metrics"]["loss_curve"]]
+              for v in ("stacking", "stacking_tp2", "stacking_pp2")}
     for v in ("stacking_tp2", "stacking_pp2"):
         assert curves[v] == pytest.approx(curves["stacking"], rel=1e-5), v
         want = [c[1] for c in records["stacking"]["metrics"]["extra"]["stacking"]["validation_curve"]]

@@ -78,8 +78,9 @@ def router_forward_flops(shape: F.Shape, batch: int, seq: int) -> int:
 def step_flops(cfg: MixtureOfDepthsConfig, shape: F.Shape, batch: int, seq: int) -> int:
     """Training FLOPs of one step (3 x forward): routed layers at k tokens plus their routers."""
     n, k = len(routed_layers(cfg, shape.layers)), kept_tokens(cfg, seq)
-    forward = (n * (F.layer_forward_flops(shape, batch, k) + router_forward_flops(shape, batch, seq))
-               + (shape.layers - n) * F.layer_forward_flops(shape, batch, seq) + F.head_forward_flops(shape, batch, seq))
+    routed = F.layer_forward_flops(shape, batch, k) + router_forward_flops(shape, batch, seq)
+    forward = (n * routed + (shape.layers - n) * F.layer_forward_flops(shape, batch, seq)
+               + F.head_forward_flops(shape, batch, seq))
     return 3 * forward
 
 

@@ -81,7 +81,7 @@ class MixtureOfDepthsLayer(TransformerLayer):
             raise NotImplementedError("Mixture-of-Depths' top-k over the sequence is not causal: decoding with a "
                                       "KV cache needs the paper's causal predictor, which suite does not implement")
         seq, batch = hidden_states.shape[0], hidden_states.shape[1]
-        k = int(self.routing.capacity * seq)
+        k = kept_tokens(self.routing, seq)  # the capacity of this input's length (held-out windows may be shorter)
         logits = self.router(hidden_states).squeeze(-1)  # [s, b]
         idx = top_k_positions(logits, k)
         kept, rows = gather_tokens(hidden_states, idx)

@@ -27,7 +27,8 @@ def phases_section(records: list[dict], ctx: dict | None = None) -> list[str]:
     body = []
     for rec in (r for r in records if is_ok(r)):
         for ph in metric(rec, "extra", "stacking", "phases") or []:
-            body.append([rec["variant"], "shallow" if ph["phase"] == 0 else f"grown ×{metric(rec, 'extra', 'stacking', 'growth')}",
+            growth = metric(rec, "extra", "stacking", "growth")
+            body.append([rec["variant"], "shallow" if ph["phase"] == 0 else f"grown ×{growth}",
                          f"{ph['layers']} × {ph['hidden']}", fmt.count(ph["parameters"]), f"{ph['lr']:g}",
                          str(ph["steps"]), fmt.count(ph["tokens"]), fmt.count(ph["flops"]),
                          fmt.fixed(ph["walltime_s"], 1),
