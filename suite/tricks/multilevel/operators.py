@@ -124,17 +124,23 @@ def coalesce_depth(state: dict, k: int) -> dict:
     return out
 
 
-def decoalesce_depth(state: dict, k: int) -> dict:
-    """Large layers k·i … k·i + k − 1 = copies of small layer i; other parameters unchanged."""
+def copy_layers(state: dict, targets) -> dict:
+    """Layer i's parameters copied to every layer number in ``targets(i)``; other parameters (embedding,
+    final norm, output layer) unchanged. Depth de-coalescing and depth stacking are two such maps."""
     out = {}
     for name, x in state.items():
         m = _LAYER.fullmatch(name)
         if m is None:
             out[name] = x
             continue
-        for e in range(k):
-            out[f"decoder.layers.{k * int(m[1]) + e}.{m[2]}"] = x.clone()
+        for t in targets(int(m[1])):
+            out[f"decoder.layers.{t}.{m[2]}"] = x.clone()
     return out
+
+
+def decoalesce_depth(state: dict, k: int) -> dict:
+    """Large layers k·i … k·i + k − 1 = copies of small layer i; other parameters unchanged."""
+    return copy_layers(state, lambda i: range(k * i, k * i + k))
 
 
 def coalesce(state: dict, width: int, depth: int) -> dict:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from suite.tricks.multilevel.operators import copy_layers
+
 _LAYER = re.compile(r"decoder\.layers\.(\d+)\.(.+)")
 
 
@@ -14,12 +16,4 @@ def stack(state: dict, growth: int) -> dict:
     n = len(layers)
     if layers != set(range(n)):
         raise ValueError(f"layer ids {sorted(layers)} are not 0..{n - 1}")
-    out = {}
-    for name, x in state.items():
-        m = _LAYER.fullmatch(name)
-        if m is None:
-            out[name] = x
-            continue
-        for j in range(growth):
-            out[f"decoder.layers.{int(m[1]) + j * n}.{m[2]}"] = x.clone()
-    return out
+    return copy_layers(state, lambda i: (i + j * n for j in range(growth)))
