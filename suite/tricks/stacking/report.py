@@ -6,35 +6,19 @@ Torch-free (found by the reporter through ``suite.registry.report_modules``).
 """
 from __future__ import annotations
 
-from suite.records import DICT, INT, LIST, NUM
-from suite.report import fmt
+from suite.records import INT
+from suite.report import fmt, phases
 from suite.report.plugins import ReportPlugin, register
-from suite.report.select import is_ok, metric
+from suite.report.select import metric
 
-BLOCK = "metrics.extra.stacking"
-PHASE_KEYS = ("phase", "layers", "hidden", "parameters", "lr", "steps", "tokens", "flops", "walltime_s",
-              "transition_s")
-FIELDS = {BLOCK: DICT, f"{BLOCK}.growth": INT, f"{BLOCK}.phases": LIST, f"{BLOCK}.phases[]": DICT + "!",
-          **{f"{BLOCK}.phases[].{k}": (INT if k in ("phase", "layers", "hidden", "steps") else NUM) + "!"
-             for k in PHASE_KEYS},
-          f"{BLOCK}.phases[].validation_at_start": NUM, f"{BLOCK}.phases[].validation_at_end": NUM,
-          f"{BLOCK}.validation_curve": LIST, f"{BLOCK}.validation_curve[]": LIST + "!",
-          f"{BLOCK}.validation_curve[][]": NUM}
+FIELDS = {**phases.fields("stacking"), "metrics.extra.stacking.growth": INT}
 
 
 def phases_section(records: list[dict], ctx: dict | None = None) -> list[str]:
     """One row per phase of every stacking record (``extra.stacking.phases``, suite.tricks.stacking.workload)."""
-    body = []
-    for rec in (r for r in records if is_ok(r)):
-        for ph in metric(rec, "extra", "stacking", "phases") or []:
-            growth = metric(rec, "extra", "stacking", "growth")
-            body.append([rec["variant"], "shallow" if ph["phase"] == 0 else f"grown ×{growth}",
-                         f"{ph['layers']} × {ph['hidden']}", fmt.count(ph["parameters"]), f"{ph['lr']:g}",
-                         str(ph["steps"]), fmt.count(ph["tokens"]), fmt.count(ph["flops"]),
-                         fmt.fixed(ph["walltime_s"], 1),
-                         fmt.ms(ph["walltime_s"] / ph["steps"]) if ph["steps"] else fmt.NA,
-                         fmt.fixed(ph["transition_s"], 2) if ph["phase"] else "—",
-                         fmt.fixed(ph.get("validation_at_start"), 3), fmt.fixed(ph.get("validation_at_end"), 3)])
+    def label(rec, ph):
+        return "shallow" if ph["phase"] == 0 else f"grown ×{metric(rec, 'extra', 'stacking', 'growth')}"
+    body = phases.rows(records, "stacking", label)
     if not body:
         return []
     headers = ["variant", "phase", "layers × width", "parameters", "peak LR", "steps", "tokens", "model FLOPs",
@@ -46,10 +30,4 @@ def phases_section(records: list[dict], ctx: dict | None = None) -> list[str]:
             "right after the growth: stacking copies parameters but does not preserve the shallow model's loss."]
 
 
-def curve(rec: dict) -> list | None:
-    """[step, loss, walltime_s, flops, phase] of both phases (the record's own curve keeps the grown phase)."""
-    points = metric(rec, "extra", "stacking", "validation_curve") or []
-    return [p[:5] for p in points if len(p) >= 5] or None
-
-
-register(ReportPlugin("stacking", fields=FIELDS, curve=curve, sections=phases_section))
+register(ReportPlugin("stacking", fields=FIELDS, curve=phases.curve("stacking"), sections=phases_section))
