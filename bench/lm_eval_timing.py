@@ -31,30 +31,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from suite.eval.local_tasks import write_task  # noqa: E402
 
 MODELS = {"pretrain_small": "scenarios/pretrain_small.toml", "llama7b": "scenarios/llama7b_cqil.toml",
           "tiny": "suite/defaults/tiny.toml"}
-YAML = """task: suite_timing_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
 
 
-def write_task(folder: Path, n: int, context: int, ending: int) -> Path:
+def write_mc_task(folder: Path, n: int, context: int, ending: int) -> Path:
     rng = random.Random(0)
     letters = "abcdefghijklmnopqrstuvwxyz     "
     text = lambda k: "".join(rng.choice(letters) for _ in range(k)).strip() or "a"  # noqa: E731
@@ -62,7 +45,7 @@ def write_task(folder: Path, n: int, context: int, ending: int) -> Path:
         for _ in range(n):
             f.write(json.dumps({"context": text(context), "choices": [text(ending - 1) for _ in range(4)],
                                 "label": rng.randrange(4)}) + "\n")
-    (folder / "task.yaml").write_text(YAML.format(data=folder / "task.jsonl"))
+    write_task(folder / "task.yaml", "suite_timing_mc", folder / "task.jsonl")
     return folder / "task.jsonl"
 
 
@@ -177,7 +160,7 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     folder = Path(tempfile.mkdtemp(prefix="lm_eval_timing_"))
     os.environ.setdefault("HF_DATASETS_CACHE", str(folder / "cache"))
-    task = write_task(folder, args.examples, args.context, args.ending)
+    task = write_mc_task(folder, args.examples, args.context, args.ending)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{folder}/pg", rank=0, world_size=1)
     results = []
     for name in args.models.split(","):

@@ -20,43 +20,10 @@ from pathlib import Path
 
 import pytest
 
+from suite.eval.local_tasks import write_task
+
 ROOT = Path(__file__).resolve().parents[1]
 MAX_LENGTH = 24  # shorter than the longest contexts and texts: truncation and rolling windows occur
-
-MC_YAML = """task: suite_local_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{context}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-  - metric: acc_norm
-    aggregation: mean
-    higher_is_better: true
-"""
-
-ROLLING_YAML = """task: suite_local_text
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: loglikelihood_rolling
-doc_to_text: ""
-doc_to_target: "{{{{text}}}}"
-metric_list:
-  - metric: word_perplexity
-  - metric: byte_perplexity
-  - metric: bits_per_byte
-"""
-
 
 def write_tasks(folder: Path) -> None:
     rng = random.Random(0)
@@ -69,8 +36,8 @@ def write_tasks(folder: Path) -> None:
     with open(folder / "text.jsonl", "w") as f:
         for _ in range(12):
             f.write(json.dumps({"text": " ".join(word() for _ in range(rng.randint(3, 40)))}) + "\n")
-    (folder / "mc.yaml").write_text(MC_YAML.format(data=folder / "mc.jsonl"))
-    (folder / "text.yaml").write_text(ROLLING_YAML.format(data=folder / "text.jsonl"))
+    write_task(folder / "mc.yaml", "suite_local_mc", folder / "mc.jsonl")
+    write_task(folder / "text.yaml", "suite_local_text", folder / "text.jsonl", kind="rolling")
 
 
 def harness(folder: str) -> None:

@@ -9,7 +9,7 @@
 Requests are batched: every ``loglikelihood`` request of a task (and every rolling window of its
 ``loglikelihood_rolling`` requests) goes through ``suite.eval.core.score`` in batches of ``batch_size``
 windows of similar length. A task of one's own is a YAML file over local JSON-lines files (see
-tests/test_lm_eval.py), passed with ``lm_eval.tasks.TaskManager(include_path=FOLDER)``.
+suite.eval.local_tasks writes one), passed with ``lm_eval.tasks.TaskManager(include_path=FOLDER)``.
 
 Importable only when lm_eval is installed (``pip install lm-eval``; in the dev extras). The tokenizer needs
 ``encode(str) -> ids`` without special tokens, ``decode(ids) -> str`` and ``bos_token_id`` /
