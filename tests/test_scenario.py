@@ -279,7 +279,7 @@ def test_shipped_scenarios_validate(path):
 
 
 def test_text_path_is_relative_to_the_scenario(tmp_path):
-    write(tmp_path, "data/corpus.txt", "hello world\n")
+    write(tmp_path, "data/corpus.txt", "hello world\n" * 30)  # more than two windows of 129 tokens
     path = write(tmp_path, "s.toml",
                  '[model]\npreset = "tiny"\n[data]\nsource = "text"\npath = "data/corpus.txt"\n')
     assert load_scenario(path)
@@ -444,8 +444,8 @@ def test_megatron_pair_whose_sizes_disagree(tmp_path, capsys):
     for doc in ([1, 2, 3], [4, 5]):
         builder.add_document(np.array(doc, dtype=np.int32), [len(doc)])
     builder.finalize(str(tmp_path / "ds.idx"))
-    path = corpus_scenario(tmp_path, "ds", source="megatron")
-    assert load_scenario(path)
+    path = corpus_scenario(tmp_path, "ds", source="megatron", extra="[workload]\nseq_length = 1\n")
+    assert load_scenario(path)  # 5 tokens: a validation tail of 2 and a training split of 3
     with open(tmp_path / "ds.bin", "ab") as f:
         f.write(b"\0\0\0\0")  # one token more than the index describes
     code, err = validate_in_process(capsys, str(path))
@@ -453,6 +453,25 @@ def test_megatron_pair_whose_sizes_disagree(tmp_path, capsys):
     (tmp_path / "ds.idx").write_bytes((tmp_path / "ds.idx").read_bytes()[:30])
     code, err = validate_in_process(capsys, str(path))
     assert code == 2 and "ds.idx is truncated" in err, err
+
+
+def test_a_corpus_shorter_than_two_windows_is_refused_at_validate(tmp_path, capsys):
+    """Both splits need a window of seq_length + 1 tokens: an indexed dataset's count is exact, a text
+    file's is bounded by its bytes and lines (no tokenizer runs at validate)."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(str(tmp_path / "ds.bin"), dtype=np.int32)
+    builder.add_document(np.arange(9, dtype=np.int32), [9])
+    builder.finalize(str(tmp_path / "ds.idx"))
+    ok = corpus_scenario(tmp_path, "ds", source="megatron", extra="[workload]\nseq_length = 3\n")
+    assert load_scenario(ok)  # 9 tokens: validation tail 4, training 5
+    short = corpus_scenario(tmp_path, "ds", source="megatron", extra="[workload]\nseq_length = 4\n")
+    code, err = validate_in_process(capsys, str(short))
+    assert code == 2 and "holds 9 tokens" in err and "training split has 4, fewer than one sequence" in err, err
+    write(tmp_path, "c.txt", "abc\n" * 40)  # 160 bytes, 40 lines: at most 242 tokens, fewer than 2 x 129
+    code, err = validate_in_process(capsys, str(corpus_scenario(tmp_path, "c.txt")))
+    assert code == 2 and "at most 242 tokens" in err and "shorter seq_length" in err, err
 
 
 def test_truncated_or_missing_tokenizer_files(tmp_path, capsys):

@@ -314,6 +314,7 @@ def check_data(spec) -> None:
             fail(spec, "data.path", f"the indexed dataset {d.path} holds a negative token id {int(tokens.min())}.",
                  "token ids are 0 .. vocab_size - 1; write the dataset with an unsigned or wider dtype.")
         check_vocab(spec, int(tokens.max()), f"the indexed dataset {d.path}")
+        check_split_sizes(spec, len(tokens), exact=True)
         return
     if d.source != "hf":
         check_text(spec, corpus_files(spec)[0])
@@ -329,6 +330,26 @@ def check_data(spec) -> None:
         check_vocab(spec, d.bpe_vocab_size - 1, f"the BPE tokenizer (bpe_vocab_size {d.bpe_vocab_size})")
     if d.tokenizer.startswith("hf:"):
         check_hf_tokenizer(spec)
+    if d.source != "hf":
+        # every tokenizer here gives at most one token a byte, plus an end and a start token a document
+        # (a line at most); a large file is not read for its lines, a byte each bounds them
+        path = corpus_files(spec)[0]
+        size = path.stat().st_size
+        lines = read_bytes(spec, path).count(b"\n") if size <= 1 << 24 else size
+        check_split_sizes(spec, size + 2 * (1 + lines), exact=False)
+
+
+def check_split_sizes(spec, tokens: int, exact: bool) -> None:
+    """Both splits hold at least one window of seq_length + 1 tokens, split as suite.data.tokens does;
+    ``tokens``: the corpus's token count, or (not exact) an upper bound on it."""
+    seq = spec.workload.seq_length
+    n_valid = max(int(tokens * spec.data.valid_fraction), seq + 1)
+    train = tokens - n_valid
+    if train < seq + 1:
+        count = f"{tokens:,} tokens" if exact else f"at most {tokens:,} tokens (bytes and lines)"
+        fail(spec, "data.path", f"the corpus holds {count}: after the validation tail of {n_valid:,} the training "
+             f"split has {max(train, 0):,}, fewer than one sequence of seq_length + 1 = {seq + 1:,}.",
+             f"use a corpus of more than {2 * (seq + 1):,} tokens or a shorter seq_length.")
 
 
 def check_hf_tokenizer(spec) -> None:
