@@ -57,6 +57,7 @@ from suite.scenario.validate import check_world
 
 FAULT_ENV = "SUITE_INJECT_FAULT"  # see the module docstring
 FAULT_KINDS = ("raise", "hang", "kill", "nan")
+RANK0_REPORTS_S = 10  # the longest a rank waits on a scenario error for rank 0 to print it and exit
 
 
 @dataclass
@@ -134,6 +135,8 @@ def run_all(args) -> int:
     except UserError as e:
         if is_rank0:
             print(f"error: {e}", file=sys.stderr)
+        else:  # rank 0 meets the same error and says it; exiting first would let torchrun stop it unsaid
+            time.sleep(RANK0_REPORTS_S)
         return 2
     out = args.out or os.path.join("results", variants[0].scenario)
     done = completed(out) if args.resume else set()
