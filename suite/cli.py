@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return similarity_command(args)
         if args.command == "export-hf":
-            from suite.models.hf_export import export_command
+            from suite.launch.export_hf import export_command
 
             return export_command(args)
     except UserError as e:

@@ -20,9 +20,6 @@ ROOT = Path(suite.__file__).parent
 # plug-in rework: each is named so that no other cycle can hide behind it, and the test fails once it
 # no longer closes a cycle (then delete its line).
 KNOWN: set[tuple[str, str]] = {
-    ("metrics", "workloads"),  # metrics/collect.py calls the training workload's measure declarations
-    ("models", "launch"),  # models/hf_export.py's command enters the CPU compat layer ...
-    ("models", "scenario"),  # ... and loads the scenario itself (the command line could, as for `data prepare`)
 }
 
 

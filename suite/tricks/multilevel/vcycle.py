@@ -28,7 +28,7 @@ import time
 import torch
 
 from suite.metrics import flops as F
-from suite.metrics.collect import training_metrics as metrics  # noqa: F401  (the workload interface)
+from suite.workloads.train import metrics  # noqa: F401  (the workload interface)
 from suite.models import checkpoint
 from suite.tricks.multilevel import factors, level_models, phase_levels, phase_spec
 from suite.tricks.multilevel import operators as ops

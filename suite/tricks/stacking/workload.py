@@ -21,7 +21,7 @@ import time
 import torch
 
 from suite.metrics import flops as F
-from suite.metrics.collect import training_metrics as metrics  # noqa: F401  (the workload interface)
+from suite.workloads.train import metrics  # noqa: F401  (the workload interface)
 from suite.models import checkpoint
 from suite.tricks.multilevel.state import full_state, load_state
 from suite.tricks.stacking import phase_models, phase_spec
