@@ -5,9 +5,11 @@ User errors (``UserError``) print one line and exit 2; bugs keep their traceback
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
+from suite import registry
 from suite.errors import UserError
 
 DEFAULT_SCENARIO = str(Path(__file__).parent / "defaults" / "tiny.toml")
@@ -99,17 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("scenario")
     _add_scenario_args(prep)
 
-    analyze = sub.add_parser("analyze", help="analyses that guide a technique's settings")
+    analyze = sub.add_parser("analyze", help="analyses that guide a technique's settings (added by plug-ins)")
     what = analyze.add_subparsers(dest="analysis", required=True)
-    sim = what.add_parser("similarity", help="cosine similarity of consecutive layers' inputs; CQIL groups",
-                          description="Runs the scenario's model (first variant, or --variant) on held-out "
-                          "batches on one process and writes a table, a heat map and suggested CQIL groups.")
-    sim.add_argument("scenario")
-    _add_scenario_args(sim)
-    sim.add_argument("--threshold", type=float, default=0.95, help="least cosine similarity within a group")
-    sim.add_argument("--degree", type=int, default=2, help="layers per suggested group (default 2)")
-    sim.add_argument("--batches", type=int, default=None, help="held-out batches (default: workload.eval_batches)")
-    sim.add_argument("-o", "--output", default=None, help="folder (default: results/<scenario>/similarity)")
+    registry.load()
+    for a in registry.ANALYSES.values():
+        one = what.add_parser(a.name, help=a.help, description=a.description)
+        one.add_argument("scenario")
+        _add_scenario_args(one)
+        a.arguments(one)
     exp = sub.add_parser("export-hf", help="write a variant's model as a Hugging Face folder (config.json + "
                          "safetensors)", description="Loads [model] init (a checkpoint saved at any TP/PP layout, "
                          "or hf:PATH) on one process and writes config.json, safetensors and the tokenizer files, "
@@ -219,9 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return prepare_command(load_scenario(args.scenario, args.overrides, args.variants))
         if args.command == "analyze":
-            from suite.parallel.cqil.similarity import similarity_command
-
-            return similarity_command(args)
+            module, function = registry.ANALYSES[args.analysis].command.split(":")
+            return getattr(importlib.import_module(module), function)(args)
         if args.command == "export-hf":
             from suite.launch.export_hf import export_command
 

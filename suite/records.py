@@ -16,7 +16,7 @@ Schema version 2 (``"schema": 2``); strict JSON (no NaN or Infinity: see "Non-fi
     command           the command line that produced the record
     world_size, tp, pp, dp    processes, and the layout megatron-core's parallel_state was given
     layout            what actually ran: {"world_size", "tp", "pp", "dp", ...}; plug-ins add their keys
-                      (CQIL: "cqil_degree"). Readers take a parallel mode from here, never from dp.
+                      (a parallel mode adds "<mode>_degree"). Readers take a parallel mode from here, never from dp.
     error             not ok: {"type", "message", "traceback", "rank"} (rank: the first failing rank, null
                       when no one rank is the cause); + "signal" (e.g. "SIGKILL", "SIGINT") when a signal
                       ended it, + "step" when diverged. Types the runner itself writes: "Skipped",

@@ -128,8 +128,22 @@ class ParallelMode:
     accuracy: Callable | None = None
 
 
+@dataclass
+class Analysis:
+    """A ``suite analyze <name>`` command a plug-in adds: ``arguments(parser)`` adds its options (the
+    scenario argument is added for it); ``command`` is "module:function", imported only when it runs,
+    called with the parsed arguments and returning the exit code."""
+
+    name: str
+    help: str
+    description: str
+    arguments: Callable
+    command: str
+
+
 TRICKS: dict[str, Trick] = {}
 PARALLEL_MODES: dict[str, ParallelMode] = {}
+ANALYSES: dict[str, Analysis] = {}
 _loaded: list[str] = []
 
 
@@ -149,6 +163,11 @@ def register(trick: Trick) -> Trick:
 def register_mode(mode: ParallelMode) -> ParallelMode:
     """Adds a parallel mode; a second one of the same name raises."""
     return _add(PARALLEL_MODES, "parallel mode", mode)
+
+
+def register_analysis(analysis: Analysis) -> Analysis:
+    """Adds a ``suite analyze`` command; a second one of the same name raises."""
+    return _add(ANALYSES, "analysis", analysis)
 
 
 def plugin_modules() -> list[str]:

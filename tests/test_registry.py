@@ -48,7 +48,19 @@ def test_a_second_plugin_of_a_taken_name_is_refused():
         registry.register(registry.Trick(name="random_ltd", config=Empty))
     with pytest.raises(ValueError, match="'cqil' is registered twice"):
         registry.register_mode(registry.ParallelMode(name="cqil", config=Empty))
+    with pytest.raises(ValueError, match="analysis 'similarity' is registered twice"):
+        registry.register_analysis(registry.Analysis("similarity", "", "", lambda p: None, "m:f"))
     registry.register(registry.TRICKS["random_ltd"])  # the same plug-in again (a re-import) is fine
+
+
+def test_analyses_come_from_plug_ins():
+    """`suite analyze` lists what plug-ins registered; the command line names none of them."""
+    from suite.cli import build_parser
+
+    cli = (Path(registry.__file__).parent / "cli.py").read_text()
+    assert "similarity" not in cli and "cqil" not in cli.lower()
+    args = build_parser().parse_args(["analyze", "similarity", "s.toml", "--threshold", "0.9"])
+    assert args.threshold == 0.9 and registry.ANALYSES["similarity"].command.endswith(":similarity_command")
 
 
 def test_two_workload_loops_are_refused_naming_both(tmp_path, monkeypatch):

@@ -172,7 +172,7 @@ def check_accuracy(spec) -> None:
     if spec.workload.save_checkpoint and not spec.modes:  # a mode saves what its own fine-tune changed
         fail(spec, "workload.save_checkpoint", "the accuracy workload changes no weights unless a parallel mode "
               "fine-tunes them, so there is nothing new to save.",
-              "remove save_checkpoint, or add a mode's fine-tune (e.g. [parallel.cqil.finetune]).")
+              "remove save_checkpoint, or fine-tune in the variant's parallel mode.")
 
 
 def check_eval_text(spec) -> None:

@@ -43,7 +43,7 @@ from dataclasses import dataclass, fields
 
 from suite import errors
 from suite.fields import doc
-from suite.registry import ModeRuntime, ParallelMode, register_mode
+from suite.registry import Analysis, ModeRuntime, ParallelMode, register_analysis, register_mode
 
 LAYER_RANGE = "[0, 4096]"  # start, end, degree, bypass: layer counts (model.num_layers <= 4096)
 
@@ -296,3 +296,17 @@ register_mode(ParallelMode(
     doc="CQIL layer groups run in parallel (inference): {groups = [[12, 13], ...], bypass = 0} or {start = 12, "
         "end = 30 (exclusive), degree = 2, bypass = 0}; needs tp x degree GPUs. With kind = 'accuracy' (one "
         "process) also finetune = {steps, rank, alpha, lr, batch, weight_decay}."))
+
+
+def _similarity_arguments(p) -> None:
+    p.add_argument("--threshold", type=float, default=0.95, help="least cosine similarity within a group")
+    p.add_argument("--degree", type=int, default=2, help="layers per suggested group (default 2)")
+    p.add_argument("--batches", type=int, default=None, help="held-out batches (default: workload.eval_batches)")
+    p.add_argument("-o", "--output", default=None, help="folder (default: results/<scenario>/similarity)")
+
+
+register_analysis(Analysis(
+    name="similarity", help="cosine similarity of consecutive layers' inputs; CQIL groups",
+    description="Runs the scenario's model (first variant, or --variant) on held-out batches on one process "
+                "and writes a table, a heat map and suggested CQIL groups.",
+    arguments=_similarity_arguments, command="suite.parallel.cqil.similarity:similarity_command"))
