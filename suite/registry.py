@@ -219,6 +219,10 @@ def conflicts(spec) -> list[tuple[str, str, str]]:
     if len(workloads) > 1:
         out.append(("tricks", f"techniques {' and '.join(workloads)} both replace the workload loop; one "
                     "variant runs one loop.", "compare them in separate variants."))
+    elif workloads and len(spec.tricks) > 1:  # its loop does not run the other techniques' hooks
+        others = [name for name in spec.tricks if name != workloads[0]]
+        out.append(("tricks", f"{workloads[0]} runs its own workload loop and cannot be combined with "
+                    f"{', '.join(others)}.", "compare the techniques in separate variants."))
     if len(spec.modes) > 1:
         names = list(spec.modes)
         out.append((f"parallel.{names[1]}", f"parallel modes {' and '.join(names)} both lay out the model's "

@@ -104,13 +104,6 @@ def validate(spec, cfg: MultilevelConfig) -> None:
     def fail(k, message, fix):
         errors.fail(spec, k, message, fix)
 
-    if spec.workload.kind != "train":
-        fail("workload.kind", f"multilevel is a training schedule; workload.kind is '{spec.workload.kind}'.",
-             'set kind = "train" or remove [tricks.multilevel].')
-    others = [name for name in spec.tricks if name != "multilevel"]
-    if others:
-        fail("tricks", f"multilevel runs its own training loop and cannot be combined with {', '.join(others)}.",
-             "compare the techniques in separate variants.")
     n_phases, n_coal = 2 * cfg.levels - 1, cfg.levels - 1
     if cfg.steps is None:
         fail(key + "steps", f"steps is required: one step count per phase ({phase_names(cfg.levels)}).",

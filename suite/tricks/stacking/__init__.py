@@ -76,13 +76,6 @@ def validate(spec, cfg: StackingConfig) -> None:
         errors.fail(spec, key, message, fix)
 
     w, m, p = spec.workload, spec.model, spec.parallel
-    if w.kind != "train":
-        fail("workload.kind", f"stacking is a training schedule; workload.kind is '{w.kind}'.",
-             'set kind = "train" or remove [tricks.stacking].')
-    others = [name for name in spec.tricks if name != "stacking"]
-    if others:
-        fail("tricks", f"stacking runs its own training loop and cannot be combined with {', '.join(others)}.",
-             "compare the techniques in separate variants.")
     if m.init != "random":
         fail("model.init", f"stacking trains its shallow model from scratch; model.init is '{m.init}', a model "
              f"of {m.num_layers} layers, which the {m.num_layers // max(cfg.growth, 1)}-layer first phase cannot load.",
