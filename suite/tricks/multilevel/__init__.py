@@ -98,6 +98,26 @@ def phase_flops(spec, cfg: MultilevelConfig, steps: list[int] | None = None) -> 
             for n, level in zip(steps, phase_levels(cfg.levels))]
 
 
+def check_phase_lists(spec, key: str, steps, lr, n: int, names: str, run: str) -> None:
+    """A phased schedule's ``steps`` (required) and ``lr`` (optional): one entry for each of the ``n``
+    phases (``names``) of ``run``, every phase longer than the warm-up (each phase is a new model)."""
+    if steps is None:
+        errors.fail(spec, key + "steps", f"steps is required: one step count per phase ({names}).",
+                    f"write e.g. steps = {[100] * n}.")
+    if len(steps) != n:
+        errors.fail(spec, key + "steps", f"steps has {len(steps)} entries; {run} has {n} phases ({names}).",
+                    f"give {n} step counts.")
+    warmup = spec.workload.warmup_steps
+    for i, count in enumerate(steps):
+        if count <= warmup:
+            errors.fail(spec, key + "steps", f"phase {i} has {count} steps, not more than workload.warmup_steps "
+                        f"{warmup} (each phase is a new model whose first steps are warm-up).",
+                        f"give every phase more than {warmup} steps or lower warmup_steps.")
+    if lr is not None and len(lr) != n:
+        errors.fail(spec, key + "lr", f"lr has {len(lr)} entries; {run} has {n} phases ({names}).",
+                    f"give {n} learning rates or remove lr.")
+
+
 def validate(spec, cfg: MultilevelConfig) -> None:
     key = "tricks.multilevel."  # prefix of this section's keys
 
@@ -105,24 +125,7 @@ def validate(spec, cfg: MultilevelConfig) -> None:
         errors.fail(spec, k, message, fix)
 
     n_phases, n_coal = 2 * cfg.levels - 1, cfg.levels - 1
-    if cfg.steps is None:
-        fail(key + "steps", f"steps is required: one step count per phase ({phase_names(cfg.levels)}).",
-             f"write e.g. steps = {[100] * n_phases}.")
-    if len(cfg.steps) != n_phases:
-        fail(key + "steps", f"steps has {len(cfg.steps)} entries; a {cfg.levels}-level V-cycle has {n_phases} "
-             f"phases ({phase_names(cfg.levels)}).", f"give {n_phases} step counts.")
-    w = spec.workload
-    for i, n in enumerate(cfg.steps):
-        if n <= w.warmup_steps:
-            fail(key + "steps", f"phase {i} has {n} steps, not more than workload.warmup_steps {w.warmup_steps} "
-                 "(each phase is a new model whose first steps are warm-up).",
-                 f"give every phase more than {w.warmup_steps} steps or lower warmup_steps.")
-    if cfg.lr is not None:
-        if len(cfg.lr) != n_phases:
-            fail(key + "lr", f"lr has {len(cfg.lr)} entries; a {cfg.levels}-level V-cycle has {n_phases} phases "
-                 f"({phase_names(cfg.levels)}).", f"give {n_phases} learning rates or remove lr.")
-        if any(x <= 0 for x in cfg.lr):
-            fail(key + "lr", f"learning rates must be positive, got {cfg.lr}.", "use e.g. lr = 3e-4 for a phase.")
+    check_phase_lists(spec, key, cfg.steps, cfg.lr, n_phases, phase_names(cfg.levels), f"a {cfg.levels}-level V-cycle")
     for name in ("width_factors", "depth_factors"):
         value = getattr(cfg, name)
         if value is not None and len(value) != n_coal:

@@ -30,6 +30,7 @@ from suite import errors
 from suite.fields import doc
 from suite.metrics import flops as F
 from suite.registry import Trick, register
+from suite.tricks.multilevel import check_phase_lists
 
 KEY = "tricks.stacking."
 
@@ -75,26 +76,12 @@ def validate(spec, cfg: StackingConfig) -> None:
     def fail(key, message, fix):
         errors.fail(spec, key, message, fix)
 
-    w, m, p = spec.workload, spec.model, spec.parallel
+    m, p = spec.model, spec.parallel
     if m.init != "random":
         fail("model.init", f"stacking trains its shallow model from scratch; model.init is '{m.init}', a model "
              f"of {m.num_layers} layers, which the {m.num_layers // max(cfg.growth, 1)}-layer first phase cannot load.",
              'set init = "random" or remove [tricks.stacking].')
-    if cfg.steps is None or len(cfg.steps) != 2:
-        fail(KEY + "steps", "steps needs two step counts: [shallow, grown].", "write e.g. steps = [50, 150].")
-    for i, n in enumerate(cfg.steps):
-        if n <= w.warmup_steps:
-            fail(KEY + "steps", f"phase {i} has {n} steps, not more than workload.warmup_steps {w.warmup_steps} "
-                 "(each phase is a new model whose first steps are warm-up).",
-                 f"give each phase more than {w.warmup_steps} steps or lower warmup_steps.")
-    if cfg.lr is not None:
-        if len(cfg.lr) != 2:
-            fail(KEY + "lr", f"lr has {len(cfg.lr)} entries; stacking has two phases (shallow, grown).",
-                 "give two learning rates or remove lr.")
-        if any(x <= 0 for x in cfg.lr):
-            fail(KEY + "lr", f"learning rates must be positive, got {cfg.lr}.", "use e.g. lr = [6e-4, 6e-4].")
-    if cfg.growth < 2:
-        fail(KEY + "growth", f"growth {cfg.growth} does not grow the model.", "use 2 or more (the paper: 4).")
+    check_phase_lists(spec, KEY, cfg.steps, cfg.lr, 2, "shallow, grown", "depth stacking")
     if m.num_layers % cfg.growth:
         fail(KEY + "growth", f"num_layers {m.num_layers} is not divisible by growth {cfg.growth}.",
              "choose a growth factor that divides num_layers.")
