@@ -19,7 +19,7 @@ def plan_rows(variants) -> list[dict]:
         elif w.kind == "accuracy":  # forward passes over held-out text, and the fine-tune's steps
             row.update(layout="1 process", tokens_per_step=w.seq_length,
                        flops_per_step=flops.forward_flops(shape, 1, w.seq_length),
-                       memory_per_gpu=flops.parameters(shape)["total"] * (2 if w.precision == "bf16" else 4))
+                       memory_per_gpu=flops.parameters(shape)["total"] * (2 if w.bf16 else 4))
         else:
             row.update(layout=f"tp{v.parallel.tp} pp{v.parallel.pp} dp{v.parallel.dp or '*'}",
                        tokens_per_step=w.global_batch * w.seq_length,
@@ -109,7 +109,7 @@ def _inference_row(v, shape) -> dict:
     weights = (layers * flops.layer_params(shape) / p.pp + embeddings) / p.tp
     return {"layout": f"tp{p.tp} pp{p.pp}{label}", "tokens_per_step": batch * prompt,
             "flops_per_step": flops.forward_flops(shape, batch, prompt),
-            "memory_per_gpu": weights * (2 if w.precision == "bf16" else 4)}
+            "memory_per_gpu": weights * (2 if w.bf16 else 4)}
 
 
 def _si(x: float, unit: str = "") -> str:

@@ -94,7 +94,7 @@ def memory_estimate_bytes(spec) -> dict:
     params = parameters(s)
     per_stage_layers = s.layers // p.pp
     params_gpu = (per_stage_layers * layer_params(s) + s.vocab * s.hidden) / p.tp
-    state = params_gpu * (18 if w.precision == "bf16" else 16)
+    state = params_gpu * (18 if w.bf16 else 16)
     sbh = w.seq_length * w.micro_batch * s.hidden
     if p.recompute == "full":
         act_layer = 2 * sbh

@@ -55,7 +55,7 @@ def architecture(spec) -> dict:
 
 def transformer_config(spec, **overrides) -> TransformerConfig:
     m, p, w = spec.model, spec.parallel, spec.workload
-    bf16 = w.precision == "bf16"
+    bf16 = w.bf16
     recompute = {}
     if p.recompute == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)

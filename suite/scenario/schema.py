@@ -33,6 +33,12 @@ class ModelConfig:
     init: str = doc("Initial weights: 'random'; 'checkpoint:PATH' (a save_checkpoint directory, any TP/PP); "
                     "'hf:PATH' (a local Hugging Face LLaMA-family directory: config.json + safetensors, whose "
                     "shape the [model] keys must match). Paths are relative to the scenario file.", "random")
+    kernels: str = doc("Kernel back-end, the same function computed by different kernels (suite.models.kernels): "
+                       "'torch' (megatron-core's local layers, unfused: the reference); 'fused' (megatron-core's "
+                       "own fusions that need no Transformer Engine: SwiGLU and vocab cross-entropy, plus torch's "
+                       "fused AdamW); 'compile' ('fused' with each transformer layer, and the decode step, under "
+                       "torch.compile, which fuses RMSNorm, RoPE and the residual adds).", "torch",
+                       choices=("torch", "fused", "compile"))
 
 
 @dataclass
@@ -62,8 +68,10 @@ class WorkloadConfig:
                             range="[1, 16777216]")
     micro_batch: int = doc("Sequences per forward/backward on one rank.", 2, range="[1, 16777216]")
     seq_length: int = doc("Tokens per sequence.", 128, range="[1, 16777216]")
-    precision: str = doc("Parameter/compute precision (bf16 keeps fp32 master weights).", "fp32",
-                         choices=("fp32", "bf16"))
+    precision: str = doc("Parameter/compute precision: bf16 keeps fp32 master weights; fp8 is bf16 with the "
+                         "transformer layers' linear GEMMs in float8 (torchao float8 training, dynamic tensorwise "
+                         "scaling; needs a GPU of compute capability >= 8.9 and tp = 1).", "fp32",
+                         choices=("fp32", "bf16", "fp8"))
     optimizer: str = doc("Optimizer.", "adam", choices=("adam", "sgd"))
     lr: float = doc("Peak learning rate.", 3e-4, range="(0, 100]")
     min_lr: float = doc("Final learning rate of the decay.", 3e-5, range="[0, 100]")
@@ -95,6 +103,11 @@ class WorkloadConfig:
     warmup_repeats: int = doc("inference: untimed requests before them.", 2, range="[0, 1000000]")
     cuda_graph: str = doc("inference: decode steps eager, replayed from a CUDA graph, or both (GPU only).",
                           "off", choices=("off", "on", "both"))
+
+    @property
+    def bf16(self) -> bool:
+        """Weights and activations in bf16: fp8 too, where only the linear layers' GEMMs run in float8."""
+        return self.precision in ("bf16", "fp8")
 
 
 @dataclass

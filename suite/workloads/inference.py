@@ -191,7 +191,7 @@ def metrics(raw: dict, spec, ctx) -> dict:
     peak_tflops = hardware.datasheet_peak_tflops(torch.cuda.get_device_name() if cuda else None)
     ceilings = hardware.measured_ceilings() if cuda else {}
     shape = F.Shape.of(spec.model)
-    elem = 2 if spec.workload.precision == "bf16" else 4
+    elem = 2 if spec.workload.bf16 else 4
     entries, eager = [], {}
     for pt in raw["points"]:
         entry = point_entry(pt, shape, elem, ctx.world, peak_tflops, ceilings.get("copy_tb_s"))

@@ -145,7 +145,7 @@ class Trainer:
             self.config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
             grad_sync = [m.start_grad_sync for m in self.model]
             self.config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
-        bf16 = w.precision == "bf16"
+        bf16 = w.bf16
         opt_config = OptimizerConfig(
             optimizer=w.optimizer, lr=w.lr, min_lr=w.min_lr, weight_decay=w.weight_decay,
             adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=w.clip_grad, bf16=bf16,

@@ -137,7 +137,7 @@ def plan_row(spec, cfg: SpeculativeConfig) -> dict:
         return {"layout": f" + draft {cfg.draft}"}
     shape, _ = draft_shape(spec, cfg)
     return {"layout": f" + draft {shape.layers}x{shape.hidden}",
-            "memory": F.parameters(shape)["total"] * (2 if spec.workload.precision == "bf16" else 4)}
+            "memory": F.parameters(shape)["total"] * (2 if spec.workload.bf16 else 4)}
 
 
 # --- validation ----------------------------------------------------------------------------------

@@ -129,7 +129,7 @@ def metrics(raw: dict, spec, ctx) -> dict:
     peak_tflops = hardware.datasheet_peak_tflops(torch.cuda.get_device_name() if cuda else None)
     ceilings = hardware.measured_ceilings() if cuda else {}
     target, draft = shapes(spec, cfg)
-    elem = 2 if spec.workload.precision == "bf16" else 4
+    elem = 2 if spec.workload.bf16 else 4
     entries, blocks, measures = [], [], []
     for pt in raw["points"]:
         b, p, g = pt["batch"], pt["prompt"], pt["gen"]
