@@ -397,3 +397,26 @@ def test_ranks_read_the_handed_file_not_the_toml(tmp_path, monkeypatch):
         handoff.variants_for(SimpleNamespace(scenario=str(EQUIV), overrides=[], variants=["nope"]))
     monkeypatch.delenv(handoff.ENV)
     assert handoff.variants_for(args)[0].workload.steps == 8
+
+
+def test_training_runs_with_python_gc_between_steps_and_restores_it():
+    import gc
+
+    from suite.workloads import train
+
+    assert gc.isenabled()
+    with train.collections_between_steps() as collect:
+        assert not gc.isenabled() and gc.get_freeze_count() > 0
+        junk = []
+        junk.append(junk)  # a reference cycle: only the cyclic collector frees it
+        del junk
+        before = gc.get_count()[0] + gc.get_count()[1]
+        collect(train.GC_EVERY - 1)  # a collection step
+        assert gc.get_count()[0] + gc.get_count()[1] <= before
+    assert gc.isenabled() and gc.get_freeze_count() == 0
+    try:
+        with train.collections_between_steps():
+            raise RuntimeError("a failing step")
+    except RuntimeError:
+        pass
+    assert gc.isenabled() and gc.get_freeze_count() == 0
