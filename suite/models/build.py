@@ -36,6 +36,10 @@ def build(spec, layer=None, *, log=print, inference: bool = False) -> Built:
     """This rank's model for ``spec``: ``layer`` is the megatron layer spec (default: suite's LLaMA-style
     recipe, ``gpt.layer_spec()``); ``inference``: cast to bf16 when the variant asks for it, eval mode."""
     config = gpt.transformer_config(spec)
+    if spec.workload.precision == "fp8":  # the one place every workload's layer spec passes
+        from suite.models import fp8  # torchao is optional: imported for fp8 variants only
+
+        layer = fp8.layer_spec(spec, layer or gpt.layer_spec())
     chunks = gpt.build_chunks(spec, config, layer)  # placed on this rank's GPU when there is one
     gpt.init_parameters(chunks, spec.workload.seed, spec.model.init_std, spec.model.num_layers)
     checkpoint.apply_init(spec, chunks, log)  # [model] init: a checkpoint or Hugging Face weights

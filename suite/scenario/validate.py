@@ -107,7 +107,36 @@ def check_variant(spec) -> None:
         key = "eval.text" if spec.eval.text is not None else "eval.text_stride"
         fail(spec, key, "a text file is scored by the accuracy workload.",
              'set [workload] kind = "accuracy" (it evaluates [model] init), or remove text and text_stride.')
+    if w.precision == "fp8":
+        check_fp8(spec)
     check_plugins(spec)
+
+
+def check_fp8(spec) -> None:
+    """Float8 GEMMs (suite.models.fp8): torchao installed, tp = 1, weight dimensions multiples of 16."""
+    import importlib.util
+
+    m, p = spec.model, spec.parallel
+    if importlib.util.find_spec("torchao") is None:
+        fail(spec, "workload.precision", "precision fp8 runs its GEMMs through torchao's float8 training, and "
+             "torchao is not installed.", "pip install 'suite[fp8]' (or set precision = \"bf16\").")
+    if p.tp > 1:
+        fail(spec, "parallel.tp", f"precision fp8 supports tp = 1 only (the float8 linear layers hold whole "
+             f"weights), got tp {p.tp}.", 'set tp = 1 (split the work with dp or pp) or precision = "bf16".')
+    # torch._scaled_mm: both dimensions of every float8 weight are multiples of 16 (hidden: every layer;
+    # ffn: fc1 and fc2; the q/k/v width: qkv's output)
+    head = m.hidden_size // m.num_attention_heads
+    qkv = (m.num_attention_heads + 2 * m.num_query_groups) * head
+    for key, name, value in [("model.hidden_size", "hidden_size", m.hidden_size),
+                             ("model.ffn_hidden_size", "ffn_hidden_size", m.ffn_hidden_size),
+                             ("model.num_query_groups", f"the q/k/v projection width (heads + 2 x "
+                              f"num_query_groups {m.num_query_groups}) x head size {head}", qkv)]:
+        if value % 16:
+            fix = (f"set {key.split('.')[1]} to a multiple of 16 (e.g. {-(-value // 16) * 16})"
+                   if key != "model.num_query_groups" else
+                   "choose num_query_groups so that num_query_groups x head size is a multiple of 8")
+            fail(spec, key, f"precision fp8 needs weight dimensions that are multiples of 16 (float8 "
+                 f"GEMMs); {name} is {value}.", fix + ', or set precision = "bf16".')
 
 
 def check_plugins(spec) -> None:
