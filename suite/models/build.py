@@ -5,7 +5,8 @@ or parallel mode changes the model in one way only, through the layer spec it ha
 
     layer spec (plug-ins) -> megatron TransformerConfig -> this rank's GPTModel chunks (its TP/PP
     part of the layout megatron's parallel_state holds) -> deterministic init (``gpt.init_parameters``)
-    -> ``[model] init`` (a suite checkpoint or Hugging Face weights) -> device and precision.
+    -> ``[model] init`` (a suite checkpoint or Hugging Face weights) -> device and precision
+    -> the kernel back-end's compiled layers (``[model] kernels``, ``suite.models.kernels``).
 
 Training wraps the chunks for its optimizer itself (``gpt.wrap_for_training``: Float16Module keeps
 fp32 master weights), so the builder casts to bf16 and switches to eval mode only for ``inference``
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from suite.models import checkpoint, gpt
+from suite.models import checkpoint, gpt, kernels
 
 
 @dataclass
@@ -32,9 +33,10 @@ class Built:
         return model
 
 
-def build(spec, layer=None, *, log=print, inference: bool = False) -> Built:
+def build(spec, layer=None, *, log=print, inference: bool = False, compile_layers: bool = True) -> Built:
     """This rank's model for ``spec``: ``layer`` is the megatron layer spec (default: suite's LLaMA-style
-    recipe, ``gpt.layer_spec()``); ``inference``: cast to bf16 when the variant asks for it, eval mode."""
+    recipe, ``gpt.layer_spec()``); ``inference``: cast to bf16 when the variant asks for it, eval mode;
+    ``compile_layers``: False for a caller that compiles its own step (``kernels = "compile"``)."""
     config = gpt.transformer_config(spec)
     if spec.workload.precision == "fp8":  # the one place every workload's layer spec passes
         from suite.models import fp8  # torchao is optional: imported for fp8 variants only
@@ -48,4 +50,6 @@ def build(spec, layer=None, *, log=print, inference: bool = False) -> Built:
             if config.bf16:
                 chunk.bfloat16()
             chunk.eval()
+    if compile_layers:
+        kernels.compile_layers(spec, chunks)  # last: compiles the layers as they will run
     return Built(chunks, config)

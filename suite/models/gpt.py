@@ -29,6 +29,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from suite.metrics.flops import padded_vocab
+from suite.models import kernels
 from suite.models.attention import SDPAttention
 
 
@@ -76,6 +77,7 @@ def transformer_config(spec, **overrides) -> TransformerConfig:
         use_cpu_initialization=not torch.cuda.is_available(),
         **recompute,
     )
+    kwargs.update(kernels.config_overrides(spec))  # [model] kernels: megatron's own fusions
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 

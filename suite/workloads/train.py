@@ -29,7 +29,7 @@ from suite.metrics import hardware
 from suite.metrics.collect import peak_memory, reduce_scalar
 from suite.metrics.energy import EnergyMeter
 from suite.metrics.stats import summarize
-from suite.models import checkpoint, gpt
+from suite.models import checkpoint, gpt, kernels
 from suite.models.build import build
 from suite.workloads.measures import training_measures
 
@@ -153,6 +153,7 @@ class Trainer:
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
         # The LR schedule runs in steps, or in the units a technique consumes per step (layer-tokens).
         units = next((u for u in (t.lr_units() for t in self.tricks) if u), None)
+        kernels.fuse_optimizer(spec, self.optimizer)  # [model] kernels: torch's fused AdamW step
         self.units_per_step, self.lr_increment = units or (1, lambda step: 1)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=w.lr, min_lr=w.min_lr,

@@ -1,0 +1,132 @@
+"""Kernel back-ends (``[model] kernels``): the same function computed by different kernels.
+
+Every back-end trains the same model from the same weights; only the kernels that compute it change, so
+a variant that differs only in ``kernels`` measures the kernels. This module is their one home: what
+each back-end changes, as data (``BACKENDS``), and the three functions the model builder and the
+trainer call (``config_overrides``, ``fuse_optimizer``, ``compile_layers``).
+
+* ``torch``: megatron-core's local layers as they are, unfused: the reference.
+* ``fused``: megatron-core's own fusions that need no Transformer Engine, switched on through
+  ``TransformerConfig`` fields, plus torch's fused AdamW:
+
+  - ``bias_activation_fusion``: the MLP's SwiGLU runs as megatron's jit-fused
+    ``megatron.core.fusions.fused_bias_swiglu`` (one kernel for silu(gate) * up, forward and backward,
+    instead of four elementwise kernels and their saved intermediates);
+  - ``cross_entropy_loss_fusion`` with ``cross_entropy_fusion_impl = "native"``: the loss is megatron's
+    fused vocab-parallel cross-entropy (``megatron.core.fusions.fused_cross_entropy``), which fuses the
+    max/exp/sum/target-logit steps over the padded vocabulary, the largest activation of a small model.
+    Only with bf16 weights: its backward always returns the logits' gradient in bf16, which under fp32
+    weights would round the gradient (measured: 9e-4 of the largest output-layer gradient, fp32 CPU)
+    and so compute another function; fp32 variants keep megatron's unfused cross-entropy;
+  - megatron-core 0.16 without Transformer Engine or apex builds ``torch.optim.AdamW`` with its default
+    multi-tensor (``foreach``) step; ``fuse_optimizer`` switches it to the single fused kernel
+    (``fused=True``), on CUDA and on CPU (torch >= 2.4 has a fused CPU AdamW).
+
+  ``apply_rope_fusion`` needs Transformer Engine, and megatron's local spec uses a plain torch RMSNorm
+  (its fused norms are Transformer Engine or apex modules), so ``fused`` leaves RoPE and RMSNorm unfused.
+* ``compile``: ``fused`` plus each ``TransformerLayer`` under ``torch.compile`` (inductor), which fuses
+  what megatron cannot without Transformer Engine: RMSNorm, the RoPE rotation, the residual adds and the
+  casts around them. The layer spec is unchanged; the built layers are compiled in place
+  (``nn.Module.compile``), so parameter names, checkpoints and hooks stay those of the eager model.
+
+Layers compile with ``dynamic=None`` (torch's default): the first call specialises to its shapes and a
+later call with another sequence length (random-LTD's kept tokens, held-out text windows) recompiles once
+with symbolic sizes instead of once per length. Graph breaks (``torch._dynamo.explain`` of a local-spec
+layer in training, torch 2.13, CPU): 8 breaks, 9 graphs. Each of the four linear layers looks up its
+tensor-parallel group through ``megatron.core.utils.get_tensor_model_parallel_group_if_none``, which
+calls a function dynamo skips, and the attention output projection runs inside megatron's activation
+offloading context manager, which dynamo cannot step through. The GEMMs between the breaks run eagerly
+as they would anyway; what compile fuses (RMSNorm, RoPE with the attention inputs, the residual adds,
+SwiGLU) lies inside the graphs. Random-LTD's layer adds breaks at its index drawing (a seeded generator)
+and trains the same losses compiled (tests/test_kernels.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+NAMES = ("torch", "fused", "compile")
+
+# megatron-core's fusions that need no Transformer Engine (see the module docstring)
+_FUSED_CONFIG = {"bias_activation_fusion": True}
+# ... and the one that needs bf16 weights (its backward casts the logits' gradient to bf16)
+_FUSED_BF16_CONFIG = {"cross_entropy_loss_fusion": True, "cross_entropy_fusion_impl": "native"}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """What one kernel back-end changes."""
+
+    config: dict = field(default_factory=dict)  # TransformerConfig overrides
+    bf16_config: dict = field(default_factory=dict)  # ... added when the weights are bf16
+    fused_optimizer: bool = False  # torch's single-kernel AdamW step instead of the foreach one
+    compiled_layers: bool = False  # each TransformerLayer under torch.compile
+    # layer spec: no back-end changes the recipe; megatron's fusions are config switches and compile
+    # wraps the built layers, so techniques' spec hooks compose with every back-end unchanged
+
+
+BACKENDS = {
+    "torch": Backend(),
+    "fused": Backend(config=_FUSED_CONFIG, bf16_config=_FUSED_BF16_CONFIG, fused_optimizer=True),
+    "compile": Backend(config=_FUSED_CONFIG, bf16_config=_FUSED_BF16_CONFIG, fused_optimizer=True,
+                       compiled_layers=True),
+}
+
+
+def backend(spec) -> Backend:
+    return BACKENDS[spec.model.kernels]
+
+
+def config_overrides(spec) -> dict:
+    """The ``TransformerConfig`` fields the variant's back-end sets."""
+    b = backend(spec)
+    return {**b.config, **(b.bf16_config if spec.workload.bf16 else {})}
+
+
+def fuse_optimizer(spec, optimizer) -> int:
+    """Switch the torch Adam/AdamW inside a megatron optimizer to the fused kernel; returns how many
+    torch optimizers it switched (0 for the ``torch`` back-end, SGD, or an already fused apex/TE Adam).
+
+    megatron builds torch's AdamW without ``fused`` (it expects apex's or TE's FusedAdam); torch's Adam
+    reads ``group['fused']`` and ``group['foreach']`` at every ``step`` (and creates the step counters on
+    the parameters' device for a fused group at the first step), so setting them on the param groups
+    before the first step is the same as constructing it with ``fused=True``. ``foreach`` goes False:
+    torch refuses both at once.
+    """
+    if not backend(spec).fused_optimizer:
+        return 0
+    switched = 0
+    for inner in _torch_optimizers(optimizer):
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        if any(inner.state.values()):
+            raise RuntimeError("fuse_optimizer: call it before the first optimizer step")
+        for group in inner.param_groups:
+            group["fused"], group["foreach"] = True, False
+        switched += 1
+    return switched
+
+
+def _torch_optimizers(optimizer) -> list:
+    """The torch optimizers inside a megatron optimizer (a ChainedOptimizer of per-dtype optimizers)."""
+    chained = getattr(optimizer, "chained_optimizers", None)
+    if chained is not None:
+        return [o for c in chained for o in _torch_optimizers(c)]
+    inner = getattr(optimizer, "optimizer", None)
+    if isinstance(inner, torch.optim.Optimizer):
+        return [inner]
+    return [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else []
+
+
+def compile_layers(spec, chunks) -> int:
+    """Put every ``TransformerLayer`` of ``chunks`` under torch.compile when the back-end asks for it;
+    returns how many. In place: ``nn.Module.compile`` keeps the module, its parameters and their names."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    if not backend(spec).compiled_layers:
+        return 0
+    layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TransformerLayer)]
+    for layer in layers:
+        layer.compile(dynamic=None)  # see the module docstring: static first, symbolic on a new length
+    return len(layers)
