@@ -151,9 +151,9 @@ class Trainer:
             adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=w.clip_grad, bf16=bf16,
             params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=False)
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
+        kernels.fuse_optimizer(spec, self.optimizer)  # [model] kernels: torch's fused AdamW step
         # The LR schedule runs in steps, or in the units a technique consumes per step (layer-tokens).
         units = next((u for u in (t.lr_units() for t in self.tricks) if u), None)
-        kernels.fuse_optimizer(spec, self.optimizer)  # [model] kernels: torch's fused AdamW step
         self.units_per_step, self.lr_increment = units or (1, lambda step: 1)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=w.lr, min_lr=w.min_lr,
