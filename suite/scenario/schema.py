@@ -35,9 +35,9 @@ class ModelConfig:
                     "shape the [model] keys must match). Paths are relative to the scenario file.", "random")
     kernels: str = doc("Kernel back-end, the same function computed by different kernels (suite.models.kernels): "
                        "'torch' (megatron-core's local layers, unfused: the reference); 'fused' (megatron-core's "
-                       "own fusions that need no Transformer Engine: SwiGLU and vocab cross-entropy, plus torch's "
-                       "fused AdamW); 'compile' ('fused' with each transformer layer, and the decode step, under "
-                       "torch.compile, which fuses RMSNorm, RoPE and the residual adds).", "torch",
+                       "own fusions that need no Transformer Engine: SwiGLU, and the vocab cross-entropy with bf16 "
+                       "weights, plus torch's fused AdamW); 'compile' ('fused' with each transformer layer, and the "
+                       "decode step, under torch.compile, which fuses RMSNorm, RoPE and the residual adds).", "torch",
                        choices=("torch", "fused", "compile"))
 
 

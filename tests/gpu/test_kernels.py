@@ -1,0 +1,199 @@
+"""Kernel back-ends on CUDA in bf16 (suite.models.kernels): 'fused' and 'compile' against 'torch'.
+
+The megatron-core checks run in ONE worker subprocess (``python THIS_FILE --worker OUT DIR``): megatron's
+parallel_state is process-global, so it must not leak into other test files. The worker is a world of
+one over NCCL on GPU 0, without the CPU compat layer.
+
+Tolerances (bf16 weights in the forward, fp32 master weights and gradient buffers; the back-ends round
+in different places: the fused SwiGLU and cross-entropy keep fp32 inside a kernel, inductor fuses the
+norm and RoPE arithmetic):
+
+* one forward/backward of the 2-layer test model (tests/scenarios/kernels/tiny.toml, bf16): loss within
+  1e-2 relative, every parameter's gradient at cosine similarity >= 0.999 to 'torch';
+* 4 training steps of the same model: losses within 1e-2 relative; random-LTD's changing kept lengths
+  under 'compile' too;
+* a ~134M model (preset gpt-base, 12 x 768, seq 1024, micro-batch 8) trained 8 steps with 'torch' and
+  with 'compile': losses within 2e-2 relative. Not a timed test: the step times are printed (``-s``) for
+  the reports; the assertion is that compile runs and learns the same.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIO = ROOT / "tests" / "scenarios" / "kernels" / "tiny.toml"
+LOSS_RTOL = 1e-2
+GRAD_COSINE = 0.999
+BIG_LOSS_RTOL = 2e-2
+RLTD = ["tricks.random_ltd.min_kept=8", "tricks.random_ltd.step_size=8", "tricks.random_ltd.schedule_steps=3",
+        "tricks.random_ltd.layers=[1]"]
+BIG = ["model.preset=gpt-base", "model.num_layers=12", "workload.seq_length=1024", "workload.micro_batch=8",
+       "workload.global_batch=8", "workload.steps=8", "workload.warmup_steps=3", "workload.lr=6e-4",
+       "workload.min_lr=6e-5", "workload.lr_warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kernels_gpu_worker")
+    out = folder / "results.json"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUITE_INJECT_FAULT")}
+    r = subprocess.run([sys.executable, __file__, "--worker", str(out), str(folder)], cwd=ROOT,
+                       env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and out.exists(), f"worker failed ({r.returncode})\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
+    return json.loads(out.read_text())
+
+
+def result(worker: dict, name: str):
+    entry = worker[name]
+    assert entry["error"] is None, f"{name} failed in the worker:\n{entry['error']}"
+    return entry["data"]
+
+
+# --- run in the worker subprocess -------------------------------------------------------------------
+
+def _spec(kernels: str, *overrides: str):
+    from suite.scenario import load_scenario
+
+    (v,) = load_scenario(SCENARIO, [f"model.kernels={kernels}", "workload.precision=bf16", *overrides],
+                         only=["torch"])
+    return v
+
+
+def check_forward_backward(folder):
+    """Per back-end, bf16 as training runs it (Float16Module): loss, the lowest per-tensor gradient cosine
+    similarity to 'torch', and the switches the back-end set."""
+    import torch
+    from megatron.core.transformer.module import Float16Module
+
+    from suite.data.tokens import TokenSource
+    from suite.models.build import build
+
+    out, ref = {}, None
+    for name in ("torch", "fused", "compile"):
+        spec = _spec(name)
+        built = build(spec)
+        model = Float16Module(built.config, built.model)
+        batch = TokenSource(spec).train_batch(0, spec.workload.micro_batch).cuda()
+        tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        positions = torch.arange(tokens.shape[1], device="cuda").unsqueeze(0).expand_as(tokens)
+        loss = model(tokens, positions, None, labels=labels).float().mean()
+        loss.backward()
+        grads = {n: p.grad.detach().float().flatten() for n, p in model.named_parameters()}
+        if ref is None:
+            ref = (float(loss), grads)
+        c = built.config
+        out[name] = {
+            "loss": float(loss), "loss_rel": abs(float(loss) - ref[0]) / abs(ref[0]),
+            "cosine": min(float(torch.nn.functional.cosine_similarity(g, ref[1][n], dim=0)) for n, g in grads.items()),
+            "swiglu_fused": c.bias_activation_fusion, "ce_fused": c.cross_entropy_loss_fusion,
+        }
+    return out
+
+
+def _train(spec):
+    import torch
+
+    from suite.launch.spmd import RankContext
+    from suite.models import kernels
+    from suite.workloads.train import Trainer
+
+    trainer = Trainer(spec, RankContext(0, 1, 0))
+    fused = [g.get("fused") for o in kernels._torch_optimizers(trainer.optimizer) for g in o.param_groups]
+    losses, times = [], []
+    for step in range(spec.workload.steps):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        losses.append(float(trainer.train_step(step)))  # the read-back synchronises
+        times.append(time.perf_counter() - started)
+    timed = sorted(times[spec.workload.warmup_steps:])
+    return {"losses": losses, "fused_groups": fused, "first_step_s": times[0],
+            "median_step_ms": 1000 * timed[len(timed) // 2],
+            "kept": [h[1] for t in trainer.tricks for h in t.state.history]}
+
+
+def check_training(folder):
+    """4 bf16 steps of the test model per back-end, and random-LTD eager and compiled."""
+    out = {}
+    for label, name, overrides in [("torch", "torch", ()), ("fused", "fused", ()), ("compile", "compile", ()),
+                                   ("rltd_torch", "torch", RLTD), ("rltd_compile", "compile", RLTD)]:
+        out[label] = _train(_spec(name, *overrides))
+    return out
+
+
+def check_big_model(folder):
+    """A ~134M model, 'torch' then 'compile': losses and step times."""
+    return {name: _train(_spec(name, *BIG)) for name in ("torch", "compile")}
+
+
+CHECKS = [check_forward_backward, check_training, check_big_model]
+
+
+def worker_main(out_path: str, folder: str) -> int:
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{folder}/pg_store", rank=0, world_size=1)
+    ps.initialize_model_parallel()
+    results = {}
+    for check in CHECKS:
+        torch.manual_seed(1234)
+        try:
+            results[check.__name__[len("check_"):]] = {"error": None, "data": check(folder)}
+        except Exception:
+            results[check.__name__[len("check_"):]] = {"error": traceback.format_exc(), "data": None}
+    Path(out_path).write_text(json.dumps(results))
+    ps.destroy_model_parallel()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(worker_main(sys.argv[2], sys.argv[3]))
+
+
+# --- pytest: assertions on the worker's results -----------------------------------------------------
+
+def _rel(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / abs(y) for x, y in zip(a, b))
+
+
+def test_backends_compute_the_reference_loss_and_gradients_in_bf16(worker):
+    r = result(worker, "forward_backward")
+    assert not r["torch"]["swiglu_fused"] and not r["torch"]["ce_fused"]
+    for name in ("fused", "compile"):
+        assert r[name]["swiglu_fused"] and r[name]["ce_fused"], name  # bf16 weights: both megatron fusions
+        assert r[name]["loss_rel"] <= LOSS_RTOL, (name, r[name], r["torch"])
+        assert r[name]["cosine"] >= GRAD_COSINE, (name, r[name])
+
+
+def test_training_losses_match_torch_in_bf16(worker):
+    r = result(worker, "training")
+    assert not any(r["torch"]["fused_groups"])
+    for name in ("fused", "compile"):
+        assert r[name]["fused_groups"] and all(r[name]["fused_groups"]), name  # torch's fused AdamW on CUDA
+        assert _rel(r[name]["losses"], r["torch"]["losses"]) <= LOSS_RTOL, (name, r[name], r["torch"])
+    assert r["rltd_compile"]["kept"] == r["rltd_torch"]["kept"] == [8, 16, 24, 32]
+    assert _rel(r["rltd_compile"]["losses"], r["rltd_torch"]["losses"]) <= LOSS_RTOL, r
+
+
+def test_compile_trains_a_134m_model_like_torch(worker):
+    r = result(worker, "big_model")
+    print(f"\ngpt-base 12x768, 8 x 1024 tokens a step, bf16: median step torch {r['torch']['median_step_ms']:.1f} ms, "
+          f"compile {r['compile']['median_step_ms']:.1f} ms (first step {r['torch']['first_step_s']:.1f} s / "
+          f"{r['compile']['first_step_s']:.1f} s)")
+    assert _rel(r["compile"]["losses"], r["torch"]["losses"]) <= BIG_LOSS_RTOL, r
+    assert r["compile"]["losses"][-1] < r["compile"]["losses"][0]  # it learns
