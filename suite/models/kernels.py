@@ -31,14 +31,17 @@ trainer call (``config_overrides``, ``fuse_optimizer``, ``compile_layers``).
 
 Layers compile with ``dynamic=None`` (torch's default): the first call specialises to its shapes and a
 later call with another sequence length (random-LTD's kept tokens, held-out text windows) recompiles once
-with symbolic sizes instead of once per length. Graph breaks (``torch._dynamo.explain`` of a local-spec
-layer in training, torch 2.13, CPU): 8 breaks, 9 graphs. Each of the four linear layers looks up its
-tensor-parallel group through ``megatron.core.utils.get_tensor_model_parallel_group_if_none``, which
-calls a function dynamo skips, and the attention output projection runs inside megatron's activation
-offloading context manager, which dynamo cannot step through. The GEMMs between the breaks run eagerly
-as they would anyway; what compile fuses (RMSNorm, RoPE with the attention inputs, the residual adds,
-SwiGLU) lies inside the graphs. Random-LTD's layer adds breaks at its index drawing (a seeded generator)
-and trains the same losses compiled (tests/test_kernels.py).
+with symbolic sizes instead of once per length.
+
+Graph breaks: every ``RowParallelLinear`` forward of megatron-core 0.16 passes ``tp_group=None`` down and
+``megatron.core.utils.get_tensor_model_parallel_group_if_none`` then calls ``warnings.warn`` (a
+deprecation notice), which dynamo cannot trace; the attention's break falls inside megatron's activation
+offloading context manager, so dynamo also gives up on the rest of that frame. ``torch._dynamo.explain``
+of a local-spec layer in training (torch 2.13, CPU) counted 8 breaks and 9 graphs. ``compile_layers``
+therefore substitutes a no-op for ``warnings.warn`` inside compiled graphs (``torch.compiler.
+substitute_in_graph``; eager code warns as before), and a layer compiles to one graph with no break.
+The cost: a warning raised inside a compiled region is not shown. Random-LTD's layer still breaks at its
+index drawing (a seeded generator) and trains the same losses compiled (tests/test_kernels.py).
 """
 from __future__ import annotations
 
@@ -126,7 +129,25 @@ def compile_layers(spec, chunks) -> int:
 
     if not backend(spec).compiled_layers:
         return 0
+    _no_warnings_in_graphs()
     layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TransformerLayer)]
     for layer in layers:
         layer.compile(dynamic=None)  # see the module docstring: static first, symbolic on a new length
     return len(layers)
+
+
+_SILENCED = []
+
+
+def _no_warnings_in_graphs() -> None:
+    """``warnings.warn`` traced by dynamo becomes a no-op, once per process (see the module docstring:
+    megatron's per-call deprecation warning would otherwise split every layer into 9 graphs)."""
+    if _SILENCED:
+        return
+    import warnings
+
+    @torch.compiler.substitute_in_graph(warnings.warn, skip_signature_check=True)
+    def _warn_in_graph(*args, **kwargs):
+        return None
+
+    _SILENCED.append(_warn_in_graph)
