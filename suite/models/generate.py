@@ -18,10 +18,24 @@ derives RoPE positions from the input length, and decode needs position p); ``te
 checks decode logits against GPTModel.forward over the whole sequence. The LM head runs on the last
 position only. Prefill is eager; ``cuda_graph`` applies to the decode step, captured whole per
 pipeline stage (embedding, layers with their TP and parallel-mode collectives, head, argmax, position update).
+
+Compiled decode (``[model] kernels = "compile"``): that same step, ``_decode_compute``, goes through
+``torch.compile`` as one unit, so inductor fuses each layer's norms, RoPE, KV-cache write and residual adds
+(and the add into the next layer's norm) into a few kernels between the GEMMs. Its shapes are static
+(the buffers are fixed per ``allocate``; the position is a device tensor), so one graph serves every
+step of a request: ``dynamic=False``, and ``allocate`` drops the previous size's graphs
+(``torch.compiler.reset``) so that a long grid never reaches dynamo's recompile limit. On a GPU the mode
+is ``max-autotune-no-cudagraphs``: the engine captures the compiled step in its own CUDA graph (or, with
+``cuda_graph = "off"``, runs it as is). One megatron-core detail is hidden from the tracer:
+``RowParallelLinear`` passes no TP group and its helper then calls ``warnings.warn`` on every call, a
+graph break per linear layer (about 20 graphs for 8 layers instead of 1); the compiled calls run with
+``warnings.warn`` in dynamo's ``ignore_logging_functions`` (a no-op inside the traced code only).
 """
 from __future__ import annotations
 
 import contextlib
+import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -86,6 +100,16 @@ def rng_fork_disabled():
         mrandom.CudaRNGStatesTracker.fork = fork
 
 
+def _traceable_megatron():
+    """Dynamo settings for tracing megatron-core's decode path as one graph: ``warnings.warn`` (called by
+    ``get_tensor_model_parallel_group_if_none`` on every RowParallelLinear call) is a no-op in the traced
+    code instead of a graph break. Torch releases without the setting break the graph there, as before."""
+    config = torch._dynamo.config
+    if not hasattr(config, "ignore_logging_functions"):
+        return contextlib.nullcontext()
+    return config.patch(ignore_logging_functions={*config.ignore_logging_functions, warnings.warn})
+
+
 class Engine:
     """This rank's model for generation (a pipeline stage, TP shard or a parallel mode's rank), its caches and
     optionally its decode step captured in a CUDA graph.
@@ -106,7 +130,9 @@ class Engine:
         block.submodules.self_attention.submodules.core_attention = CachedAttention
         for mode in self.modes:
             block = mode.layer_spec(block)
-        built = build(spec, block, log=log, inference=True)  # [model] init, a parallel mode's ranks included
+        # [model] init, a parallel mode's ranks included; prefill stays eager, the decode step is compiled
+        # whole (compile()) rather than layer by layer
+        built = build(spec, block, log=log, inference=True, compile_layers=False)
         self.model, self.config = built.model, built.config
         self.state = DecodeState()
         self.attention = [m for m in self.model.modules() if isinstance(m, CachedAttention)]
@@ -116,6 +142,8 @@ class Engine:
         self.pp = ps.get_pipeline_model_parallel_world_size()
         self.rope = self.model.rotary_pos_emb(spec.model.max_sequence_length)  # [positions, 1, 1, d]
         self.graph = None
+        self.compiled = spec.model.kernels == "compile"
+        self.compiled_step = None  # compile(): the decode step under torch.compile, for the allocated shapes
 
     # --- buffers ---------------------------------------------------------------------------------
 
@@ -137,6 +165,9 @@ class Engine:
 
     def release(self) -> None:
         self.graph = None
+        if self.compiled_step is not None:  # it was compiled for the released buffers' shapes
+            self.compiled_step = None
+            torch.compiler.reset()
         for a in self.attention:
             a.k = a.v = None
         self.state.mode = "off"
@@ -198,6 +229,13 @@ class Engine:
         self.state.pos.fill_(p)
         self.state.mode = "decode"
 
+    def step(self) -> None:
+        """One decode step on the static buffers: compiled once ``compile()`` ran, else plain."""
+        if self.compiled_step is not None:
+            self.compiled_step()
+        else:
+            self._decode_compute()
+
     def _decode_compute(self) -> None:
         """One decode step of this stage on the static buffers (what a CUDA graph captures)."""
         torch.le(self.positions, self.state.pos, out=self.state.mask)
@@ -213,24 +251,52 @@ class Engine:
         if self.graph is not None:
             self.graph.replay()
         else:
-            self._decode_compute()
+            self.step()
         if not self.last:
             dist.send(self.hidden_out, ps.get_pipeline_model_parallel_next_rank())
         self._share_tokens()
 
     @torch.no_grad()
+    def compile(self) -> float:
+        """Compiles the decode step for the allocated buffers and runs it once, so that compilation (and,
+        on a GPU, autotuning) happens here (call after a prefill; the state is restored). Returns the
+        seconds that first call took (compilation included); 0 when ``[model] kernels`` is not "compile".
+        In pipeline stages after the first the step reads ``hidden_in`` as it is (no receive)."""
+        if not self.compiled:
+            return 0.0
+        if self.compiled_step is None:
+            mode = "max-autotune-no-cudagraphs" if self.cuda else None  # the engine captures graphs itself
+            fn = torch.compile(self._decode_compute, mode=mode, dynamic=False)
+
+            def step():
+                with _traceable_megatron():
+                    fn()
+            self.compiled_step = step
+        saved = self.tokens.clone(), self.state.pos.clone()
+        start = time.perf_counter()
+        self.step()
+        if self.cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        self.tokens.copy_(saved[0])
+        self.state.pos.copy_(saved[1])
+        return seconds
+
+    @torch.no_grad()
     def capture(self) -> None:
-        """Captures ``_decode_compute`` in a CUDA graph (call after a prefill; the state is restored)."""
+        """Captures the decode step (``_decode_compute``, compiled first when ``[model] kernels = "compile"``)
+        in a CUDA graph (call after a prefill; the state is restored)."""
+        self.compile()  # compilation and autotuning stay out of the capture
         saved = self.tokens.clone(), self.state.pos.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up on a side stream (cuBLAS, allocator, NCCL), as capture needs
             for _ in range(2):
-                self._decode_compute()
+                self.step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # thread_local: the NCCL watchdog thread may query events while this thread captures
         with rng_fork_disabled(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self._decode_compute()
+            self.step()
         self.tokens.copy_(saved[0])
         self.state.pos.copy_(saved[1])

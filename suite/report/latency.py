@@ -16,10 +16,13 @@ from suite.report.plugins import layout_label
 from suite.report.select import baseline_of, failure, is_ok, metric, relative_change
 
 NOTE = ("TTFT: time to first token (prefill + first greedy token), median ± half the p10–p90 spread of the "
-        "timed requests. Decode: one step, one new token per sequence. Decode bandwidth: bytes a step must "
-        "read per step time, as a share of the measured copy bandwidth of all GPUs. Repeats agree: every "
-        "request of the point gave the same greedy tokens (no: nondeterministic kernels). Graph check (CUDA-graph "
-        "rows): greedy tokens equal to eager / max relative logits difference at the first decode step. "
+        "timed requests. Decode: one step, one new token per sequence; 'compiled': the step ran under "
+        "torch.compile ([model] kernels = 'compile', compiled before timing). Decode bandwidth: bytes a step must "
+        "read per step time, as a share of the measured copy bandwidth of all GPUs, for every variant and point "
+        "(n/a: no GPU ceiling or no decode steps). Repeats agree: every request of the point gave the same greedy "
+        "tokens (no: nondeterministic kernels). Graph check (CUDA-graph and compiled rows): greedy tokens equal "
+        "to eager / max relative logits difference at the first decode step; a compiled row's reference is a "
+        "plain eager request of the same point. "
         "Δ: relative to the baseline variant at the same (batch, prompt, gen, eager|graph) point, negative "
         "is faster; (noise): smaller than the larger of the two runs' relative spreads.")
 
@@ -79,6 +82,7 @@ def latency_rows(records: list[dict]) -> list[dict]:
                 "row": "latency", "scenario": rec["scenario"], "variant": rec["variant"], "baseline": rec is base,
                 "layout": layout_label(rec), "world_size": rec.get("world_size"),
                 "batch": key[0], "prompt": key[1], "gen": key[2], "cuda_graph": key[3], "repeats": e.get("repeats"),
+                "compiled": bool(e.get("compiled")), "decode_compile_s": e.get("decode_compile_s"),
                 "ttft_ms_median": e.get("prefill_ms_median"), "ttft_ms_half_spread": _half_spread(e, "prefill"),
                 "ttft_ms_p99": e.get("prefill_ms_p99"),
                 "decode_ms_median": e.get("decode_ms_median"), "decode_ms_half_spread": _half_spread(e, "decode"),
@@ -111,7 +115,7 @@ def _ttft(r: dict) -> str:
 
 
 def _graph_check(r: dict) -> str:
-    if not r["cuda_graph"]:
+    if not (r["cuda_graph"] or r["compiled"]):
         return "—"
     same = {True: "same", False: "differs", None: fmt.NA}[r["same_tokens_as_eager"]]
     diff = r["graph_logits_rel_diff"]
@@ -132,7 +136,7 @@ COLUMNS = [
     ("batch", lambda r: str(r["batch"])),
     ("prompt", lambda r: str(r["prompt"])),
     ("gen", lambda r: str(r["gen"])),
-    ("decode", lambda r: "graph" if r["cuda_graph"] else "eager"),
+    ("decode", lambda r: ("graph" if r["cuda_graph"] else "eager") + (" compiled" if r["compiled"] else "")),
     ("TTFT (ms)", _ttft),
     ("TTFT p99", lambda r: _ms(r["ttft_ms_p99"])),
     ("decode ms/token", lambda r: _ms(r["decode_ms_median"])),

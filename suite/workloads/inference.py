@@ -1,7 +1,7 @@
 """Inference workload: time to first token and per-token decode latency with a KV cache.
 
 For every point of the grid ``batch_sizes × prompt_lengths × gen_lengths`` (× eager / CUDA graph, per
-``workload.cuda_graph``) one *request* is: prefill of a synthetic prompt (random tokens, seeded),
+``workload.cuda_graph``; the decode step compiled or not, per ``model.kernels``) one *request* is: prefill of a synthetic prompt (random tokens, seeded),
 which yields the first greedy token, then ``gen`` decode steps, each feeding back the greedy token.
 ``warmup_repeats`` requests run untimed, then ``repeats`` timed ones: the prefill as one interval and
 every decode step as its own. CUDA events on GPU, host clock on CPU, read on rank 0: every step ends
@@ -15,6 +15,9 @@ Record: ``metrics.inference`` is a list with one flat entry per (batch, prompt, 
 
     batch, prompt, gen          sequences per request, prompt tokens each, generated tokens each
     cuda_graph                  true: the decode steps replayed a CUDA graph (prefill is always eager)
+    compiled                    the decode step ran under torch.compile (``[model] kernels = "compile"``, gen > 0)
+    decode_compile_s            compiled entries: seconds of the first compiled call (compilation and autotuning,
+                                before any timed request); null when not compiled
     repeats                     timed requests
     prefill_ms_median, prefill_ms_p10, prefill_ms_p90, prefill_ms_p99
                                 time to first token: prefill + the first greedy token
@@ -36,13 +39,16 @@ Record: ``metrics.inference`` is a list with one flat entry per (batch, prompt, 
     repeats_same_tokens         every request of the point (warm-up included) produced the same greedy
                                 tokens: false means nondeterministic kernels, which makes a graph-vs-eager
                                 difference uninformative
-    same_tokens_as_eager        graph entries: the greedy tokens of the last request equal the eager entry's
-                                (null otherwise). Seen false for bf16 LLaMA-7B with random weights (true in
-                                fp32): near-tied logits flip when captured kernels round differently
-    graph_logits_rel_diff       graph entries: max |logits_graph − logits_eager| / max |logits_eager| at the
+    same_tokens_as_eager        graph and compiled entries: the greedy tokens of the last request equal the
+                                eager reference's (null otherwise): a compiled entry's reference is one untimed
+                                request of the same point with the plain eager step; an uncompiled graph
+                                entry's is the eager entry of its point (cuda_graph = "both"). Seen false for
+                                bf16 LLaMA-7B with random weights (true in fp32): near-tied logits flip when
+                                captured kernels round differently
+    graph_logits_rel_diff       the same entries: max |logits − logits_eager| / max |logits_eager| at the
                                 first decode step (same prefill, same input): rounding-sized (~1e-7 in fp32,
-                                around bf16's 2^-8 in bf16) unless the graph is wrong. Null without logits on
-                                rank 0 (PP: the last stage holds them)
+                                around bf16's 2^-8 in bf16) unless the graph or the compiled step is wrong.
+                                Null without logits on rank 0 (PP: the last stage holds them)
 
 Beside it: parameters, world_size, peak_memory_bytes, memory_kind, gemm_ceiling_tflops,
 copy_bandwidth_tb_s, datasheet_peak_tflops, cuda_graph_unavailable (asked for, no GPU), one block per
@@ -85,30 +91,46 @@ def synthetic_prompt(spec, batch: int, prompt: int) -> torch.Tensor:
     return torch.randint(0, spec.model.vocab_size, (batch, prompt), generator=gen)
 
 
+def request(engine: Engine, prompt: torch.Tensor, gen: int, clock: StepClock):
+    """One request: prefill, then ``gen`` decode steps, each an interval of ``clock``. Returns the greedy
+    tokens [b, 1 + gen] and the logits of the first decode step (last pipeline stage; else None)."""
+    out, first_logits = [], None
+    clock.start()
+    engine.prefill(prompt)
+    clock.stop()
+    out.append(engine.tokens.clone())
+    for step in range(gen):
+        clock.start()
+        engine.decode()
+        clock.stop()
+        out.append(engine.tokens.clone())
+        if step == 0 and engine.last:  # the graph check compares these (same prefill, same input)
+            first_logits = engine.logits.float().clone()
+    return torch.cat(out, dim=1), first_logits
+
+
 def measure_point(engine: Engine, spec, batch: int, prompt: int, gen: int, graph: bool) -> dict:
-    """Raw timings of one grid point: per timed request its prefill, decode steps and total."""
+    """Raw timings of one grid point: per timed request its prefill, decode steps and total. A compiled
+    decode step (``[model] kernels = "compile"``) is first run by one untimed plain eager request, the
+    reference for its check, then compiled (timed on its own) before any timed or warm-up request."""
     w = spec.workload
     engine.allocate(batch, prompt + gen)
     tokens = synthetic_prompt(spec, batch, prompt).to(engine.device)
+    compiled = engine.compiled and gen > 0
+    reference, compile_s = None, None
+    if compiled:
+        with torch.compiler.set_stance("force_eager"):  # plain eager, also for anything else compiled
+            ref_tokens, ref_logits = request(engine, tokens, gen, StepClock(engine.cuda))
+        reference = {"tokens": ref_tokens.tolist(), "first_logits": None if ref_logits is None else ref_logits.cpu()}
+        engine.prefill(tokens)
+        compile_s = engine.compile()
     if graph:
         engine.prefill(tokens)
         engine.capture()
     prefill_s, decode_s, request_s, first_tokens, repeats_same = [], [], [], None, True
     for r in range(w.warmup_repeats + w.repeats):
         clock = StepClock(engine.cuda)
-        out, first_logits = [], None
-        clock.start()
-        engine.prefill(tokens)
-        clock.stop()
-        out.append(engine.tokens.clone())
-        for step in range(gen):
-            clock.start()
-            engine.decode()
-            clock.stop()
-            out.append(engine.tokens.clone())
-            if step == 0 and engine.last:  # the graph check compares these (same prefill, same input)
-                first_logits = engine.logits.float().clone()
-        tokens_now = torch.cat(out, dim=1)
+        tokens_now, first_logits = request(engine, tokens, gen, clock)
         if first_tokens is None:
             first_tokens = tokens_now
         repeats_same = repeats_same and torch.equal(tokens_now, first_tokens)
@@ -118,7 +140,8 @@ def measure_point(engine: Engine, spec, batch: int, prompt: int, gen: int, graph
             decode_s += times[1:]
             request_s.append(sum(times))
     engine.release()
-    return {"batch": batch, "prompt": prompt, "gen": gen, "cuda_graph": graph, "prefill_s": prefill_s,
+    return {"batch": batch, "prompt": prompt, "gen": gen, "cuda_graph": graph, "compiled": compiled,
+            "compile_s": compile_s, "reference": reference, "prefill_s": prefill_s,
             "decode_s": decode_s, "request_s": request_s, "tokens": tokens_now.tolist(),
             "repeats_same_tokens": repeats_same,
             "first_logits": None if first_logits is None else first_logits.cpu()}
@@ -136,9 +159,10 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
             pt = measure_point(engine, spec, b, p, g, graph)
             points.append(pt)
             decode = summarize(pt["decode_s"])
+            compiled = f", compiled in {pt['compile_s']:.1f} s" if pt["compiled"] else ""
             ctx.log(f"batch {b} prompt {p} gen {g} {'graph' if graph else 'eager'}: first token "
                     f"{summarize(pt['prefill_s'])['median'] * 1e3:.2f} ms"
-                    + (f", decode {decode['median'] * 1e3:.3f} ms/token" if decode else ""))
+                    + (f", decode {decode['median'] * 1e3:.3f} ms/token" if decode else "") + compiled)
         return {"points": points, "cuda_graph_unavailable": not engine.cuda and spec.workload.cuda_graph != "off"}
     finally:
         engine.close()
@@ -169,7 +193,8 @@ def point_entry(pt: dict, shape: F.Shape, elem: int, world: int, peak_tflops, co
     nbytes = decode_bytes_per_step(shape, b, p, g, elem) if g else None
     bandwidth = nbytes / dec["median"] / 1e12 if dec else None
     return {
-        "batch": b, "prompt": p, "gen": g, "cuda_graph": pt["cuda_graph"], "repeats": len(pt["prefill_s"]),
+        "batch": b, "prompt": p, "gen": g, "cuda_graph": pt["cuda_graph"], "compiled": pt["compiled"],
+        "decode_compile_s": pt["compile_s"], "repeats": len(pt["prefill_s"]),
         **{f"prefill_ms_{k}": _ms(pre, k) for k in ("median", "p10", "p90", "p99")},
         "prefill_tokens_per_s": b * p / pre["median"], "prefill_flops": flops,
         "prefill_tflops_per_gpu": tflops, "prefill_mfu": tflops / peak_tflops if peak_tflops else None,
@@ -198,9 +223,10 @@ def metrics(raw: dict, spec, ctx) -> dict:
         key = (pt["batch"], pt["prompt"], pt["gen"])
         if not pt["cuda_graph"]:
             eager[key] = pt
-        elif key in eager:
-            entry["same_tokens_as_eager"] = pt["tokens"] == eager[key]["tokens"]
-            a, b = pt["first_logits"], eager[key]["first_logits"]
+        ref = pt.get("reference") or (eager.get(key) if pt["cuda_graph"] else None)
+        if ref is not None:  # compiled: its own plain eager request; graph: the eager entry of the point
+            entry["same_tokens_as_eager"] = pt["tokens"] == ref["tokens"]
+            a, b = pt["first_logits"], ref["first_logits"]
             if a is not None and b is not None:
                 entry["graph_logits_rel_diff"] = float((a - b).abs().max() / b.abs().max())
         entries.append(entry)
