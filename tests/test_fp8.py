@@ -174,8 +174,41 @@ def check_model_loss_and_gradients_close_to_bf16(tmp):
     return {"loss_fp8": losses[0], "loss_bf16": losses[1], "worst_linear_grad_rel": worst}
 
 
+def check_technique_layer_spec_keeps_its_state(tmp):
+    """random-LTD hands in its own layer spec whose params hold the runtime's live state: the fp8 swap keeps
+    that object (a copy would freeze the kept length), and a kept length of 9 tokens x 2 sequences (rows
+    padded to 32) trains forward and backward, near the bf16 model's loss."""
+    import torch
+
+    from suite.data.tokens import TokenSource
+    from suite.models import fp8, gpt
+    from suite.models.build import build
+    from suite.tricks.random_ltd import RandomLTDConfig
+    from suite.tricks.random_ltd.layer import RandomLTDLayer, RandomLTDRuntime
+
+    out = {}
+    for variant in ("fp8", "bf16"):
+        spec = _spec(variant=variant)
+        runtime = RandomLTDRuntime(spec, RandomLTDConfig(min_kept=9, step_size=1, schedule_steps=100))
+        model = build(spec, runtime.layer_spec(gpt.layer_spec()), log=lambda *a: None).model
+        runtime.begin_step(0)
+        dropping = [m for m in model.modules() if isinstance(m, RandomLTDLayer) and m.layer_number - 1 in m.drop_state.layers]
+        batch = TokenSource(spec).train_batch(0, spec.workload.micro_batch)
+        tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+        positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+        model.bfloat16().train()
+        logits = model(tokens, positions, None)
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss.backward()
+        out[variant] = {"shared_state": all(m.drop_state is runtime.state for m in dropping), "dropping": len(dropping),
+                        "kept": runtime.state.kept, "loss": float(loss),
+                        "grads_finite": all(bool(p.grad.isfinite().all()) for p in model.parameters()),
+                        "float8": len(fp8.float8_layers(model))}
+    return out
+
+
 CHECKS = [check_layer_matches_fp32_reference, check_model_uses_float8_layers_with_the_same_weights,
-          check_model_loss_and_gradients_close_to_bf16]
+          check_model_loss_and_gradients_close_to_bf16, check_technique_layer_spec_keeps_its_state]
 
 
 @pytest.fixture(scope="module")
@@ -207,6 +240,13 @@ def test_model_loss_and_gradients_close_to_bf16(worker):
     r = result(worker, "model_loss_and_gradients_close_to_bf16")
     assert math.isfinite(r["loss_fp8"]) and abs(r["loss_fp8"] - r["loss_bf16"]) < 0.02, r
     assert r["worst_linear_grad_rel"] < GRAD_TOL, r
+
+
+def test_technique_layer_spec_keeps_its_state(worker):
+    r = result(worker, "technique_layer_spec_keeps_its_state")
+    assert r["fp8"]["float8"] == 16 and r["bf16"]["float8"] == 0, r
+    assert r["fp8"]["kept"] == 9 and r["fp8"]["dropping"] > 0 and r["fp8"]["shared_state"], r
+    assert r["fp8"]["grads_finite"] and abs(r["fp8"]["loss"] - r["bf16"]["loss"]) < 0.02, r
 
 
 # --- `suite run` -----------------------------------------------------------------------------------

@@ -75,6 +75,8 @@ class _MegatronFloat8Linear(Float8Linear):
 
     def forward(self, x: torch.Tensor):
         rows = x.numel() // x.shape[-1]
+        if rows == 0:  # no token (e.g. a technique's empty part): nothing to scale, no GEMM to run
+            return torch.nn.functional.linear(x, self.weight, self.bias), None
         pad = -rows % ALIGN
         if not pad:
             return super().forward(x), None
@@ -128,33 +130,31 @@ def check_device(spec) -> None:
 
 
 def _swap(node, cfg: Float8LinearConfig):
-    """Replace, in place, the four linear submodules wherever they occur under ``node`` (a ModuleSpec, a
-    submodules dataclass, a list of layer specs), keeping any params a technique gave them."""
-    if isinstance(node, ModuleSpec):
-        _swap(node.submodules, cfg)
-    elif isinstance(node, (list, tuple)):
-        for item in node:
-            _swap(item, cfg)
-    elif dataclasses.is_dataclass(node) and not isinstance(node, type):
-        for f in dataclasses.fields(node):
-            value = getattr(node, f.name)
-            if f.name in SUBMODULES:
-                module = value.module if isinstance(value, ModuleSpec) else value
-                if module in REPLACEMENT:
-                    params = {**(value.params or {})} if isinstance(value, ModuleSpec) else {}
-                    setattr(node, f.name, ModuleSpec(module=REPLACEMENT[module],
-                                                     params={**params, "float8_config": cfg}))
-                    continue
-            _swap(value, cfg)
+    """``node`` (a ModuleSpec, a submodules dataclass, a list of layer specs) with the four linear
+    submodules replaced wherever they occur, keeping any params a technique gave them. The containers
+    are copied, their other contents shared: a technique's params may hold live state (random-LTD's kept
+    length, Mixture-of-Depths' routing) that its runtime updates and its layers must keep seeing."""
+    if isinstance(node, (list, tuple)):
+        return type(node)(_swap(item, cfg) for item in node)
+    if not dataclasses.is_dataclass(node) or isinstance(node, type):  # a module class, a function, a value
+        return node
+    node = copy.copy(node)
+    for f in dataclasses.fields(node):
+        value = getattr(node, f.name)
+        module = value.module if isinstance(value, ModuleSpec) else value
+        if f.name in SUBMODULES and module in REPLACEMENT:
+            params = dict(value.params or {}) if isinstance(value, ModuleSpec) else {}
+            setattr(node, f.name, ModuleSpec(module=REPLACEMENT[module], params={**params, "float8_config": cfg}))
+        elif f.name != "params":
+            setattr(node, f.name, _swap(value, cfg))
+    return node
 
 
 def layer_spec(spec, layer):
     """``layer`` (a megatron layer or block spec, a technique's included) with the transformer layers'
-    linear submodules in float8: a copy, the argument is not changed."""
+    linear submodules in float8; the argument is not changed."""
     check_device(spec)
-    layer = copy.deepcopy(layer)
-    _swap(layer, float8_config())
-    return layer
+    return _swap(layer, float8_config())
 
 
 def float8_layers(model: torch.nn.Module) -> list[str]:
