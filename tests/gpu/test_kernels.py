@@ -1,7 +1,7 @@
 """Kernel back-ends on CUDA in bf16 (suite.models.kernels): 'fused' and 'compile' against 'torch'.
 
-The megatron-core checks run in ONE worker subprocess (``python THIS_FILE --worker OUT DIR``): megatron's
-parallel_state is process-global, so it must not leak into other test files. The worker is a world of
+The megatron-core checks run in two worker subprocesses (``python THIS_FILE --worker small|big OUT DIR``):
+megatron's parallel_state is process-global, so it must not leak into other test files. The worker is a world of
 one over NCCL on GPU 0, without the CPU compat layer.
 
 Tolerances (bf16 weights in the forward, fp32 master weights and gradient buffers; the back-ends round
@@ -11,7 +11,7 @@ norm and RoPE arithmetic):
 * one forward/backward of the 2-layer test model (tests/scenarios/kernels/tiny.toml, bf16): loss within
   1e-2 relative, every parameter's gradient at cosine similarity >= 0.999 to 'torch';
 * 4 training steps of the same model: losses within 1e-2 relative; random-LTD's changing kept lengths
-  under 'compile' too;
+  under 'compile' too, and 'compile' with full activation recompute (CUDA only in megatron-core);
 * a ~134M model (preset gpt-base, 12 x 768, seq 1024, micro-batch 8) trained 8 steps with 'torch' and
   with 'compile': losses within 2e-2 relative. Not a timed test: the step times are printed (``-s``) for
   the reports; the assertion is that compile runs and learns the same.
@@ -37,21 +37,32 @@ GRAD_COSINE = 0.999
 BIG_LOSS_RTOL = 2e-2
 RLTD = ["tricks.random_ltd.min_kept=8", "tricks.random_ltd.step_size=8", "tricks.random_ltd.schedule_steps=3",
         "tricks.random_ltd.layers=[1]"]
+RECOMPUTE = ["parallel.recompute=full"]  # megatron re-runs each compiled layer in the backward (CUDA only)
 BIG = ["model.preset=gpt-base", "model.num_layers=12", "workload.seq_length=1024", "workload.micro_batch=8",
        "workload.global_batch=8", "workload.steps=8", "workload.warmup_steps=3", "workload.lr=6e-4",
        "workload.min_lr=6e-5", "workload.lr_warmup_steps=2"]
 
 
-@pytest.fixture(scope="module")
-def worker(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("kernels_gpu_worker")
+def _run_worker(folder: Path, group: str) -> dict:
     out = folder / "results.json"
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUITE_INJECT_FAULT")}
-    r = subprocess.run([sys.executable, __file__, "--worker", str(out), str(folder)], cwd=ROOT,
-                       env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, __file__, "--worker", group, str(out), str(folder)], cwd=ROOT,
+                       env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and out.exists(), f"worker failed ({r.returncode})\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    """The test model's checks (one subprocess)."""
+    return _run_worker(tmp_path_factory.mktemp("kernels_gpu_small"), "small")
+
+
+@pytest.fixture(scope="module")
+def big_worker(tmp_path_factory):
+    """The 134M model's check (another subprocess, so each test's share stays under two minutes)."""
+    return _run_worker(tmp_path_factory.mktemp("kernels_gpu_big"), "big")
 
 
 def result(worker: dict, name: str):
@@ -123,10 +134,12 @@ def _train(spec):
 
 
 def check_training(folder):
-    """4 bf16 steps of the test model per back-end, and random-LTD eager and compiled."""
+    """4 bf16 steps of the test model per back-end, random-LTD eager and compiled, and full recompute
+    compiled (the same function as without recompute)."""
     out = {}
     for label, name, overrides in [("torch", "torch", ()), ("fused", "fused", ()), ("compile", "compile", ()),
-                                   ("rltd_torch", "torch", RLTD), ("rltd_compile", "compile", RLTD)]:
+                                   ("rltd_torch", "torch", RLTD), ("rltd_compile", "compile", RLTD),
+                                   ("recompute_compile", "compile", RECOMPUTE)]:
         out[label] = _train(_spec(name, *overrides))
     return out
 
@@ -136,10 +149,10 @@ def check_big_model(folder):
     return {name: _train(_spec(name, *BIG)) for name in ("torch", "compile")}
 
 
-CHECKS = [check_forward_backward, check_training, check_big_model]
+CHECKS = {"small": [check_forward_backward, check_training], "big": [check_big_model]}
 
 
-def worker_main(out_path: str, folder: str) -> int:
+def worker_main(group: str, out_path: str, folder: str) -> int:
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -148,7 +161,7 @@ def worker_main(out_path: str, folder: str) -> int:
     dist.init_process_group("nccl", init_method=f"file://{folder}/pg_store", rank=0, world_size=1)
     ps.initialize_model_parallel()
     results = {}
-    for check in CHECKS:
+    for check in CHECKS[group]:
         torch.manual_seed(1234)
         try:
             results[check.__name__[len("check_"):]] = {"error": None, "data": check(folder)}
@@ -160,9 +173,9 @@ def worker_main(out_path: str, folder: str) -> int:
     return 0
 
 
-if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
     sys.path.insert(0, str(ROOT))
-    sys.exit(worker_main(sys.argv[2], sys.argv[3]))
+    sys.exit(worker_main(*sys.argv[2:]))
 
 
 # --- pytest: assertions on the worker's results -----------------------------------------------------
@@ -188,10 +201,11 @@ def test_training_losses_match_torch_in_bf16(worker):
         assert _rel(r[name]["losses"], r["torch"]["losses"]) <= LOSS_RTOL, (name, r[name], r["torch"])
     assert r["rltd_compile"]["kept"] == r["rltd_torch"]["kept"] == [8, 16, 24, 32]
     assert _rel(r["rltd_compile"]["losses"], r["rltd_torch"]["losses"]) <= LOSS_RTOL, r
+    assert _rel(r["recompute_compile"]["losses"], r["torch"]["losses"]) <= LOSS_RTOL, r
 
 
-def test_compile_trains_a_134m_model_like_torch(worker):
-    r = result(worker, "big_model")
+def test_compile_trains_a_134m_model_like_torch(big_worker):
+    r = result(big_worker, "big_model")
     print(f"\ngpt-base 12x768, 8 x 1024 tokens a step, bf16: median step torch {r['torch']['median_step_ms']:.1f} ms, "
           f"compile {r['compile']['median_step_ms']:.1f} ms (first step {r['torch']['first_step_s']:.1f} s / "
           f"{r['compile']['first_step_s']:.1f} s)")
