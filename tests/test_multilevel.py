@@ -524,6 +524,9 @@ def test_vcycle_records_are_ok_with_per_phase_extra(records):
     walls = [c[2] for c in ml["validation_curve"]]
     assert walls == sorted(walls) and walls[-1] == pytest.approx(m["walltime_s"])
     assert m["timed_steps"] == 10 - 3 * 1  # each phase's first (warm-up) step is not timed
+    # start-up is the run's first warm-up step, as for plain training: later phases' first steps are the
+    # technique's own cost
+    assert 0 < m["warmup_walltime_s"] < phases[0]["walltime_s"]
 
 
 @pytest.mark.slow

@@ -9,6 +9,8 @@ reduced on the device every step and read back only at log points, so logging do
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import time
 from dataclasses import dataclass, field
@@ -286,6 +288,27 @@ class Progress:
                 "tokens": steps * w.global_batch * w.seq_length, "flops": flops, "walltime_s": walltime}
 
 
+GC_EVERY = 50  # steps between collections of Python's young generations during training
+
+
+@contextlib.contextmanager
+def collections_between_steps():
+    """Python's cyclic garbage collector, when automatic, runs inside whichever step crosses its allocation
+    threshold and pauses the host for milliseconds; megatron waits for the gradient norm every step, so
+    the GPU idles for that pause and the step's time grows by it. As Megatron-LM (--manual-gc) and
+    torchtitan (gc_freq) do, training runs with the collector off, what exists at the start (model,
+    optimizer, data) is frozen out of its scans, and ``collect`` runs between steps, outside the clock.
+    Restored on exit, also on an error."""
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield lambda step: gc.collect(1) if (step + 1) % GC_EVERY == 0 else None
+    finally:
+        gc.enable()
+        gc.unfreeze()
+
+
 def train_phase(trainer: Trainer, run: Progress, fault=lambda step: None, *, label=None, point=None,
                 phase: int | None = None, eval_last: bool = False, end_validation: bool = False,
                 target: bool = True) -> None:
@@ -300,6 +323,12 @@ def train_phase(trainer: Trainer, run: Progress, fault=lambda step: None, *, lab
     ``warmup_steps``-th step. ``label(local)`` names a step in the progress lines, ``point(local)`` its
     schedule position (default ``Trainer.step_point``); a phase's first ``warmup_steps`` are untimed.
     """
+    with collections_between_steps() as collect:
+        _train_steps(trainer, run, fault, collect, label=label, point=point, phase=phase, eval_last=eval_last,
+                     end_validation=end_validation, target=target)
+
+
+def _train_steps(trainer, run, fault, collect, *, label, point, phase, eval_last, end_validation, target):
     w, ctx, n = run.w, run.ctx, trainer.spec.workload.steps
     label = label or (lambda local: f"step {local + 1}/{n}")
     point = point or trainer.step_point
@@ -313,6 +342,7 @@ def train_phase(trainer: Trainer, run: Progress, fault=lambda step: None, *, lab
         run.clock.start()
         run.losses.append(trainer.train_step(step))
         run.clock.stop()
+        collect(step)
         run.profiler.after(step)
         run.steps = step + 1
         run.step_flops.append(trainer.step_flops(local))
@@ -374,8 +404,7 @@ def run(spec, ctx, fault=lambda step: None) -> dict:
     extra = {name: t.extra() for name, t in zip(spec.tricks, trainer.tricks)}
     out = raw_result(spec, trainer, progress, validation=validation, curve=progress.curve,
                      flops_per_step=trainer.step_flops(steps - 1), target=target, heldout=heldout, extra=extra)
-    # start-up (first-step compilation, allocator growth) paid inside walltime_s and validation_curve
-    out.update(diverged=diverged, warmup_walltime_s=sum(times[:w.warmup_steps]))
+    out.update(diverged=diverged)
     return out
 
 
@@ -397,6 +426,9 @@ def raw_result(spec, trainer: Trainer, progress: Progress, *, validation, curve:
         "validation_samples": getattr(trainer, "validation_batches", None) if validation is not None else None,
         "summary": summarize(timed), "walltime_s": sum(p.times) + p.transitions, "target": target,
         "heldout": heldout, "extra": extra,
+        # start-up (first-step compilation, allocator growth) paid inside walltime_s and the validation
+        # curve: the run's first warmup_steps, the same for every workload and technique
+        "warmup_walltime_s": sum(p.times[:w.warmup_steps]),
     }
 
 
