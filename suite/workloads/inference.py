@@ -1,9 +1,10 @@
 """Inference workload: time to first token and per-token decode latency with a KV cache.
 
 For every point of the grid ``batch_sizes × prompt_lengths × gen_lengths`` (× eager / CUDA graph, per
-``workload.cuda_graph``; the decode step compiled or not, per ``model.kernels``) one *request* is: prefill of a synthetic prompt (random tokens, seeded),
-which yields the first greedy token, then ``gen`` decode steps, each feeding back the greedy token.
-``warmup_repeats`` requests run untimed, then ``repeats`` timed ones: the prefill as one interval and
+``workload.cuda_graph``; the decode step compiled or not, per ``model.kernels``) one *request* is:
+prefill of a synthetic prompt (random tokens, seeded), which yields the first greedy token, then ``gen``
+decode steps, each feeding back the greedy token. A compiled step is compiled before the first request
+(its time recorded apart). ``warmup_repeats`` requests run untimed, then ``repeats`` timed ones: the prefill as one interval and
 every decode step as its own. CUDA events on GPU, host clock on CPU, read on rank 0: every step ends
 with collectives that include rank 0 (TP all-reduces and a parallel mode's, or the PP broadcast of the token),
 so rank 0's clock spans the step.
