@@ -74,6 +74,24 @@ def test_validate_refuses_fp8_without_torchao(monkeypatch):
     assert e.value.key == "workload.precision" and "pip install 'suite[fp8]'" in e.value.fix
 
 
+def test_gpu_without_float8_tensor_cores_is_refused(monkeypatch):
+    """At build time on CUDA: compute capability below 8.9 (an A100 is 8.0) is a user error naming the fix."""
+    import torch
+
+    from suite.models import fp8
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100-SXM4-80GB")
+    for capability, refused in [((8, 0), True), ((8, 9), False), ((9, 0), False)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        if refused:
+            with pytest.raises(UserError) as e:
+                fp8.check_device(_spec())
+            assert e.value.key == "workload.precision" and "8.0" in str(e.value) and "bf16" in e.value.fix
+        else:
+            fp8.check_device(_spec())
+
+
 def test_cli_exits_2_naming_the_key():
     proc = run_suite("validate", UNIT, "--set", "parallel.tp=2")
     assert proc.returncode == 2, proc.stderr
