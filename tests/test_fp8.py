@@ -210,7 +210,8 @@ def check_technique_layer_spec_keeps_its_state(tmp):
         runtime = RandomLTDRuntime(spec, RandomLTDConfig(min_kept=9, step_size=1, schedule_steps=100))
         model = build(spec, runtime.layer_spec(gpt.layer_spec()), log=lambda *a: None).model
         runtime.begin_step(0)
-        dropping = [m for m in model.modules() if isinstance(m, RandomLTDLayer) and m.layer_number - 1 in m.drop_state.layers]
+        dropping = [m for m in model.modules()
+                    if isinstance(m, RandomLTDLayer) and m.layer_number - 1 in m.drop_state.layers]
         batch = TokenSource(spec).train_batch(0, spec.workload.micro_batch)
         tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
         positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)

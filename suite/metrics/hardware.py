@@ -3,8 +3,9 @@
 MFU divides by the datasheet dense bf16 peak of a *known* device; an unknown device gives ``None``
 (the report prints n/a) rather than a guess. fp8 variants (float8 GEMMs, ``suite.models.fp8``) are
 measured against the same bf16 peak, not the float8 one (twice as high): the model FLOPs are the same
-count, so their MFU and TFLOP/s compare directly with the bf16 variant's, and a higher MFU is the speed-up. The measured bf16 GEMM rate is probed once per
-(device, torch version) and cached in ``~/.cache/suite/ceilings.json`` (``SUITE_CACHE`` overrides).
+count, so their MFU and TFLOP/s compare directly with the bf16 variant's, and a higher MFU is the
+speed-up. The measured bf16 GEMM rate is probed once per (device, torch version) and cached in
+``~/.cache/suite/ceilings.json`` (``SUITE_CACHE`` overrides).
 """
 from __future__ import annotations
 

@@ -17,7 +17,9 @@ megatron's Column/RowParallelLinear, so a checkpoint moves between bf16 and fp8 
 
 What stays bf16, as in torchao's and Transformer Engine's recipes: the embeddings (a lookup, no GEMM),
 the LM head (its logits feed the loss's softmax directly, and it is the GEMM most sensitive to float8's
-~6% relative step, e4m3 having 3 mantissa bits), the norms and attention's score and value products.
+rounding, up to 6% of a value with e4m3's 3 mantissa bits), the norms, and attention's score and value
+products. ``suite.models.build`` applies the swap to whatever layer spec it is given, so techniques that
+hand in their own spec (random-LTD, Mixture-of-Depths, CQIL) get float8 layers too.
 
 Limits: tensor parallelism 1 only (``Float8Linear`` holds the whole weight and does none of megatron's TP
 communication; validate refuses tp > 1). ``torch._scaled_mm`` needs both dimensions of the weight to be
@@ -52,7 +54,7 @@ from torchao.float8.float8_linear import Float8Linear
 from suite.errors import fail
 
 SUBMODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-ALIGN = 16  # torch._scaled_mm: every GEMM dimension but the output's rows a multiple of 16
+ALIGN = 16  # torch._scaled_mm: both dimensions of each operand multiples of 16, but the first one's rows
 MIN_CAPABILITY = (8, 9)
 
 
@@ -119,7 +121,7 @@ def float8_config() -> Float8LinearConfig:
 
 
 def check_device(spec) -> None:
-    """Float8 tensor cores: compute capability >= 8.9 on every GPU this process uses."""
+    """Float8 tensor cores: compute capability >= 8.9 on this process's GPU."""
     if not torch.cuda.is_available():
         return
     capability = torch.cuda.get_device_capability()
@@ -158,5 +160,5 @@ def layer_spec(spec, layer):
 
 
 def float8_layers(model: torch.nn.Module) -> list[str]:
-    """Names of the modules whose GEMMs run in float8 (records and tests read it)."""
+    """Names of the modules whose GEMMs run in float8."""
     return [name for name, m in model.named_modules() if isinstance(m, Float8Linear)]

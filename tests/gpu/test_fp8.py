@@ -133,8 +133,8 @@ def check_layer(folder):
     x_ref = x.detach().float().requires_grad_()
     w_ref = layer.weight.detach().float().requires_grad_()
     (x_ref @ w_ref.t()).backward(g.float())
-    return {"emulate": layer.config.emulate, "scaled_mm_calls": calls, "forward": _rel(y, x_ref.detach() @ w_ref.detach().t()),
-            "grad_input": _rel(x.grad, x_ref.grad), "grad_weight": _rel(layer.weight.grad, w_ref.grad)}
+    return {"emulate": layer.config.emulate, "scaled_mm_calls": calls,
+            "forward": _rel(y, x_ref.detach() @ w_ref.detach().t()), "grad_input": _rel(x.grad, x_ref.grad), "grad_weight": _rel(layer.weight.grad, w_ref.grad)}
 
 
 def check_model(folder):
