@@ -40,8 +40,15 @@ offloading context manager, so dynamo also gives up on the rest of that frame. `
 of a local-spec layer in training (torch 2.13, CPU) counted 8 breaks and 9 graphs. ``compile_layers``
 therefore substitutes a no-op for ``warnings.warn`` inside compiled graphs (``torch.compiler.
 substitute_in_graph``; eager code warns as before), and a layer compiles to one graph with no break.
-The cost: a warning raised inside a compiled region is not shown. Random-LTD's layer still breaks at its
-index drawing (a seeded generator) and trains the same losses compiled (tests/test_kernels.py).
+The cost: a warning raised inside a compiled region is not shown.
+
+A technique's layer that overrides ``TransformerLayer.forward`` (random-LTD's token dropping) keeps that
+forward eager and compiles the two halves megatron's forward calls through ``self``
+(``_forward_attention``: norm, attention, residual; ``_forward_mlp``: norm, MLP, residual). Compiling
+its forward instead guards on the technique's per-step Python state (random-LTD's step, sample offset
+and layer number): every step recompiled until dynamo's recompile limit left the layer eager. The halves
+see only tensors of a new length, which ``dynamic=None`` covers; random-LTD trains the same losses
+compiled (tests/test_kernels.py).
 """
 from __future__ import annotations
 
@@ -132,7 +139,12 @@ def compile_layers(spec, chunks) -> int:
     _no_warnings_in_graphs()
     layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TransformerLayer)]
     for layer in layers:
-        layer.compile(dynamic=None)  # see the module docstring: static first, symbolic on a new length
+        # dynamic=None: see the module docstring (static first, symbolic on a new length)
+        if type(layer).forward is TransformerLayer.forward:
+            layer.compile(dynamic=None)  # the whole layer: one graph
+        else:  # a technique's forward stays eager; megatron's forward calls these two through self
+            layer._forward_attention = torch.compile(layer._forward_attention, dynamic=None)
+            layer._forward_mlp = torch.compile(layer._forward_mlp, dynamic=None)
     return len(layers)
 
 
