@@ -13,8 +13,8 @@ tests/check_worker.py), in fp32 on CPU, on a 2-layer h=64 model (tests/scenarios
   give the eager losses too;
 * ``torch._dynamo.explain`` of one local-spec layer as 'compile' builds it: one graph, no break.
 
-Compilation on CPU costs seconds per graph (inductor writes C++), so the worker takes ~40-60 s from a
-cold inductor cache and less once ``/tmp/torchinductor_*`` holds the graphs.
+Compilation on CPU costs seconds per graph (inductor writes C++): the file took 55 s from a cold inductor
+cache and 20 s once ``/tmp/torchinductor_*`` held the graphs (2 shared cores).
 """
 from __future__ import annotations
 
