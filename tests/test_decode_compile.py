@@ -122,7 +122,7 @@ def test_suite_run_with_compiled_decode_records_the_check(tmp_path):
 
 
 def test_latency_rows_show_the_check_and_bandwidth_share_for_every_variant():
-    from suite.report.latency import COLUMNS, latency_rows
+    from suite.report.latency import COLUMNS, COMPILED_NOTE, latency_rows, latency_section
 
     def entry(graph, compiled, fraction):
         return {"batch": 1, "prompt": 8, "gen": 4, "cuda_graph": graph, "compiled": compiled, "repeats": 3,
@@ -144,6 +144,8 @@ def test_latency_rows_show_the_check_and_bandwidth_share_for_every_variant():
     assert [t["decode"] for t in table] == ["eager", "graph", "eager compiled", "graph compiled"]
     assert table[0]["graph check"] == "—"
     assert all(t["graph check"].startswith("same / ") for t in table[1:])
+    assert COMPILED_NOTE in latency_section(recs, {})  # said once, only where a row is compiled
+    assert COMPILED_NOTE not in latency_section(recs[:1], {})
 
 
 @pytest.mark.parametrize("fixed, full, length, explicit", [

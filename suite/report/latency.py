@@ -16,15 +16,14 @@ from suite.report.plugins import layout_label
 from suite.report.select import baseline_of, failure, is_ok, metric, relative_change
 
 NOTE = ("TTFT: time to first token (prefill + first greedy token), median ± half the p10–p90 spread of the "
-        "timed requests. Decode: one step, one new token per sequence; 'compiled': the step ran under "
-        "torch.compile ([model] kernels = 'compile', compiled before timing). Decode bandwidth: bytes a step must "
-        "read per step time, as a share of the measured copy bandwidth of all GPUs, for every variant and point "
-        "(n/a: no GPU ceiling or no decode steps). Repeats agree: every request of the point gave the same greedy "
-        "tokens (no: nondeterministic kernels). Graph check (CUDA-graph and compiled rows): greedy tokens equal "
-        "to eager / max relative logits difference at the first decode step; a compiled row's reference is a "
-        "plain eager request of the same point. "
+        "timed requests. Decode: one step, one new token per sequence. Decode bandwidth: bytes a step must "
+        "read per step time, as a share of the measured copy bandwidth of all GPUs. Repeats agree: every "
+        "request of the point gave the same greedy tokens (no: nondeterministic kernels). Graph check (CUDA-graph "
+        "rows): greedy tokens equal to eager / max relative logits difference at the first decode step. "
         "Δ: relative to the baseline variant at the same (batch, prompt, gen, eager|graph) point, negative "
         "is faster; (noise): smaller than the larger of the two runs' relative spreads.")
+COMPILED_NOTE = ("Decode 'compiled': the step ran under torch.compile ([model] kernels = 'compile'), compiled before "
+                 "the timed requests; its graph check compares it with a plain eager request of the same point.")
 
 
 def is_inference(rec: dict) -> bool:
@@ -196,5 +195,5 @@ def latency_section(records: list[dict], ctx: dict) -> list[str]:
         parts += ["### Latency",
                   fmt.table([h for h, _ in COLUMNS], [[cell(r) for _, cell in COLUMNS] for r in rows],
                             "lrrrl" + "r" * (len(COLUMNS) - 5)),
-                  NOTE] + _fastest_lines(rows)
+                  NOTE] + ([COMPILED_NOTE] if any(r["compiled"] for r in rows) else []) + _fastest_lines(rows)
     return parts
