@@ -1,8 +1,8 @@
 """Kernel back-ends on CUDA in bf16 (suite.models.kernels): 'fused' and 'compile' against 'torch'.
 
 The megatron-core checks run in two worker subprocesses (``python THIS_FILE --worker small|big OUT DIR``):
-megatron's parallel_state is process-global, so it must not leak into other test files. The worker is a world of
-one over NCCL on GPU 0, without the CPU compat layer.
+megatron's parallel_state is process-global, so it must not leak into other test files. Each worker is a
+world of one over NCCL on GPU 0, without the CPU compat layer.
 
 Tolerances (bf16 weights in the forward, fp32 master weights and gradient buffers; the back-ends round
 in different places: the fused SwiGLU and cross-entropy keep fp32 inside a kernel, inductor fuses the
@@ -12,9 +12,9 @@ norm and RoPE arithmetic):
   1e-2 relative, every parameter's gradient at cosine similarity >= 0.999 to 'torch';
 * 4 training steps of the same model: losses within 1e-2 relative; random-LTD's changing kept lengths
   under 'compile' too, and 'compile' with full activation recompute (CUDA only in megatron-core);
-* a ~134M model (preset gpt-base, 12 x 768, seq 1024, micro-batch 8) trained 8 steps with 'torch' and
-  with 'compile': losses within 2e-2 relative. Not a timed test: the step times are printed (``-s``) for
-  the reports; the assertion is that compile runs and learns the same.
+* a ~134M model (preset gpt-base, 12 x 768, seq 1024, micro-batch 8, the built-in text as bytes) trained
+  8 steps with 'torch' and with 'compile': losses within 2e-2 relative. Not a timed test: the step times
+  are printed (``-s``) for the reports; the assertion is that compile runs and learns the same.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ RLTD = ["tricks.random_ltd.min_kept=8", "tricks.random_ltd.step_size=8", "tricks
 RECOMPUTE = ["parallel.recompute=full"]  # megatron re-runs each compiled layer in the backward (CUDA only)
 BIG = ["model.preset=gpt-base", "model.num_layers=12", "workload.seq_length=1024", "workload.micro_batch=8",
        "workload.global_batch=8", "workload.steps=8", "workload.warmup_steps=3", "workload.lr=6e-4",
-       "workload.min_lr=6e-5", "workload.lr_warmup_steps=2"]
+       "workload.min_lr=6e-5", "workload.lr_warmup_steps=2", "data.source=text", "data.path=builtin:shakespeare"]
 
 
 def _run_worker(folder: Path, group: str) -> dict:
