@@ -56,8 +56,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-NAMES = ("torch", "fused", "compile")
-
 # megatron-core's fusions that need no Transformer Engine (see the module docstring)
 _FUSED_CONFIG = {"bias_activation_fusion": True}
 # ... and the one that needs bf16 weights (its backward casts the logits' gradient to bf16)
@@ -131,7 +129,8 @@ def _torch_optimizers(optimizer) -> list:
 
 def compile_layers(spec, chunks) -> int:
     """Put every ``TransformerLayer`` of ``chunks`` under torch.compile when the back-end asks for it;
-    returns how many. In place: ``nn.Module.compile`` keeps the module, its parameters and their names."""
+    returns how many. In place (``nn.Module.compile``, or compiled methods on the instance): the modules,
+    their parameters and their names stay those of the eager model."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     if not backend(spec).compiled_layers:
