@@ -194,8 +194,8 @@ def point_entry(pt: dict, shape: F.Shape, elem: int, world: int, peak_tflops, co
     nbytes = decode_bytes_per_step(shape, b, p, g, elem) if g else None
     bandwidth = nbytes / dec["median"] / 1e12 if dec else None
     return {
-        "batch": b, "prompt": p, "gen": g, "cuda_graph": pt["cuda_graph"], "compiled": pt["compiled"],
-        "decode_compile_s": pt["compile_s"], "repeats": len(pt["prefill_s"]),
+        "batch": b, "prompt": p, "gen": g, "cuda_graph": pt["cuda_graph"],
+        "compiled": pt.get("compiled", False), "decode_compile_s": pt.get("compile_s"),  # other workloads: absent "repeats": len(pt["prefill_s"]),
         **{f"prefill_ms_{k}": _ms(pre, k) for k in ("median", "p10", "p90", "p99")},
         "prefill_tokens_per_s": b * p / pre["median"], "prefill_flops": flops,
         "prefill_tflops_per_gpu": tflops, "prefill_mfu": tflops / peak_tflops if peak_tflops else None,
