@@ -4,10 +4,10 @@ For every point of the grid ``batch_sizes × prompt_lengths × gen_lengths`` (×
 ``workload.cuda_graph``; the decode step compiled or not, per ``model.kernels``) one *request* is:
 prefill of a synthetic prompt (random tokens, seeded), which yields the first greedy token, then ``gen``
 decode steps, each feeding back the greedy token. A compiled step is compiled before the first request
-(its time recorded apart). ``warmup_repeats`` requests run untimed, then ``repeats`` timed ones: the prefill as one interval and
-every decode step as its own. CUDA events on GPU, host clock on CPU, read on rank 0: every step ends
-with collectives that include rank 0 (TP all-reduces and a parallel mode's, or the PP broadcast of the token),
-so rank 0's clock spans the step.
+(its time recorded apart). ``warmup_repeats`` requests run untimed, then ``repeats`` timed ones: the
+prefill as one interval and every decode step as its own. CUDA events on GPU, host clock on CPU, read on
+rank 0: every step ends with collectives that include rank 0 (TP all-reduces and a parallel mode's, or
+the PP broadcast of the token), so rank 0's clock spans the step.
 
 The generation engine (this rank's model, its KV cache, prefill, decode step and CUDA-graph capture)
 is ``suite.models.generate.Engine``; this module times it and turns the timings into metrics.
@@ -195,7 +195,8 @@ def point_entry(pt: dict, shape: F.Shape, elem: int, world: int, peak_tflops, co
     bandwidth = nbytes / dec["median"] / 1e12 if dec else None
     return {
         "batch": b, "prompt": p, "gen": g, "cuda_graph": pt["cuda_graph"],
-        "compiled": pt.get("compiled", False), "decode_compile_s": pt.get("compile_s"),  # other workloads: absent "repeats": len(pt["prefill_s"]),
+        "compiled": pt.get("compiled", False), "decode_compile_s": pt.get("compile_s"),  # absent: speculative's
+        "repeats": len(pt["prefill_s"]),
         **{f"prefill_ms_{k}": _ms(pre, k) for k in ("median", "p10", "p90", "p99")},
         "prefill_tokens_per_s": b * p / pre["median"], "prefill_flops": flops,
         "prefill_tflops_per_gpu": tflops, "prefill_mfu": tflops / peak_tflops if peak_tflops else None,
