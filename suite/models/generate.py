@@ -26,16 +26,15 @@ Compiled decode (``[model] kernels = "compile"``): that same step, ``_decode_com
 step of a request: ``dynamic=False``, and ``allocate`` drops the previous size's graphs
 (``torch.compiler.reset``) so that a long grid never reaches dynamo's recompile limit. On a GPU the mode
 is ``max-autotune-no-cudagraphs``: the engine captures the compiled step in its own CUDA graph (or, with
-``cuda_graph = "off"``, runs it as is). One megatron-core detail is hidden from the tracer:
-``RowParallelLinear`` passes no TP group and its helper then calls ``warnings.warn`` on every call, a
-graph break per linear layer (about 20 graphs for 8 layers instead of 1); the compiled calls run with
-``warnings.warn`` in dynamo's ``ignore_logging_functions`` (a no-op inside the traced code only).
+``cuda_graph = "off"``, runs it as is). Megatron-core's per-call ``warnings.warn`` (RowParallelLinear
+passes no TP group) would split the step into a graph per linear layer (20 graphs for 8 layers instead
+of 1, torch 2.13 CPU); the step uses the kernel back-end's no-op substitute for it inside compiled
+graphs (``suite.models.kernels``), so it compiles to one graph.
 """
 from __future__ import annotations
 
 import contextlib
 import time
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +45,7 @@ from megatron.core.tensor_parallel import random as mrandom
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 from suite import registry
-from suite.models import gpt
+from suite.models import gpt, kernels
 from suite.models.attention import SDPAttention
 from suite.models.build import build
 
@@ -98,16 +97,6 @@ def rng_fork_disabled():
         yield
     finally:
         mrandom.CudaRNGStatesTracker.fork = fork
-
-
-def _traceable_megatron():
-    """Dynamo settings for tracing megatron-core's decode path as one graph: ``warnings.warn`` (called by
-    ``get_tensor_model_parallel_group_if_none`` on every RowParallelLinear call) is a no-op in the traced
-    code instead of a graph break. Torch releases without the setting break the graph there, as before."""
-    config = torch._dynamo.config
-    if not hasattr(config, "ignore_logging_functions"):
-        return contextlib.nullcontext()
-    return config.patch(ignore_logging_functions={*config.ignore_logging_functions, warnings.warn})
 
 
 class Engine:
@@ -266,12 +255,8 @@ class Engine:
             return 0.0
         if self.compiled_step is None:
             mode = "max-autotune-no-cudagraphs" if self.cuda else None  # the engine captures graphs itself
-            fn = torch.compile(self._decode_compute, mode=mode, dynamic=False)
-
-            def step():
-                with _traceable_megatron():
-                    fn()
-            self.compiled_step = step
+            kernels._no_warnings_in_graphs()  # megatron's per-call warning: no graph break
+            self.compiled_step = torch.compile(self._decode_compute, mode=mode, dynamic=False)
         saved = self.tokens.clone(), self.state.pos.clone()
         start = time.perf_counter()
         self.step()
