@@ -105,7 +105,8 @@ class Engine:
 
     After ``allocate(b, capacity)``: ``prefill(prompt)`` then ``decode()`` steps; ``tokens`` [b, 1]
     holds the latest greedy tokens on every rank (the next step's input), ``logits`` [b, vocab]
-    the logits that chose them (last pipeline stage).
+    the logits that chose them (last pipeline stage). After a prefill, ``compile()`` (``[model] kernels =
+    "compile"``) and ``capture()`` make the following ``decode()`` steps compiled and/or graph replays.
     """
 
     def __init__(self, spec, log=print, group_timeout_s: float | None = None):
