@@ -5,5 +5,5 @@ set -uo pipefail
 source bench/gpu_env.sh || exit 1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor  # one compile cache for every variant of the run
 res=$OUT/kernels
-python3 -m suite run scenarios/kernels.toml --set workload.timeout_s=300 "$@" --out "$res" 2>&1 | quiet | tee "$OUT/kernels.log"
+python3 -m suite run scenarios/kernels.toml --set workload.timeout_s=300 "$@" --out "$res" 2>&1 | quiet | tee -a "$OUT/kernels.log"
 python3 -m suite report "$res" -o "$res/report.md"

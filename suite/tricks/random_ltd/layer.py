@@ -116,9 +116,11 @@ class RandomLTDRuntime(TrickRuntime):
         spec = copy.deepcopy(spec)
         spec.module = RandomLTDLayer
         spec.params = {**(spec.params or {}), "drop_state": self.state}
-        # kept lengths change every few steps: keep attention off per-shape-planned backends
+        # kept lengths change every few steps: keep attention off per-shape-planned backends below the
+        # full length (which recurs every step, so the default selection pays off there)
         attn = spec.submodules.self_attention.submodules
-        attn.core_attention = ModuleSpec(module=attn.core_attention, params={"fixed_shapes": False})
+        attn.core_attention = ModuleSpec(module=attn.core_attention,
+                                         params={"fixed_shapes": False, "full_length": self.S})
         return spec
 
     def begin_step(self, step: int) -> None:
