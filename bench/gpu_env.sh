@@ -6,5 +6,7 @@ export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 [ -d /tmp/site/megatron ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || return 1
 export PYTHONPATH=/tmp/site:$PWD
 export OUT=${OUT:-/tmp/out}
+# a tree snapshot made with `git archive` has no .git: its commit travels in .commit (the records' env.git_commit)
+[ -f .commit ] && export SUITE_GIT_COMMIT=$(cat .commit)
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
 quiet() { grep --line-buffered -v -E "^W[0-9]{4}|UserWarning|warnings.warn|^\*{5}|OMP_NUM_THREADS" ; }

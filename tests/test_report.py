@@ -656,3 +656,16 @@ def test_plot_skips_curve_points_whose_loss_was_not_finite():
 
     rec = {"metrics": {"validation_curve": [[10, 3.0, 1.0, 100], [20, None, 2.0, 200], [30, 2.5, 3.0, 300]]}}
     assert curve(rec) == [[10, 3.0, 1.0, 100, 0], [30, 2.5, 3.0, 300, 0]]
+
+
+def test_a_baseline_on_synthetic_tokens_sets_no_default_target():
+    """Uniform random tokens carry no quality, so their final loss is no target; an asked target still is."""
+    from suite.report.quality import quality_rows
+
+    base = seeded("base", 1, [[10, 2.0, 3.0, 100], [20, 1.5, 5.0, 200]], baseline=True)
+    other = seeded("other", 1, [[10, 1.5, 2.5, 50], [20, 1.4, 4.0, 100]], lr=2e-3)
+    assert quality_rows([base, other])[0] == base["metrics"]["validation_loss"]  # real text: its final loss
+    base["config"]["data"] = {"source": "synthetic"}
+    assert quality_rows([base, other]) == (None, [])
+    target, rows = quality_rows([base, other], asked=1.5)
+    assert target == 1.5 and [r["reached"] for r in rows] == [True, True]

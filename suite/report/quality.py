@@ -6,7 +6,8 @@ stopped at (``workload.target_loss``,
 carried in the records' ``target`` block), else the baseline variant's final validation loss. A
 variant reaches it at the first validation whose loss is at or below the target; its cost there is
 the curve point's steps, tokens, model FLOPs and training walltime (step times summed, validation
-passes excluded).
+passes excluded). A baseline trained on synthetic tokens sets no default target (its loss measures
+no quality).
 
 Start-up (first-step compilation, allocator growth) is paid by every variant but not equally. Records
 that carry ``metrics.warmup_walltime_s`` (the time of the first ``workload.warmup_steps`` steps) also
@@ -35,7 +36,10 @@ def target_of(records: list[dict], asked: float | None = None) -> float | None:
         t = metric(rec, "target", "target_loss")
         if t is not None:
             return t
-    return metric(baseline_of(records), "validation_loss")
+    base = baseline_of(records)
+    if ((base or {}).get("config") or {}).get("data", {}).get("source") == "synthetic":
+        return None  # a loss on uniform random tokens says nothing about quality: no default target
+    return metric(base, "validation_loss")
 
 
 def config_key(rec: dict) -> str:
