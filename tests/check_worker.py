@@ -30,12 +30,14 @@ def run_suite(*args, timeout_s: int = 120) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=timeout_s)
 
 
-def run_worker(test_file: str, folder: Path, timeout_s: int = 300) -> dict:
-    """{check name: {"error": str | None, "data": ...}} from running test_file's worker."""
+def run_worker(test_file: str, folder: Path, timeout_s: int = 300, *args: str) -> dict:
+    """{check name: {"error": str | None, "data": ...}} from running test_file's worker
+    (``python TEST_FILE --worker OUT DIR ARGS...``)."""
     out = folder / "results.json"
-    r = subprocess.run([sys.executable, str(Path(test_file).resolve()), "--worker", str(out), str(folder)],
+    r = subprocess.run([sys.executable, str(Path(test_file).resolve()), "--worker", str(out), str(folder), *args],
                        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout_s)
-    assert r.returncode == 0 and out.exists(), f"worker failed ({r.returncode})\n{r.stdout}\n{r.stderr}"
+    assert r.returncode == 0 and out.exists(), \
+        f"worker failed ({r.returncode})\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
     return json.loads(out.read_text())
 
 
@@ -45,18 +47,27 @@ def result(worker: dict, name: str):
     return entry["data"]
 
 
-def worker_main(checks, out_path: str, folder: str) -> int:
-    """The worker: world size 1 over gloo, then every check, each from the same seed."""
+def worker_main(checks, out_path: str, folder: str, cuda: bool = False) -> int:
+    """The worker: world size 1 (over gloo with the CPU compat layer; with ``cuda`` over NCCL on GPU 0,
+    megatron's CUDA RNG tracker seeded as the runner seeds it), then every check, each from the same seed."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from suite.launch import cpu_compat
+    if cuda:
+        torch.cuda.set_device(0)
+    else:
+        from suite.launch import cpu_compat
 
-    torch.set_num_threads(1)
-    cpu_compat.enable()
-    dist.init_process_group("gloo", init_method=f"file://{folder}/pg_store", rank=0, world_size=1)
+        torch.set_num_threads(1)
+        cpu_compat.enable()
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{folder}/pg_store", rank=0,
+                            world_size=1)
     ps.initialize_model_parallel()
+    if cuda:
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(1234)
     results = {}
     for check in checks:
         torch.manual_seed(1234)

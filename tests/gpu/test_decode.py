@@ -19,13 +19,13 @@ groups, vocab 1024, random weights; 2 sequences, a 16-token prompt, 12 greedy st
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import traceback
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the worker harness, in the worker too
+from check_worker import result, run_suite, run_worker, worker_main  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -65,26 +65,9 @@ cuda_graph = "both"
 """
 
 
-def _env() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUITE_INJECT_FAULT")}
-    return {**env, "PYTHONWARNINGS": "ignore"}
-
-
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("decode_gpu_worker")
-    out = folder / "results.json"
-    r = subprocess.run([sys.executable, __file__, "--worker", str(out), str(folder)], cwd=ROOT, env=_env(),
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and out.exists(), f"worker failed ({r.returncode})\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
-    return json.loads(out.read_text())
-
-
-def result(worker: dict, name: str):
-    entry = worker[name]
-    assert entry["error"] is None, f"{name} failed in the worker:\n{entry['error']}"
-    return entry["data"]
+    return run_worker(__file__, tmp_path_factory.mktemp("decode_gpu_worker"), 600)
 
 
 # --- run in the worker subprocess -------------------------------------------------------------------
@@ -163,30 +146,8 @@ def check_bf16(folder):
 CHECKS = [check_fp32, check_bf16]
 
 
-def worker_main(out_path: str, folder: str) -> int:
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", init_method=f"file://{folder}/pg_store", rank=0, world_size=1)
-    ps.initialize_model_parallel()
-    results = {}
-    for check in CHECKS:
-        torch.manual_seed(1234)
-        try:
-            results[check.__name__[len("check_"):]] = {"error": None, "data": check(folder)}
-        except Exception:
-            results[check.__name__[len("check_"):]] = {"error": traceback.format_exc(), "data": None}
-    Path(out_path).write_text(json.dumps(results))
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
-    return 0
-
-
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
-    sys.path.insert(0, str(ROOT))
-    sys.exit(worker_main(sys.argv[2], sys.argv[3]))
+    sys.exit(worker_main(CHECKS, sys.argv[2], sys.argv[3], cuda=True))
 
 
 # --- pytest: assertions on the worker's results -----------------------------------------------------
@@ -214,8 +175,7 @@ def test_graph_decode_gives_the_eager_tokens_in_bf16(worker):
 def test_inference_workload_checks_compiled_decode(tmp_path):
     scenario = tmp_path / "s.toml"
     scenario.write_text(SCENARIO)
-    r = subprocess.run([sys.executable, "-m", "suite", "run", str(scenario), "--out", str(tmp_path / "out")],
-                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    r = run_suite("run", scenario, "--out", tmp_path / "out", timeout_s=600)
     assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
     (rec,) = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     assert rec["status"] == "ok", rec.get("error")

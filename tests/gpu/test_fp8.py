@@ -20,15 +20,14 @@ of fp32 in relative Frobenius norm):
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the worker harness, in the worker too
+from check_worker import result, run_worker, worker_main  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -57,20 +56,7 @@ def worker(tmp_path_factory):
     ok, why = _capable()
     if not ok:
         pytest.skip(why)
-    folder = tmp_path_factory.mktemp("fp8_gpu_worker")
-    out = folder / "results.json"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUITE_INJECT_FAULT")}
-    r = subprocess.run([sys.executable, __file__, "--worker", str(out), str(folder)], cwd=ROOT,
-                       env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and out.exists(), f"worker failed ({r.returncode})\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
-    return json.loads(out.read_text())
-
-
-def result(worker: dict, name: str):
-    entry = worker[name]
-    assert entry["error"] is None, f"{name} failed in the worker:\n{entry['error']}"
-    return entry["data"]
+    return run_worker(__file__, tmp_path_factory.mktemp("fp8_gpu_worker"), 600)
 
 
 # --- run in the worker subprocess -------------------------------------------------------------------
@@ -192,32 +178,8 @@ def check_training(folder):
 CHECKS = [check_layer, check_model, check_training]
 
 
-def worker_main(out_path: str, folder: str) -> int:
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", init_method=f"file://{folder}/pg_store", rank=0, world_size=1)
-    ps.initialize_model_parallel()
-    model_parallel_cuda_manual_seed(1234)  # as the runner does: megatron's CUDA RNG tracker
-    results = {}
-    for check in CHECKS:
-        torch.manual_seed(1234)
-        try:
-            results[check.__name__[len("check_"):]] = {"error": None, "data": check(folder)}
-        except Exception:
-            results[check.__name__[len("check_"):]] = {"error": traceback.format_exc(), "data": None}
-    Path(out_path).write_text(json.dumps(results))
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
-    return 0
-
-
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
-    sys.path.insert(0, str(ROOT))
-    sys.exit(worker_main(sys.argv[2], sys.argv[3]))
+    sys.exit(worker_main(CHECKS, sys.argv[2], sys.argv[3], cuda=True))
 
 
 # --- pytest: assertions on the worker's results -----------------------------------------------------

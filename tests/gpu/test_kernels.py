@@ -19,15 +19,14 @@ norm and RoPE arithmetic):
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the worker harness, in the worker too
+from check_worker import result, run_worker, worker_main  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -44,13 +43,7 @@ BIG = ["model.preset=gpt-base", "model.num_layers=12", "workload.seq_length=1024
 
 
 def _run_worker(folder: Path, group: str) -> dict:
-    out = folder / "results.json"
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SUITE_INJECT_FAULT")}
-    r = subprocess.run([sys.executable, __file__, "--worker", group, str(out), str(folder)], cwd=ROOT,
-                       env={**env, "PYTHONWARNINGS": "ignore"}, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0 and out.exists(), f"worker failed ({r.returncode})\n{r.stdout[-4000:]}\n{r.stderr[-6000:]}"
-    return json.loads(out.read_text())
+    return run_worker(__file__, folder, 300, group)
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +57,6 @@ def big_worker(tmp_path_factory):
     """The 134M model's check (another subprocess, so each test's share stays under two minutes)."""
     return _run_worker(tmp_path_factory.mktemp("kernels_gpu_big"), "big")
 
-
-def result(worker: dict, name: str):
-    entry = worker[name]
-    assert entry["error"] is None, f"{name} failed in the worker:\n{entry['error']}"
-    return entry["data"]
 
 
 # --- run in the worker subprocess -------------------------------------------------------------------
@@ -163,30 +151,8 @@ def check_big_model(folder):
 CHECKS = {"small": [check_forward_backward, check_training, check_recompute], "big": [check_big_model]}
 
 
-def worker_main(group: str, out_path: str, folder: str) -> int:
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    torch.cuda.set_device(0)
-    dist.init_process_group("nccl", init_method=f"file://{folder}/pg_store", rank=0, world_size=1)
-    ps.initialize_model_parallel()
-    results = {}
-    for check in CHECKS[group]:
-        torch.manual_seed(1234)
-        try:
-            results[check.__name__[len("check_"):]] = {"error": None, "data": check(folder)}
-        except Exception:
-            results[check.__name__[len("check_"):]] = {"error": traceback.format_exc(), "data": None}
-    Path(out_path).write_text(json.dumps(results))
-    ps.destroy_model_parallel()
-    dist.destroy_process_group()
-    return 0
-
-
 if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--worker":
-    sys.path.insert(0, str(ROOT))
-    sys.exit(worker_main(*sys.argv[2:]))
+    sys.exit(worker_main(CHECKS[sys.argv[4]], sys.argv[2], sys.argv[3], cuda=True))
 
 
 # --- pytest: assertions on the worker's results -----------------------------------------------------
