@@ -256,7 +256,7 @@ class Engine:
             return 0.0
         if self.compiled_step is None:
             mode = "max-autotune-no-cudagraphs" if self.cuda else None  # the engine captures graphs itself
-            kernels._no_warnings_in_graphs()  # megatron's per-call warning: no graph break
+            kernels.no_warnings_in_graphs()  # megatron's per-call warning: no graph break
             self.compiled_step = torch.compile(self._decode_compute, mode=mode, dynamic=False)
         saved = self.tokens.clone(), self.state.pos.clone()
         start = time.perf_counter()

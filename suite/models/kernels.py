@@ -135,7 +135,7 @@ def compile_layers(spec, chunks) -> int:
 
     if not backend(spec).compiled_layers:
         return 0
-    _no_warnings_in_graphs()
+    no_warnings_in_graphs()
     layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TransformerLayer)]
     for layer in layers:
         # dynamic=None: see the module docstring (static first, symbolic on a new length)
@@ -150,7 +150,7 @@ def compile_layers(spec, chunks) -> int:
 _SILENCED = []
 
 
-def _no_warnings_in_graphs() -> None:
+def no_warnings_in_graphs() -> None:
     """``warnings.warn`` traced by dynamo becomes a no-op, once per process (see the module docstring:
     megatron's per-call deprecation warning would otherwise split every layer into 9 graphs)."""
     if _SILENCED:
