@@ -112,6 +112,7 @@ def test_suite_run_with_compiled_decode_records_the_check(tmp_path):
     assert (e["batch"], e["prompt"], e["gen"], e["cuda_graph"], e["compiled"]) == (2, 8, 4, False, True)
     assert e["decode_compile_s"] > 0 and e["repeats"] == 2 and e["decode_steps"] == 4 * 2
     assert e["same_tokens_as_eager"] is True and e["graph_logits_rel_diff"] < 1e-5
+    assert e["tokens_differ_from"] is None
     assert e["repeats_same_tokens"] is True
 
     from suite.report.latency import COLUMNS, latency_rows

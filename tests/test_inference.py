@@ -269,3 +269,11 @@ def test_report_reads_inference_records(records):
 
 if __name__ == "__main__":
     worker(sys.argv[1], sys.argv[2], sys.argv[3:])
+
+
+def test_first_difference_names_the_first_generated_position_that_differs():
+    from suite.workloads.inference import first_difference
+
+    assert first_difference([[5, 6, 7], [1, 2, 3]], [[5, 6, 7], [1, 2, 3]]) is None
+    assert first_difference([[5, 6, 7], [1, 2, 3]], [[5, 6, 7], [1, 9, 3]]) == 1  # any sequence of the batch
+    assert first_difference([[4, 6, 7]], [[5, 6, 7]]) == 0  # the prefill's token: later logits compare other inputs

@@ -22,6 +22,9 @@ NOTE = ("TTFT: time to first token (prefill + first greedy token), median ± hal
         "rows): greedy tokens equal to eager / max relative logits difference at the first decode step. "
         "Δ: relative to the baseline variant at the same (batch, prompt, gen, eager|graph) point, negative "
         "is faster; (noise): smaller than the larger of the two runs' relative spreads.")
+DIFFERS_NOTE = ("Differs from token k: the first generated position whose greedy token differs from the "
+                "reference's (0: already the prefill's token, so the first decode step's logits were computed "
+                "from different inputs and their difference is not a measure of the step's accuracy).")
 COMPILED_NOTE = ("Decode 'compiled': the step ran under torch.compile ([model] kernels = 'compile'), compiled before "
                  "the timed requests; its graph check compares it with a plain eager request of the same point.")
 
@@ -90,7 +93,7 @@ def latency_rows(records: list[dict]) -> list[dict]:
                 "decode_tokens_per_s": e.get("decode_tokens_per_s"),
                 "decode_bandwidth_fraction": e.get("decode_bandwidth_fraction"), "prefill_mfu": e.get("prefill_mfu"),
                 "repeats_same_tokens": e.get("repeats_same_tokens"),
-                "same_tokens_as_eager": e.get("same_tokens_as_eager"),
+                "same_tokens_as_eager": e.get("same_tokens_as_eager"), "tokens_differ_from": e.get("tokens_differ_from"),
                 "graph_logits_rel_diff": e.get("graph_logits_rel_diff"),
                 "delta_decode_pct": delta_decode, "delta_decode_noise": decode_noise,
                 "delta_prefill_pct": delta_prefill, "delta_prefill_noise": prefill_noise,
@@ -117,6 +120,8 @@ def _graph_check(r: dict) -> str:
     if not (r["cuda_graph"] or r["compiled"]):
         return "—"
     same = {True: "same", False: "differs", None: fmt.NA}[r["same_tokens_as_eager"]]
+    if r.get("tokens_differ_from") is not None:  # records since the field exists
+        same += f" from token {r['tokens_differ_from']}"
     diff = r["graph_logits_rel_diff"]
     return same if diff is None else f"{same} / {diff:.1e}"
 
@@ -192,8 +197,10 @@ def latency_section(records: list[dict], ctx: dict) -> list[str]:
     rows = ctx["latency_rows"] = latency_rows(records)
     parts = [_variants_table(records)]
     if rows:
-        parts += ["### Latency",
-                  fmt.table([h for h, _ in COLUMNS], [[cell(r) for _, cell in COLUMNS] for r in rows],
-                            "lrrrl" + "r" * (len(COLUMNS) - 5)),
-                  NOTE] + ([COMPILED_NOTE] if any(r["compiled"] for r in rows) else []) + _fastest_lines(rows)
+        parts += (["### Latency",
+                   fmt.table([h for h, _ in COLUMNS], [[cell(r) for _, cell in COLUMNS] for r in rows],
+                             "lrrrl" + "r" * (len(COLUMNS) - 5)),
+                   NOTE] + ([COMPILED_NOTE] if any(r["compiled"] for r in rows) else [])
+                  + ([DIFFERS_NOTE] if any(r.get("tokens_differ_from") is not None for r in rows) else [])
+                  + _fastest_lines(rows))
     return parts

@@ -205,9 +205,19 @@ def point_entry(pt: dict, shape: F.Shape, elem: int, world: int, peak_tflops, co
         "request_ms_median": _ms(req, "median"),
         "decode_bytes_per_step": nbytes, "decode_bandwidth_tb_s": bandwidth,
         "decode_bandwidth_fraction": bandwidth / (world * copy_tb_s) if bandwidth and copy_tb_s else None,
-        "repeats_same_tokens": pt["repeats_same_tokens"], "same_tokens_as_eager": None,
+        "repeats_same_tokens": pt["repeats_same_tokens"], "same_tokens_as_eager": None, "tokens_differ_from": None,
         "graph_logits_rel_diff": None,
     }
+
+
+def first_difference(tokens: list[list[int]], reference: list[list[int]]) -> int | None:
+    """The first generated position at which any sequence's greedy token differs from the reference's
+    (0: already the prefill's token, so the first decode steps' logits were computed from different
+    inputs); None where all agree."""
+    for position, column in enumerate(zip(*(zip(a, b) for a, b in zip(tokens, reference)))):
+        if any(a != b for a, b in column):
+            return position
+    return None
 
 
 def metrics(raw: dict, spec, ctx) -> dict:
@@ -228,6 +238,7 @@ def metrics(raw: dict, spec, ctx) -> dict:
         ref = pt.get("reference") or (eager.get(key) if pt["cuda_graph"] else None)
         if ref is not None:  # compiled: its own plain eager request; graph: the eager entry of the point
             entry["same_tokens_as_eager"] = pt["tokens"] == ref["tokens"]
+            entry["tokens_differ_from"] = first_difference(pt["tokens"], ref["tokens"])
             a, b = pt["first_logits"], ref["first_logits"]
             if a is not None and b is not None:
                 entry["graph_logits_rel_diff"] = float((a - b).abs().max() / b.abs().max())
