@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-from pathlib import Path
 
 import pytest
 from check_worker import ROOT, result, run_suite, run_worker, worker_main
@@ -24,20 +22,6 @@ from suite.errors import UserError
 
 UNIT = ROOT / "tests" / "scenarios" / "fp8" / "unit.toml"
 FORWARD_TOL, GRAD_TOL = 0.08, 0.15
-
-# megatron-core's bf16 optimizer accepts only tensors whose type() names CUDA, so CPU cannot build it;
-# `suite run` here sees CPU bf16 tensors under the CUDA type names (a test-only shim, loaded by Python
-# at start-up from PYTHONPATH into the launcher and every torchrun worker).
-CPU_BF16_OPTIMIZER_SHIM = '''
-import torch
-if not torch.cuda.is_available():
-    _type = torch.Tensor.type
-    _NAMES = {"torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor", "torch.FloatTensor": "torch.cuda.FloatTensor"}
-    def _cuda_named(self, *args, **kwargs):
-        name = _type(self, *args, **kwargs)
-        return _NAMES.get(name, name) if not args and not kwargs else name
-    torch.Tensor.type = _cuda_named
-'''
 
 
 def _spec(*overrides, variant="fp8"):
@@ -270,11 +254,8 @@ def test_technique_layer_spec_keeps_its_state(worker):
 
 # --- `suite run` -----------------------------------------------------------------------------------
 
-def test_suite_run_trains_in_fp8(tmp_path, monkeypatch):
-    shim = tmp_path / "shim"
-    shim.mkdir()
-    (shim / "sitecustomize.py").write_text(CPU_BF16_OPTIMIZER_SHIM)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(shim), os.environ.get("PYTHONPATH")])))
+def test_suite_run_trains_in_fp8(tmp_path):
+    """On CPU too: the compat layer lets megatron's bf16 optimizer take CPU tensors (fp32 master weights)."""
     proc = run_suite("run", UNIT, "--variant", "fp8", "--set", "workload.steps=8", "--out", tmp_path / "out",
                      timeout_s=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,7 +1,8 @@
 """Run megatron-core on CPU: the few places where it hard-codes CUDA are redirected to the CPU.
 
 megatron-core assumes a GPU in a handful of spots (``device="cuda"`` in the pipeline schedules,
-``torch.cuda.current_device()``, ``Tensor.cuda()``, the CUDA RNG tracker).  ``enable()`` patches
+``torch.cuda.current_device()``, ``Tensor.cuda()``, the CUDA RNG tracker, the CUDA type names its bf16
+optimizer sorts parameters by).  ``enable()`` patches
 exactly those, once per process, and only when no GPU is present, so the same runner code trains
 over gloo on CPU in tests and CI.
 """
@@ -41,6 +42,19 @@ def _clip_grads_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
         torch._foreach_mul_(grads, clip_coeff)
 
 
+_CUDA_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
+               "torch.HalfTensor": "torch.cuda.HalfTensor"}
+
+
+def _cuda_type_names(type_of):
+    """``Tensor.type()`` (no arguments: the name query) answering with the CUDA name of a CPU tensor's type;
+    ``type(dtype)`` conversions are untouched."""
+    def named(self, *args, **kwargs):
+        name = type_of(self, *args, **kwargs)
+        return _CUDA_NAMES.get(name, name) if not args and not kwargs else name
+    return named
+
+
 def enable() -> None:
     """Patch torch and megatron-core for CPU execution (idempotent; no-op with a GPU)."""
     global _enabled
@@ -62,6 +76,8 @@ def enable() -> None:
     from megatron.core.optimizer import optimizer as moptimizer
 
     moptimizer.clip_grad_by_total_norm_fp32 = _clip_grads_cpu
+    # The bf16 optimizer (fp32 master weights) sorts parameters by ``Tensor.type()`` names that say CUDA.
+    torch.Tensor.type = _cuda_type_names(torch.Tensor.type)
     _CudaToCpu().__enter__()
     _enabled = True
 
