@@ -367,7 +367,7 @@ def check_width_decoalescing_preserves_the_function(tmp):
 
 def check_bf16_master_weights_are_read_and_written(tmp):
     """Under bf16 megatron's optimizer keeps fp32 copies in ``param.main_param``: the state comes
-    from them and goes to both (CPU cannot build megatron's bf16 optimizer, so they are attached here)."""
+    from them and goes to both (attached by hand here: the check needs no optimizer)."""
     import torch
 
     from suite.tricks.multilevel.state import full_state, load_state
