@@ -219,6 +219,17 @@ class Engine:
         self.state.pos.fill_(p)
         self.state.mode = "decode"
 
+    @contextlib.contextmanager
+    def state_restored(self):
+        """Steps run inside leave the request where it was: its next input tokens and position are put back
+        (the K/V they wrote at that position is rewritten by the next real step)."""
+        saved = self.tokens.clone(), self.state.pos.clone()
+        try:
+            yield
+        finally:
+            self.tokens.copy_(saved[0])
+            self.state.pos.copy_(saved[1])
+
     def step(self) -> None:
         """One decode step on the static buffers: compiled once ``compile()`` ran, else plain."""
         if self.compiled_step is not None:
@@ -258,31 +269,26 @@ class Engine:
             mode = "max-autotune-no-cudagraphs" if self.cuda else None  # the engine captures graphs itself
             kernels.no_warnings_in_graphs()  # megatron's per-call warning: no graph break
             self.compiled_step = torch.compile(self._decode_compute, mode=mode, dynamic=False)
-        saved = self.tokens.clone(), self.state.pos.clone()
-        start = time.perf_counter()
-        self.step()
-        if self.cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-        self.tokens.copy_(saved[0])
-        self.state.pos.copy_(saved[1])
-        return seconds
+        with self.state_restored():
+            start = time.perf_counter()
+            self.step()
+            if self.cuda:
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
 
     @torch.no_grad()
     def capture(self) -> None:
         """Captures the decode step (``_decode_compute``, compiled first when ``[model] kernels = "compile"``)
         in a CUDA graph (call after a prefill; the state is restored)."""
         self.compile()  # compilation and autotuning stay out of the capture
-        saved = self.tokens.clone(), self.state.pos.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up on a side stream (cuBLAS, allocator, NCCL), as capture needs
-            for _ in range(2):
+        with self.state_restored():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up on a side stream (cuBLAS, allocator, NCCL), as capture needs
+                for _ in range(2):
+                    self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            # thread_local: the NCCL watchdog thread may query events while this thread captures
+            with rng_fork_disabled(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the NCCL watchdog thread may query events while this thread captures
-        with rng_fork_disabled(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            self.step()
-        self.tokens.copy_(saved[0])
-        self.state.pos.copy_(saved[1])

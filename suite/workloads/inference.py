@@ -118,17 +118,15 @@ def step_check(engine: Engine, prompt: torch.Tensor) -> float | None:
     (last pipeline stage; None elsewhere). Comparing whole requests instead would compare different inputs
     as soon as a near-tie flips one greedy token, which random weights make common."""
     engine.prefill(prompt)
-    saved = engine.tokens.clone(), engine.state.pos.clone()
     timed = engine.graph, engine.compiled_step
-    engine.graph = engine.compiled_step = None
-    try:
-        with torch.compiler.set_stance("force_eager"):
-            engine.decode()
-    finally:
-        engine.graph, engine.compiled_step = timed
+    with engine.state_restored():
+        engine.graph = engine.compiled_step = None
+        try:
+            with torch.compiler.set_stance("force_eager"):
+                engine.decode()
+        finally:
+            engine.graph, engine.compiled_step = timed
     eager = engine.logits.float().clone() if engine.last else None
-    engine.tokens.copy_(saved[0])
-    engine.state.pos.copy_(saved[1])
     engine.decode()
     if eager is None:
         return None
@@ -238,10 +236,9 @@ def first_difference(tokens: list[list[int]], reference: list[list[int]]) -> int
     """The first generated position at which any sequence's greedy token differs from the reference's
     (0: already the prefill's token, so the first decode steps' logits were computed from different
     inputs); None where all agree."""
-    for position, column in enumerate(zip(*(zip(a, b) for a, b in zip(tokens, reference)))):
-        if any(a != b for a, b in column):
-            return position
-    return None
+    firsts = [next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
+              for mine, theirs in zip(tokens, reference)]
+    return min((i for i in firsts if i is not None), default=None)
 
 
 def metrics(raw: dict, spec, ctx) -> dict:
@@ -261,8 +258,8 @@ def metrics(raw: dict, spec, ctx) -> dict:
             eager[key] = pt
         ref = pt.get("reference") or (eager.get(key) if pt["cuda_graph"] else None)
         if ref is not None:  # compiled: its own plain eager request; graph: the eager entry of the point
-            entry["same_tokens_as_eager"] = pt["tokens"] == ref["tokens"]
             entry["tokens_differ_from"] = first_difference(pt["tokens"], ref["tokens"])
+            entry["same_tokens_as_eager"] = entry["tokens_differ_from"] is None
         if pt.get("step_rel_diff") is not None:
             entry["graph_logits_rel_diff"] = pt["step_rel_diff"]
         entries.append(entry)
