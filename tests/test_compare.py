@@ -24,7 +24,7 @@ import pytest
 from suite.errors import UserError
 from suite.metrics.stats import percentile
 from suite.report import gate
-from suite.report.compare import compare, parse_amount, parse_percent
+from suite.report.compare import compare, config_diff, parse_amount, parse_percent
 from suite.report.gate import IMPROVEMENT, REGRESSION, SAME, Limits, judge_measures
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -345,6 +345,29 @@ def test_config_change_is_not_comparable_unless_allowed():
     cur["config"] = {"workload": {"seq_length": 256}}
     [res] = compare({key: cur}, {key: base}, Limits(), allow_config_change=True)
     assert res["kind"] == SAME and "config changed" in res["verdict"]
+
+
+def test_config_diff_knows_plugin_defaults_and_numbers():
+    """What a newer schema writes differently is no change: a plug-in table's new key at its default, a
+    number the typed table coerced (the committed nightly baseline's CQIL variant wrote alpha = 16 where
+    the typed table now writes 16.0). A technique switched on at its defaults is a change."""
+    cqil = {"start": 2, "end": 10, "degree": 2, "bypass": 0,
+            "finetune": {"steps": 40, "rank": 16, "alpha": 16, "lr": 5e-4, "batch": 4}}
+    base = {"config": {"workload": {"seq_length": 128}, "parallel": {"tp": 1, "cqil": cqil}, "tricks": {}}}
+    cur = copy.deepcopy(base)
+    cur_cqil = cur["config"]["parallel"]["cqil"]
+    cur_cqil["groups"], cur_cqil["finetune"]["alpha"], cur_cqil["finetune"]["weight_decay"] = None, 16.0, 0.1
+    assert config_diff(cur, base) == [] and config_diff(base, cur) == []
+    cur_cqil["finetune"]["weight_decay"] = 0.0  # the new key set to something else
+    assert config_diff(cur, base) == ["parallel.cqil.finetune.weight_decay: unset -> 0.0"]
+    cur_cqil["finetune"]["weight_decay"], cur_cqil["finetune"]["alpha"] = 0.1, 16.5
+    assert config_diff(cur, base) == ["parallel.cqil.finetune.alpha: 16 -> 16.5"]
+    on = copy.deepcopy(base)
+    on["config"]["tricks"] = {"random_ltd": {"min_kept": 128}}  # the trick's own default
+    assert config_diff(on, base) and config_diff(base, on)
+    off = copy.deepcopy(base)
+    off["config"]["parallel"]["cqil"] = None  # CQIL off: its keys are gone, and that is a change
+    assert any(line.startswith("parallel.cqil.start") for line in config_diff(off, base))
 
 
 @pytest.mark.parametrize("status, error, text", [

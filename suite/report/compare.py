@@ -32,7 +32,7 @@ from suite.errors import UserError
 from suite.report import fmt, gate
 from suite.report.gate import IMPROVEMENT, NEW, REGRESSION, SAME, Limits
 from suite.records import latest_by_variant, read_records
-from suite.scenario.schema import defaults as schema_defaults
+from suite.scenario.schema import NO_DEFAULT, default_at
 from suite.report.select import failure, load_latest
 
 NOT_COMPARABLE, SKIPPED = "not comparable", "skipped"
@@ -79,12 +79,25 @@ def _flatten(d, prefix: str = "") -> dict:
     return out
 
 
+def _canonical(v):
+    """A config value as JSON text that does not tell 16 from 16.0 (a typed table coerces what the
+    TOML wrote; both are the same setting)."""
+    def norm(x):
+        if isinstance(x, float) and x.is_integer():
+            return int(x)
+        if isinstance(x, (list, tuple)):
+            return [norm(y) for y in x]
+        if isinstance(x, dict):
+            return {k: norm(y) for k, y in x.items()}
+        return x
+    return json.dumps(norm(v), sort_keys=True)
+
+
 def config_diff(cur: dict, base: dict, limit: int = 6) -> list[str]:
     """'key: baseline -> current' for the resolved-config keys that differ (the first `limit`). A key
-    only one side holds, at its schema default on that side, is no difference: a schema that gained
-    a key keeps its stored baselines comparable."""
+    only one side holds, at its schema default on that side (plug-in tables included), is no difference:
+    a schema that gained a key keeps its stored baselines comparable. Numbers compare by value."""
     c, b = _flatten(cur.get("config")), _flatten(base.get("config"))
-    default = _flatten(schema_defaults())
     unset = object()  # a key one side lacks differs from one it holds as null
 
     def text(v):
@@ -92,9 +105,14 @@ def config_diff(cur: dict, base: dict, limit: int = 6) -> list[str]:
 
     def differs(k):
         cv, bv = c.get(k, unset), b.get(k, unset)
-        if (cv is unset) != (bv is unset) and k in default:
-            return text(bv if cv is unset else cv) != text(default[k])
-        return text(cv) != text(bv)
+        if (cv is unset) != (bv is unset):
+            lacking, held = (c, bv) if cv is unset else (b, cv)
+            parent = k.rpartition(".")[0]
+            if "." in parent and not any(key.startswith(parent + ".") for key in lacking):
+                return True  # a plug-in table only one side has: a technique switched on at its defaults is a change
+            default = default_at(k)
+            return default is NO_DEFAULT or _canonical(held) != _canonical(default)
+        return _canonical(cv) != _canonical(bv)
     keys = [k for k in dict.fromkeys([*b, *c]) if differs(k)]
     lines = [f"{k}: {text(b.get(k, unset))} -> {text(c.get(k, unset))}" for k in keys[:limit]]
     stored = isinstance(cur.get("config"), dict) and isinstance(base.get("config"), dict)

@@ -226,12 +226,46 @@ class VariantSpec:
         return out
 
 
-def defaults() -> dict:
-    """Every core section at its defaults, shaped as ``VariantSpec.resolved()`` writes it: a key that
-    a newer schema added holds this value in new records and is absent from older ones."""
-    from dataclasses import asdict
+_NO_DEFAULT = object()
+
+
+def default_at(path: str):
+    """The schema default of one dotted key of a resolved config (``parallel.cqil.finetune.alpha``),
+    plug-in tables included: a key that a newer schema added holds this value in new records and is
+    absent from older ones. ``NO_DEFAULT`` where the path names no key with a default (an unknown key, a
+    required one, or a table)."""
+    import dataclasses
+    import typing
 
     registry.load()
-    out = {s: asdict(cls()) for s, cls in SECTIONS.items()}
-    out["parallel"].update(dict.fromkeys(registry.PARALLEL_MODES))
-    return out
+    head, *rest = path.split(".")
+    if head in ("parallel", "tricks") and rest:
+        plugins = registry.PARALLEL_MODES if head == "parallel" else registry.TRICKS
+        if rest[0] in plugins:
+            cls, rest = plugins[rest[0]].config, rest[1:]
+            if not rest:
+                return None if head == "parallel" else _NO_DEFAULT  # an unused mode is null; a trick table has no default
+        else:
+            cls = SECTIONS.get(head)
+    else:
+        cls = SECTIONS.get(head)
+    for i, name in enumerate(rest):
+        spec = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if name not in spec:
+            return _NO_DEFAULT
+        f, last = spec[name], i == len(rest) - 1
+        if last:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            return _NO_DEFAULT
+        # a nested table (e.g. ``finetune: Finetune | None``): its own fields hold the defaults below it
+        hint = typing.get_type_hints(cls)[name]
+        cls = next((t for t in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(t)), None)
+        if cls is None:
+            return _NO_DEFAULT
+    return _NO_DEFAULT
+
+
+NO_DEFAULT = _NO_DEFAULT
