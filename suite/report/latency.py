@@ -19,12 +19,12 @@ NOTE = ("TTFT: time to first token (prefill + first greedy token), median ± hal
         "timed requests. Decode: one step, one new token per sequence. Decode bandwidth: bytes a step must "
         "read per step time, as a share of the measured copy bandwidth of all GPUs. Repeats agree: every "
         "request of the point gave the same greedy tokens (no: nondeterministic kernels). Graph check (CUDA-graph "
-        "rows): greedy tokens equal to eager / max relative logits difference at the first decode step. "
+        "rows): greedy tokens equal to eager / max relative logits difference of one decode step. "
         "Δ: relative to the baseline variant at the same (batch, prompt, gen, eager|graph) point, negative "
         "is faster; (noise): smaller than the larger of the two runs' relative spreads.")
 DIFFERS_NOTE = ("Differs from token k: the first generated position whose greedy token differs from the "
-                "reference's (0: already the prefill's token, so the first decode step's logits were computed "
-                "from different inputs and their difference is not a measure of the step's accuracy).")
+                "reference's (0: already the prefill's token). The logits difference beside it does not depend "
+                "on that: it compares one decode step both ways from the same prefill state and input token.")
 COMPILED_NOTE = ("Decode 'compiled': the step ran under torch.compile ([model] kernels = 'compile'), compiled before "
                  "the timed requests; its graph check compares it with a plain eager request of the same point.")
 
