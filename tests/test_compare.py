@@ -323,6 +323,30 @@ def test_baseline_repeats_share_the_latest_configuration(tmp_path):
     assert proc.returncode == 0
 
 
+def test_gate_says_from_how_many_machines_a_noise_floor_comes(tmp_path):
+    """Floors from baseline runs on one machine hold no machine-to-machine spread: the gate names the
+    machine count with each floor and, when this run is on another machine, says so below the table. The
+    verdict does not change."""
+    base = read_jsonl(GPT1B)[0]
+
+    def on(rec, boot):
+        rec = copy.deepcopy(rec)
+        rec["env"]["boot_id"] = boot
+        return rec
+    runs = [on(scaled(base, 1.2), "aaaa0001"), on(scaled(base, 1.1), "aaaa0001"), on(base, "aaaa0001")]
+    proc = gate_cli(tmp_path, [on(scaled(base, 1.10), "bbbb0002")], runs)
+    [row] = rows_of(proc.stdout, "step_time")
+    assert "from 3 baseline runs on 1 machine" in row[6] and row[7] == "same" and proc.returncode == 0
+    assert "One machine: the baseline runs of gpt1b_parallel/" in proc.stdout
+    runs[0]["env"]["boot_id"] = "cccc0003"  # the baseline spans two machines: no warning
+    proc = gate_cli(tmp_path, [on(scaled(base, 1.10), "bbbb0002")], runs)
+    assert "on 2 machines" in rows_of(proc.stdout, "step_time")[0][6] and "One machine" not in proc.stdout
+    for r in runs:  # records from before boot_id was kept: nothing is claimed
+        r["env"].pop("boot_id")
+    proc = gate_cli(tmp_path, [on(scaled(base, 1.10), "bbbb0002")], runs)
+    assert "machine" not in rows_of(proc.stdout, "step_time")[0][6] and "One machine" not in proc.stdout
+
+
 # ---------------------------------------------------------------------------------------------- records
 
 

@@ -27,6 +27,16 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def boot_id() -> str | None:
+    """This boot of this machine (Linux; first 8 hex digits): tells runs on different machines apart where
+    hostnames do not (cloned cloud VMs often share theirs), so the gate can say from how many machines a
+    baseline's noise floor comes. None elsewhere."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip().replace("-", "")[:8] or None
+    except OSError:
+        return None
+
+
 def fingerprint(world_size: int) -> dict:
     import torch
 
@@ -49,6 +59,7 @@ def fingerprint(world_size: int) -> dict:
         "megatron_core": mcore,
         "python": sys.version.split()[0],
         "hostname": socket.gethostname(),
+        "boot_id": boot_id(),
         "git_commit": git_commit(),
     }
     if gpu:

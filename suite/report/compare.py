@@ -181,6 +181,11 @@ def baseline_repeats(records: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return out
 
 
+def _machine(rec: dict) -> str | None:
+    """The machine boot a record ran on (``env.boot_id``; None in records from before it was kept)."""
+    return (rec.get("env") or {}).get("boot_id")
+
+
 def judge_variant(cur: dict | None, base: dict | None, limits: Limits, allow_config_change: bool,
                   repeats: list[dict] | None = None) -> dict:
     """One pair of records: a variant-level kind and verdict, and the per-measure rows; ``repeats``:
@@ -208,6 +213,12 @@ def judge_variant(cur: dict | None, base: dict | None, limits: Limits, allow_con
             for r in repeats or []]
     rows = gate.judge_measures(cur_m + cur_w + target_measures(cur), base_m + base_w + target_measures(base), limits,
                                gate.noise_floors(runs))
+    machines = {_machine(r) for r in repeats or []}
+    if repeats and None not in machines:
+        for row in rows:
+            if "baseline runs" in row["method"]:
+                row["method"] += f" on {len(machines)} machine{'s' * (len(machines) > 1)}"
+        out["floor_from_other_machine"] = len(machines) == 1 and _machine(cur) not in machines
     kinds = {r["kind"] for r in rows}
     kind = REGRESSION if REGRESSION in kinds else IMPROVEMENT if IMPROVEMENT in kinds else SAME
     verdict = {REGRESSION: "REGRESSION", IMPROVEMENT: "IMPROVEMENT", SAME: "same"}[kind]
@@ -310,6 +321,12 @@ def render(results: list[dict], env_lines: list[str], limits: Limits, current_pa
     parts.append(fmt.table(headers, cells, "lllrrrll"))
     if notes:
         parts.append("Too small to decide:\n" + "\n".join(notes))
+    elsewhere = [r["name"] for r in results if r.get("floor_from_other_machine")]
+    if elsewhere:
+        parts.append("One machine: the baseline runs of " + ", ".join(elsewhere) + " all come from one machine and "
+                     "this run from another, so their noise floors hold no machine-to-machine difference (host "
+                     "speed, clocks). Host-bound measures can differ by more between machines; append nights "
+                     "from other machines to the baseline (README, run-to-run noise).")
     parts += [method_line(limits), summary(results)]
     return "\n\n".join(parts) + "\n"
 
