@@ -402,7 +402,11 @@ def test_seed_repeats_get_mean_costs_and_the_delta_of_the_means():
     assert rows["base (baseline)"][1:6] == ["1, 2", "2/2", "15", "150", "1.6 (1.2–2.0)"]
     # fast: step 10 and 20 -> FLOPs (50 + 100) / 2 = 75, walltime (0.5 + 1.2) / 2 = 0.85
     assert rows["fast"][1:4] == ["1, 2", "2/2", "15"] and rows["fast"][4] == "75"
-    assert rows["fast"][6:8] == ["-50.0%", "-46.9%"]
+    # Δ with the 95% interval of the ratio of means (worked by hand for FLOPs: means 75 / 150, variances
+    # 1250 / 5000, SE of the log ratio sqrt(1250 / (2 * 75²) + 5000 / (2 * 150²)) = 0.4714, Welch df 2,
+    # t = 4.303: 0.5 * exp(-/+ 2.028) = 0.066 .. 3.80)
+    assert rows["fast"][6] == "-50.0% [-93.4%, +280.1%]"
+    assert rows["fast"][7].startswith("-46.9% [")
     assert rows["flaky"][2] == "1/2" and rows["flaky"][3:5] == ["n/a", "n/a"]
 
 

@@ -157,6 +157,28 @@ def summary_median_ratio(cur: dict, base: dict) -> tuple[float, float, float]:
     return ratio, ratio * math.exp(-Z * se), ratio * math.exp(Z * se)
 
 
+def t975(df: float) -> float:
+    """Student's t for a two-sided 95% interval (``T975``'s row at or below ``df``; normal past 60)."""
+    return T975[max(d for d in T975 if d <= max(df, 1))] if df <= 60 else Z
+
+
+def ratio_of_means_interval(new: list[float], old: list[float]) -> tuple[float, float] | None:
+    """95% interval of mean(new) / mean(old) from independent repeats (e.g. seeds): the delta method on
+    the log ratio, SE² = s_new² / (n_new mean_new²) + s_old² / (n_old mean_old²), with Welch-Satterthwaite
+    degrees of freedom. None with fewer than two repeats a side or a non-positive mean."""
+    if len(new) < 2 or len(old) < 2:
+        return None
+    (mn, vn), (mo, vo) = _mean_var(new), _mean_var(old)
+    if mn <= 0 or mo <= 0:
+        return None
+    an, ao = vn / (len(new) * mn ** 2), vo / (len(old) * mo ** 2)
+    if an + ao == 0:
+        return mn / mo, mn / mo
+    df = (an + ao) ** 2 / (an ** 2 / (len(new) - 1) + ao ** 2 / (len(old) - 1))
+    half = t975(df) * math.sqrt(an + ao)
+    return mn / mo * math.exp(-half), mn / mo * math.exp(half)
+
+
 def _mean_var(x: list[float]) -> tuple[float, float]:
     m = sum(x) / len(x)
     return m, sum((v - m) ** 2 for v in x) / (len(x) - 1)
@@ -227,9 +249,7 @@ def noise_floors(runs: list[list[dict]]) -> dict[tuple[str, str], tuple[float, i
             continue
         relative = compare[key] != "mean"
         xs = [math.log(v) for v in vs] if relative else vs
-        df = len(vs) - 1
-        t = T975[max(d for d in T975 if d <= df)] if df <= 60 else Z
-        half = t * math.sqrt(2) * math.sqrt(_mean_var(xs)[1])
+        half = t975(len(vs) - 1) * math.sqrt(2) * math.sqrt(_mean_var(xs)[1])
         out[key] = (math.exp(half) - 1 if relative else half, len(vs))
     return out
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import statistics
 
-from suite.report import fmt
+from suite.report import fmt, gate
 from suite.report.select import baseline_of, is_ok, metric, relative_change
 
 
@@ -153,6 +153,20 @@ def quality_section(records: list[dict], asked: float | None = None) -> list[str
             ] + _seed_means(rows, [r for r in records if is_ok(r)])
 
 
+def _delta_with_interval(group, base, key: str) -> str:
+    """'-34.8% [-41.0%, -28.1%]': mean over the group's seeds against the baseline's, and the interval."""
+    values = [row.get(key) for row, _ in group]
+    base_values = [row.get(key) for row, _ in base or []]
+    if not values or not base_values or None in values or None in base_values:
+        return fmt.NA
+    text = fmt.percent(relative_change(statistics.mean(values), statistics.mean(base_values)), signed=True)
+    interval = gate.ratio_of_means_interval(values, base_values)
+    if interval is None:
+        return text
+    low, high = (fmt.percent(x - 1, signed=True) for x in interval)
+    return f"{text} [{low}, {high}]"
+
+
 def _seed_means(rows: list[dict], records: list[dict]) -> list[str]:
     row_of = {row["variant"]: row for row in rows}
     groups = [[(row_of[r["variant"]], r) for r in g] for g in repeat_groups(records)]
@@ -181,11 +195,13 @@ def _seed_means(rows: list[dict], records: list[dict]) -> list[str]:
             after = mean(g, "walltime_after_startup_s")
             row.append(f"{after:.1f}" if after is not None else
                        "start-up included" if not all(r.get("has_startup") for r, _ in g) else fmt.NA)
-        row += ["—" if is_base else fmt.percent(relative_change(flops, base_flops), signed=True),
-                "—" if is_base else fmt.percent(relative_change(wall, base_wall), signed=True)]
+        row += ["—" if is_base else _delta_with_interval(g, base, "flops"),
+                "—" if is_base else _delta_with_interval(g, base, "walltime_s")]
         body.append(row)
     headers = ["configuration", "seeds", "reached", "mean step", "mean model FLOPs", "mean walltime (s)"] + \
         (["mean walltime w/o start-up (s)"] if startup else []) + ["Δ FLOPs", "Δ walltime"]
     return ["Mean over seeds (variants that differ only in `workload.seed`); a mean needs every seed "
-            "to reach the target, walltime range in brackets:",
+            "to reach the target, walltime range in brackets. Δ: the ratio of the means, with its 95% interval "
+            "from the seed-to-seed spread of both sides (delta method on the log ratio, Welch's t; "
+            "`suite.report.gate.ratio_of_means_interval`) where each side has two or more seeds:",
             fmt.table(headers, body, "ll" + "r" * (len(headers) - 2))]
