@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evidence for kernel back-ends and float8 on one GPU: the GPU test tier, then scenarios/kernels.toml
+# Evidence for kernel back-ends and float8 on one GPU: scenarios/kernels.toml (the GPU test tier: bench/gpu_tests.sh)
 # (variants as arguments, default all). Usage on a GPU machine: bash bench/kernels.sh [--variant NAME ...]
 set -uo pipefail
 source bench/gpu_env.sh || exit 1
