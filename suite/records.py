@@ -209,11 +209,12 @@ FIELDS: dict[str, str] = {
     "metrics.inference[].cuda_graph": BOOL,
     "metrics.inference[].repeats": INT, "metrics.inference[].repeats_same_tokens": BOOL,
     "metrics.inference[].same_tokens_as_eager": BOOL, "metrics.inference[].tokens_differ_from": INT,
+    "metrics.inference[].repeats_differ_from": INT,
     **{f"metrics.inference[].{phase}_ms_{k}": NUM for phase in ("prefill", "decode")
        for k in ("median", "p10", "p90", "p99")},
     **{f"metrics.inference[].{k}": NUM for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_mfu",
                                                  "decode_bandwidth_fraction", "graph_logits_rel_diff",
-                                                 "decode_steps")},
+                                                 "graph_noise_rel_diff", "decode_steps")},
     "metrics.accuracy": DICT,
     **{f"metrics.accuracy.{model}": DICT for model in ("original", "concurrent", "finetuned", "finetune")},
     **{f"metrics.accuracy.{model}.{k}": NUM for model in ("original", "concurrent", "finetuned")

@@ -80,7 +80,37 @@ def check_compiled_decode_equals_eager(folder):
             "recompiled": recompiled}
 
 
-CHECKS = [check_compiled_decode_equals_eager]
+def check_noise_yardstick_tells_rounding_from_error(folder):
+    """bf16: from one prefill's state, the compiled step's logits against the eager step's, beside the
+    1-ulp-per-layer noise yardstick and a wrong step (256 ulps a layer, factor-of-2 moves)."""
+    import torch
+
+    from suite.models.generate import Engine
+    from suite.scenario import load_scenario
+    from suite.workloads.inference import _eager_step
+
+    (spec,) = load_scenario(Path(folder) / "bf16.toml")
+    engine = Engine(spec, log=lambda *_: None)
+    prompt = torch.randint(0, spec.model.vocab_size, (2, PROMPT), generator=torch.Generator().manual_seed(3))
+    engine.allocate(2, PROMPT + GEN)
+    engine.prefill(prompt)
+    eager, noisy = _eager_step(engine), _eager_step(engine, noise=True)
+    noisy_again = _eager_step(engine, noise=True)
+    with engine.state_restored(), engine.layer_noise(ulps=256):
+        engine.decode()
+    wrong = engine.logits.float().clone()
+    engine.compile()
+    with engine.state_restored():
+        engine.decode()
+    compiled = engine.logits.float().clone()
+    engine.close()
+    scale = eager.abs().max()
+    rel = lambda x: float((x - eager).abs().max() / scale)  # noqa: E731
+    return {"compiled": rel(compiled), "noise": rel(noisy), "wrong": rel(wrong),
+            "noise_repeats": torch.equal(noisy, noisy_again)}
+
+
+CHECKS = [check_compiled_decode_equals_eager, check_noise_yardstick_tells_rounding_from_error]
 
 
 # --- tests ---------------------------------------------------------------------------------------
@@ -89,7 +119,9 @@ CHECKS = [check_compiled_decode_equals_eager]
 def worker(tmp_path_factory):
     folder = tmp_path_factory.mktemp("decode_compile")
     (folder / "s.toml").write_text(SCENARIO)
-    return run_worker(__file__, folder, timeout_s=240)
+    (folder / "bf16.toml").write_text(SCENARIO.replace('precision = "fp32"', 'precision = "bf16"')
+                                      .replace("num_layers = 2", "num_layers = 4"))
+    return run_worker(__file__, folder, timeout_s=300)
 
 
 def test_compiled_decode_gives_the_eager_tokens_and_logits(worker):
@@ -99,6 +131,16 @@ def test_compiled_decode_gives_the_eager_tokens_and_logits(worker):
     assert r["compile_s"] > 0
     assert r["graphs"] == 1  # the whole step in one graph: no graph break in megatron's layers
     assert r["recompiled"] == 0  # later steps and requests reuse it
+
+
+def test_noise_yardstick_tells_rounding_from_a_wrong_step(worker):
+    """The yardstick a record carries beside its logits difference: in bf16 the compiled step (inductor's
+    fused kernels round differently) differs from eager by the order of one ulp of noise a layer, a step
+    off by factors of 2 by far more; the noise is seeded, so it repeats."""
+    r = result(worker, "noise_yardstick_tells_rounding_from_error")
+    assert 0 < r["noise"] < 0.2 and r["noise_repeats"]
+    assert r["compiled"] < 10 * r["noise"]
+    assert r["wrong"] > 10 * r["noise"]
 
 
 def test_suite_run_with_compiled_decode_records_the_check(tmp_path):
@@ -113,13 +155,15 @@ def test_suite_run_with_compiled_decode_records_the_check(tmp_path):
     assert e["decode_compile_s"] > 0 and e["repeats"] == 2 and e["decode_steps"] == 4 * 2
     assert e["same_tokens_as_eager"] is True and e["graph_logits_rel_diff"] < 1e-5
     assert e["tokens_differ_from"] is None
-    assert e["repeats_same_tokens"] is True
+    assert e["repeats_same_tokens"] is True and e["repeats_differ_from"] is None
+    assert 0 < e["graph_noise_rel_diff"] < 1e-4  # fp32: one ulp a layer moves the logits ~1e-7
 
     from suite.report.latency import COLUMNS, latency_rows
 
     (row,) = latency_rows([rec])
     cells = {name: cell(row) for name, cell in COLUMNS}
     assert cells["decode"] == "eager compiled" and cells["graph check"].startswith("same / ")
+    assert "(1-ulp noise " in cells["graph check"]
 
 
 def test_latency_rows_show_the_check_and_bandwidth_share_for_every_variant():

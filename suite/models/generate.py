@@ -230,6 +230,26 @@ class Engine:
             self.tokens.copy_(saved[0])
             self.state.pos.copy_(saved[1])
 
+    @contextlib.contextmanager
+    def layer_noise(self, seed: int = 0, ulps: float = 1.0):
+        """Inside, every decoder layer's output hidden state is moved by ``ulps`` ulps of its dtype,
+        h (1 ± ulps eps) with random signs (seeded): at 1, about what one rounding per layer changes. The
+        logits this moves are the yardstick for a difference between two implementations of the step: one
+        of the same order is rounding (``suite.workloads.inference.step_check``). Eager forwards only."""
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+
+        def perturb(module, args, out):
+            h = out[0] if isinstance(out, tuple) else out
+            signs = torch.randint(0, 2, h.shape, generator=gen, device=h.device).to(h.dtype) * 2 - 1
+            h = h + h * signs * (ulps * torch.finfo(h.dtype).eps)
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+        handles = [layer.register_forward_hook(perturb) for layer in self.model.decoder.layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
     def step(self) -> None:
         """One decode step on the static buffers: compiled once ``compile()`` ran, else plain."""
         if self.compiled_step is not None:

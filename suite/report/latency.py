@@ -18,13 +18,17 @@ from suite.report.select import baseline_of, failure, is_ok, metric, relative_ch
 NOTE = ("TTFT: time to first token (prefill + first greedy token), median ± half the p10–p90 spread of the "
         "timed requests. Decode: one step, one new token per sequence. Decode bandwidth: bytes a step must "
         "read per step time, as a share of the measured copy bandwidth of all GPUs. Repeats agree: every "
-        "request of the point gave the same greedy tokens (no: nondeterministic kernels). Graph check (CUDA-graph "
-        "rows): greedy tokens equal to eager / max relative logits difference of one decode step. "
+        "request of the point gave the same greedy tokens (no: not bitwise repeatable; from token k: where "
+        "they first part). Graph check (CUDA-graph rows): greedy tokens equal to eager / max relative logits "
+        "difference of one decode step. "
         "Δ: relative to the baseline variant at the same (batch, prompt, gen, eager|graph) point, negative "
         "is faster; (noise): smaller than the larger of the two runs' relative spreads.")
 DIFFERS_NOTE = ("Differs from token k: the first generated position whose greedy token differs from the "
                 "reference's (0: already the prefill's token). The logits difference beside it does not depend "
                 "on that: it compares one decode step both ways from the same prefill state and input token.")
+NOISE_NOTE = ("1-ulp noise: the same eager step with every layer's output moved by one ulp of its dtype (random "
+              "signs), from the same state: the yardstick for the logits difference beside it; a difference of that "
+              "order is rounding, one far above it is not.")
 COMPILED_NOTE = ("Decode 'compiled': the step ran under torch.compile ([model] kernels = 'compile'), compiled before "
                  "the timed requests; its graph check compares it with a plain eager request of the same point.")
 
@@ -92,9 +96,10 @@ def latency_rows(records: list[dict]) -> list[dict]:
                 "prefill_tokens_per_s": e.get("prefill_tokens_per_s"),
                 "decode_tokens_per_s": e.get("decode_tokens_per_s"),
                 "decode_bandwidth_fraction": e.get("decode_bandwidth_fraction"), "prefill_mfu": e.get("prefill_mfu"),
-                "repeats_same_tokens": e.get("repeats_same_tokens"),
+                "repeats_same_tokens": e.get("repeats_same_tokens"), "repeats_differ_from": e.get("repeats_differ_from"),
                 "same_tokens_as_eager": e.get("same_tokens_as_eager"), "tokens_differ_from": e.get("tokens_differ_from"),
                 "graph_logits_rel_diff": e.get("graph_logits_rel_diff"),
+                "graph_noise_rel_diff": e.get("graph_noise_rel_diff"),
                 "delta_decode_pct": delta_decode, "delta_decode_noise": decode_noise,
                 "delta_prefill_pct": delta_prefill, "delta_prefill_noise": prefill_noise,
             })
@@ -122,8 +127,10 @@ def _graph_check(r: dict) -> str:
     same = {True: "same", False: "differs", None: fmt.NA}[r["same_tokens_as_eager"]]
     if r.get("tokens_differ_from") is not None:  # records since the field exists
         same += f" from token {r['tokens_differ_from']}"
-    diff = r["graph_logits_rel_diff"]
-    return same if diff is None else f"{same} / {diff:.1e}"
+    diff, noise = r["graph_logits_rel_diff"], r.get("graph_noise_rel_diff")
+    if diff is None:
+        return same
+    return f"{same} / {diff:.1e}" + ("" if noise is None else f" (1-ulp noise {noise:.1e})")
 
 
 def _delta_cell(r: dict, phase: str) -> str:
@@ -150,7 +157,8 @@ COLUMNS = [
     ("decode tokens/s", lambda r: fmt.count(r["decode_tokens_per_s"])),
     ("decode BW of copy ceiling", lambda r: fmt.percent(r["decode_bandwidth_fraction"])),
     ("prefill MFU", lambda r: fmt.percent(r["prefill_mfu"])),
-    ("repeats agree", lambda r: fmt.scalar(r["repeats_same_tokens"])),
+    ("repeats agree", lambda r: fmt.scalar(r["repeats_same_tokens"]) + (
+        "" if r.get("repeats_differ_from") is None else f" from token {r['repeats_differ_from']}")),
     ("graph check", _graph_check),
     ("Δ decode", lambda r: _delta_cell(r, "decode")),
     ("Δ prefill", lambda r: _delta_cell(r, "prefill")),
@@ -202,5 +210,6 @@ def latency_section(records: list[dict], ctx: dict) -> list[str]:
                              "lrrrl" + "r" * (len(COLUMNS) - 5)),
                    NOTE] + ([COMPILED_NOTE] if any(r["compiled"] for r in rows) else [])
                   + ([DIFFERS_NOTE] if any(r.get("tokens_differ_from") is not None for r in rows) else [])
+                  + ([NOISE_NOTE] if any(r.get("graph_noise_rel_diff") is not None for r in rows) else [])
                   + _fastest_lines(rows))
     return parts

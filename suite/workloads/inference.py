@@ -38,8 +38,11 @@ Record: ``metrics.inference`` is a list with one flat entry per (batch, prompt, 
     decode_bandwidth_tb_s       decode_bytes_per_step / median decode step / 1e12
     decode_bandwidth_fraction   decode_bandwidth_tb_s / (world size × measured copy bandwidth); null on CPU
     repeats_same_tokens         every request of the point (warm-up included) produced the same greedy
-                                tokens: false means nondeterministic kernels, which makes a graph-vs-eager
-                                difference uninformative
+                                tokens: false means the requests are not bitwise repeatable (seen on GPUs,
+                                with and without graphs), which makes a token-level graph-vs-eager
+                                comparison uninformative
+    repeats_differ_from         the first generated position at which a request's tokens differ from the first
+                                request's (0: the prefill's token); null when all agree
     same_tokens_as_eager        graph and compiled entries: the greedy tokens of the last request equal the
                                 eager reference's (null otherwise): a compiled entry's reference is one untimed
                                 request of the same point with the plain eager step; an uncompiled graph
@@ -54,6 +57,10 @@ Record: ``metrics.inference`` is a list with one flat entry per (batch, prompt, 
                                 fp32, around bf16's 2^-8 in bf16) unless the graph or the compiled step is
                                 wrong, whatever near-ties do to the tokens. Null without logits on rank 0 (PP:
                                 the last stage holds them)
+    graph_noise_rel_diff        the yardstick beside it: the same measure for the eager step with every layer's
+                                output moved by one ulp of its dtype (random signs, ``Engine.layer_noise``), from
+                                the same state: what rounding alone does at this depth and width. A
+                                graph_logits_rel_diff of that order is rounding; one far above it is not
 
 Beside it: parameters, world_size, peak_memory_bytes, memory_kind, gemm_ceiling_tflops,
 copy_bandwidth_tb_s, datasheet_peak_tflops, cuda_graph_unavailable (asked for, no GPU), one block per
@@ -64,6 +71,7 @@ its keys to ``layout`` (``ParallelMode.layout``).
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 import torch
@@ -112,25 +120,35 @@ def request(engine: Engine, prompt: torch.Tensor, gen: int, clock: StepClock) ->
     return torch.cat(out, dim=1)
 
 
-def step_check(engine: Engine, prompt: torch.Tensor) -> float | None:
-    """The decode step as timed (replayed from the CUDA graph and/or compiled) against the plain eager step,
-    both from one prefill's state with the same input token: max |logits difference| / max |eager logit|
-    (last pipeline stage; None elsewhere). Comparing whole requests instead would compare different inputs
-    as soon as a near-tie flips one greedy token, which random weights make common."""
-    engine.prefill(prompt)
+def _eager_step(engine: Engine, noise: bool = False) -> torch.Tensor | None:
+    """The plain eager decode step from the engine's state, which it leaves as it was: a copy of its logits
+    (None off the last pipeline stage); with ``noise``, under ``Engine.layer_noise``."""
     timed = engine.graph, engine.compiled_step
     with engine.state_restored():
         engine.graph = engine.compiled_step = None
         try:
-            with torch.compiler.set_stance("force_eager"):
+            with torch.compiler.set_stance("force_eager"), (engine.layer_noise() if noise else contextlib.nullcontext()):
                 engine.decode()
         finally:
             engine.graph, engine.compiled_step = timed
-    eager = engine.logits.float().clone() if engine.last else None
+    return engine.logits.float().clone() if engine.last else None
+
+
+def step_check(engine: Engine, prompt: torch.Tensor) -> tuple[float | None, float | None]:
+    """The decode step as timed (replayed from the CUDA graph and/or compiled) against the plain eager step,
+    both from one prefill's state with the same input token, and the yardstick to read it by: the eager step
+    with one ulp of noise on every layer's output. Each as max |logits difference| / max |eager logit| (last
+    pipeline stage; None elsewhere). Comparing whole requests instead would compare different inputs as soon
+    as a near-tie flips one greedy token, which random weights make common."""
+    engine.prefill(prompt)
+    eager = _eager_step(engine)
+    noisy = _eager_step(engine, noise=True)
     engine.decode()
     if eager is None:
-        return None
-    return float((engine.logits.float() - eager).abs().max() / eager.abs().max())
+        return None, None
+    scale = eager.abs().max()
+    return (float((engine.logits.float() - eager).abs().max() / scale),
+            float((noisy - eager).abs().max() / scale))
 
 
 def measure_point(engine: Engine, spec, batch: int, prompt: int, gen: int, graph: bool) -> dict:
@@ -150,24 +168,27 @@ def measure_point(engine: Engine, spec, batch: int, prompt: int, gen: int, graph
     if graph:
         engine.prefill(tokens)
         engine.capture()
-    prefill_s, decode_s, request_s, first_tokens, repeats_same = [], [], [], None, True
+    prefill_s, decode_s, request_s, first_tokens, repeats_differ_from = [], [], [], None, None
     for r in range(w.warmup_repeats + w.repeats):
         clock = StepClock(engine.cuda)
         tokens_now = request(engine, tokens, gen, clock)
         if first_tokens is None:
             first_tokens = tokens_now
-        repeats_same = repeats_same and torch.equal(tokens_now, first_tokens)
+        differ = first_difference(tokens_now.tolist(), first_tokens.tolist())
+        if differ is not None:
+            repeats_differ_from = differ if repeats_differ_from is None else min(repeats_differ_from, differ)
         if r >= w.warmup_repeats:
             times = clock.seconds()
             prefill_s.append(times[0])
             decode_s += times[1:]
             request_s.append(sum(times))
-    step_rel_diff = step_check(engine, tokens) if (graph or compiled) and gen > 0 else None
+    step_rel_diff, noise_rel_diff = step_check(engine, tokens) if (graph or compiled) and gen > 0 else (None, None)
     engine.release()
     return {"batch": batch, "prompt": prompt, "gen": gen, "cuda_graph": graph, "compiled": compiled,
             "compile_s": compile_s, "reference": reference, "prefill_s": prefill_s,
             "decode_s": decode_s, "request_s": request_s, "tokens": tokens_now.tolist(),
-            "repeats_same_tokens": repeats_same, "step_rel_diff": step_rel_diff}
+            "repeats_same_tokens": repeats_differ_from is None, "repeats_differ_from": repeats_differ_from,
+            "step_rel_diff": step_rel_diff, "noise_rel_diff": noise_rel_diff}
 
 
 def run(spec, ctx, fault=lambda step: None) -> dict:
@@ -227,8 +248,9 @@ def point_entry(pt: dict, shape: F.Shape, elem: int, world: int, peak_tflops, co
         "request_ms_median": _ms(req, "median"),
         "decode_bytes_per_step": nbytes, "decode_bandwidth_tb_s": bandwidth,
         "decode_bandwidth_fraction": bandwidth / (world * copy_tb_s) if bandwidth and copy_tb_s else None,
-        "repeats_same_tokens": pt["repeats_same_tokens"], "same_tokens_as_eager": None, "tokens_differ_from": None,
-        "graph_logits_rel_diff": None,
+        "repeats_same_tokens": pt["repeats_same_tokens"], "repeats_differ_from": pt.get("repeats_differ_from"),
+        "same_tokens_as_eager": None, "tokens_differ_from": None,
+        "graph_logits_rel_diff": None, "graph_noise_rel_diff": None,
     }
 
 
@@ -262,6 +284,7 @@ def metrics(raw: dict, spec, ctx) -> dict:
             entry["same_tokens_as_eager"] = entry["tokens_differ_from"] is None
         if pt.get("step_rel_diff") is not None:
             entry["graph_logits_rel_diff"] = pt["step_rel_diff"]
+            entry["graph_noise_rel_diff"] = pt["noise_rel_diff"]
         entries.append(entry)
     samples = {(pt["batch"], pt["prompt"], pt["gen"], pt["cuda_graph"]):
                {"ttft": [t * 1e3 for t in pt["prefill_s"]], "decode": [t * 1e3 for t in pt["decode_s"]]}
