@@ -204,7 +204,7 @@ FIELDS: dict[str, str] = {
     "metrics.target": DICT, "metrics.target.target_loss": NUM, "metrics.target.reached": BOOL,
     "metrics.target.steps": NUM, "metrics.target.tokens": NUM, "metrics.target.flops": NUM,
     "metrics.target.walltime_s": NUM, "metrics.extra": DICT,
-    "metrics.inference": LIST, "metrics.inference[]": DICT + "!", "metrics.inference[].batch": INT + "!",
+    "metrics.prompt_source": STR, "metrics.inference": LIST, "metrics.inference[]": DICT + "!", "metrics.inference[].batch": INT + "!",
     "metrics.inference[].prompt": INT + "!", "metrics.inference[].gen": INT + "!",
     "metrics.inference[].cuda_graph": BOOL,
     "metrics.inference[].repeats": INT, "metrics.inference[].repeats_same_tokens": BOOL,

@@ -152,6 +152,37 @@ def test_grid_is_the_product_with_graphs_only_on_gpus(tmp_path):
     assert grid(w, cuda=False) == [(1, 8, 0, False), (1, 8, 2, False), (4, 8, 0, False), (4, 8, 2, False)]
 
 
+def test_prompts_come_from_the_held_out_text_when_the_variant_has_a_corpus(tmp_path):
+    """With a text corpus the prompts are windows of its held-out tail (what validation reads, never
+    trained on), spread over it and the same on every call; without one, seeded random tokens."""
+    import random
+
+    import torch
+
+    from suite.data.tokens import TokenSource
+    from suite.workloads.inference import prompt_source, prompt_tokens
+
+    corpus = tmp_path / "c.txt"
+    rng = random.Random(0)  # text without repeats, so each window is found at one place
+    corpus.write_text("".join(rng.choice("abcdefghijklmnopqrstuvwxyz .,\n") for _ in range(20000)))
+    spec = load(tmp_path, TINY + f'[data]\nsource = "text"\npath = "{corpus}"\n')
+    prompts = prompt_tokens(spec, 3, 16)
+    tail = TokenSource(spec).valid
+    assert prompt_source(spec) == "text" and prompts.shape == (3, 16) and prompts.dtype == torch.long
+    starts = []
+    for row in prompts:  # each row is a contiguous piece of the tail
+        at = next(i for i in range(len(tail) - 15) if torch.equal(tail[i:i + 16], row))
+        starts.append(at)
+    assert starts[0] == 0 and starts == sorted(set(starts))  # spread over the tail, distinct
+    assert torch.equal(prompts, prompt_tokens(spec, 3, 16))
+    synthetic = load(tmp_path, TINY)
+    assert prompt_source(synthetic) == "synthetic"
+    assert torch.equal(prompt_tokens(synthetic, 2, 8), prompt_tokens(synthetic, 2, 8))
+    from suite.errors import UserError
+    with pytest.raises(UserError, match="workload.prompt_lengths"):
+        prompt_tokens(spec, 1, len(tail) + 1)
+
+
 def test_decode_bytes_and_prefill_flops_by_hand(tmp_path):
     from suite.metrics import flops as F
     from suite.workloads.inference import decode_bytes_per_step, prefill_flops

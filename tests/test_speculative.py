@@ -79,7 +79,7 @@ def check_output_is_the_targets_greedy_output(tmp):
     import torch
 
     from suite.tricks.speculative.engine import Speculative
-    from suite.workloads.inference import synthetic_prompt
+    from suite.workloads.inference import prompt_tokens
 
     class Wrong(Speculative):
         """Proposes, at every position, a token the target does not choose there (from its greedy output)."""
@@ -98,7 +98,7 @@ def check_output_is_the_targets_greedy_output(tmp):
             engine = (Wrong if name == "wrong" else Speculative)(spec, spec.tricks["speculative"], log=lambda *_: None)
             engine.k = k
             for batch, prompt in SHAPES:
-                tokens = synthetic_prompt(spec, batch, prompt)
+                tokens = prompt_tokens(spec, batch, prompt)
                 reference = _greedy(engine.target, tokens, GEN + k)
                 engine.reference, engine.prompt_len = reference, prompt
                 got = engine.generate(tokens, GEN)
@@ -114,14 +114,14 @@ def check_flops_against_the_counter(tmp):
     from torch.utils.flop_counter import FlopCounterMode
 
     from suite.tricks.speculative.engine import Speculative, shapes
-    from suite.workloads.inference import synthetic_prompt
+    from suite.workloads.inference import prompt_tokens
 
     out = {}
     for name in ("self1", "small"):
         spec = load(Path(tmp), DRAFTS[name], k=3)
         cfg = spec.tricks["speculative"]
         engine = Speculative(spec, cfg, log=lambda *_: None)
-        tokens = synthetic_prompt(spec, 2, 7)
+        tokens = prompt_tokens(spec, 2, 7)
         with FlopCounterMode(display=False) as counter:
             engine.generate(tokens, 9)
         target, draft = shapes(spec, cfg)
@@ -149,7 +149,7 @@ def cqil_worker(out: str) -> None:
 
     from suite.launch import cpu_compat
     from suite.tricks.speculative.engine import Speculative
-    from suite.workloads.inference import synthetic_prompt
+    from suite.workloads.inference import prompt_tokens
 
     torch.set_num_threads(1)
     cpu_compat.enable()
@@ -164,7 +164,7 @@ def cqil_worker(out: str) -> None:
 
         (spec,) = load_scenario(path)
         engine = Speculative(spec, spec.tricks["speculative"], log=lambda *_: None)
-        tokens = synthetic_prompt(spec, 2, 7)
+        tokens = prompt_tokens(spec, 2, 7)
         reference = _greedy(engine.target, tokens, 12)
         got = engine.generate(tokens, 12)
         results[name] = {"equal": torch.equal(got, reference), "tokens": got.tolist(),

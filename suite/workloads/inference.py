@@ -63,7 +63,8 @@ Record: ``metrics.inference`` is a list with one flat entry per (batch, prompt, 
                                 graph_logits_rel_diff of that order is rounding; one far above it is not
 
 Beside it: parameters, world_size, peak_memory_bytes, memory_kind, gemm_ceiling_tflops,
-copy_bandwidth_tb_s, datasheet_peak_tflops, cuda_graph_unavailable (asked for, no GPU), one block per
+copy_bandwidth_tb_s, datasheet_peak_tflops, cuda_graph_unavailable (asked for, no GPU), prompt_source
+('text': prompts are windows of the corpus's held-out tail, ``prompt_tokens``; 'synthetic'), one block per
 registered parallel mode under its name (``ParallelMode.describe``; null when the variant does not use it), extra.
 The record's ``measures`` hold the raw samples per point: ``ttft`` (ms, one per timed request) and
 ``decode_latency`` (ms/token, one per timed decode step) (``suite.workloads.measures``); a parallel mode adds
@@ -78,6 +79,7 @@ import torch
 import torch.distributed as dist
 
 from suite import registry
+from suite.errors import fail
 from suite.metrics import flops as F
 from suite.metrics import hardware
 from suite.metrics.collect import peak_memory, reduce_scalar
@@ -98,8 +100,29 @@ def grid(w, cuda: bool) -> list[tuple[int, int, int, bool]]:
             for graph in (modes if g > 0 else [False])]
 
 
-def synthetic_prompt(spec, batch: int, prompt: int) -> torch.Tensor:
-    """The same random tokens on every rank and at every layout (seeded by the point)."""
+def prompt_source(spec) -> str:
+    """'text' (prompts from the corpus's held-out tail) or 'synthetic' (random tokens)."""
+    from suite.eval.metrics import TEXT_SOURCES
+
+    return "text" if spec.data.source in TEXT_SOURCES else "synthetic"
+
+
+def prompt_tokens(spec, batch: int, prompt: int) -> torch.Tensor:
+    """The point's prompts [batch, prompt], the same on every rank and at every layout. With a text corpus
+    (``[data] source``), windows of the held-out tail (the text validation reads, never trained on),
+    evenly spaced over it: what a trained model meets, which speculative decoding's acceptance depends on.
+    Otherwise random tokens, seeded by the point (enough for timing)."""
+    from suite.eval.metrics import heldout_tokens
+
+    if prompt_source(spec) == "text":
+        tail = heldout_tokens(spec)
+        if len(tail) < prompt:
+            fail(spec, "workload.prompt_lengths", f"a prompt of {prompt:,} tokens is longer than the corpus's "
+                 f"held-out tail ({len(tail):,} tokens).", "use shorter prompts, a larger corpus or a larger "
+                 "data.valid_fraction.")
+        stride = max(1, (len(tail) - prompt) // max(1, batch))
+        starts = [min(i * stride, len(tail) - prompt) for i in range(batch)]
+        return torch.stack([tail[s:s + prompt] for s in starts]).long()
     gen = torch.Generator().manual_seed(spec.workload.seed * 1_000_003 + batch * 65_537 + prompt)
     return torch.randint(0, spec.model.vocab_size, (batch, prompt), generator=gen)
 
@@ -157,7 +180,7 @@ def measure_point(engine: Engine, spec, batch: int, prompt: int, gen: int, graph
     reference for its check, then compiled (timed on its own) before any timed or warm-up request."""
     w = spec.workload
     engine.allocate(batch, prompt + gen)
-    tokens = synthetic_prompt(spec, batch, prompt).to(engine.device)
+    tokens = prompt_tokens(spec, batch, prompt).to(engine.device)
     compiled = engine.compiled and gen > 0
     reference, compile_s = None, None
     if compiled:
@@ -294,6 +317,7 @@ def metrics(raw: dict, spec, ctx) -> dict:
         "peak_memory_bytes": int(peak), "memory_kind": kind,
         "gemm_ceiling_tflops": ceilings.get("gemm_tflops"), "copy_bandwidth_tb_s": ceilings.get("copy_tb_s"),
         "datasheet_peak_tflops": peak_tflops, "cuda_graph_unavailable": raw["cuda_graph_unavailable"],
+        "prompt_source": prompt_source(spec),
         **registry.mode_blocks(spec), "inference": entries, "extra": {},
         "layout": registry.mode_layout(spec),
     }

@@ -47,7 +47,7 @@ from suite.metrics.stats import summarize
 from suite.tricks.speculative import draft_model, greedy_flops, request_flops
 from suite.tricks.speculative.engine import Speculative, shapes
 from suite.tricks.speculative.measures import ACCEPTANCE_RATE, MS_PER_TOKEN, TOKENS_PER_VERIFY, VERIFY_STEP
-from suite.workloads.inference import grid, point_entry, synthetic_prompt
+from suite.workloads.inference import grid, point_entry, prompt_source, prompt_tokens
 from suite.workloads.measures import PEAK_MEMORY, TTFT
 from suite.workloads.train import StepClock
 
@@ -55,7 +55,7 @@ from suite.workloads.train import StepClock
 def measure_point(engine: Speculative, spec, batch: int, prompt: int, gen: int) -> dict:
     """Raw timings of one grid point: per timed request its prefill, verify steps and acceptance."""
     w = spec.workload
-    tokens = synthetic_prompt(spec, batch, prompt).to(engine.device)
+    tokens = prompt_tokens(spec, batch, prompt).to(engine.device)
     prefill_s, per_token_s, step_s, request_s, accept, per_verify = [], [], [], [], [], []
     first, same = None, True
     # one allocation per point, as the inference workload does: a request overwrites what it reads, and the
@@ -173,6 +173,7 @@ def metrics(raw: dict, spec, ctx) -> dict:
         "peak_memory_bytes": int(peak), "memory_kind": kind,
         "gemm_ceiling_tflops": ceilings.get("gemm_tflops"), "copy_bandwidth_tb_s": ceilings.get("copy_tb_s"),
         "datasheet_peak_tflops": peak_tflops, "cuda_graph_unavailable": False,
+        "prompt_source": prompt_source(spec),
         **registry.mode_blocks(spec), "inference": entries, "speculative": blocks, "extra": {},
         "layout": registry.mode_layout(spec), "measures": measures,
     }
