@@ -86,6 +86,23 @@ class CachedAttention(SDPAttention):
         return out.permute(2, 0, 1, 3).reshape(q.shape[2], q.shape[0], -1)  # [s, b, h]: one or more new tokens
 
 
+def capture_graph(step) -> "torch.cuda.CUDAGraph":
+    """``step`` (a function of static buffers) captured in a CUDA graph, after two warm-up calls on a side
+    stream (cuBLAS, the allocator and NCCL set up there, as capture needs). Every call of ``step`` writes
+    what a real call would: callers restore their state around it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    # thread_local: the NCCL watchdog thread may query events while this thread captures
+    with rng_fork_disabled(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        step()
+    return graph
+
+
 @contextlib.contextmanager
 def rng_fork_disabled():
     """Megatron forks its CUDA RNG tracker around dropout in some paths; forking reseeds, which
@@ -302,13 +319,4 @@ class Engine:
         in a CUDA graph (call after a prefill; the state is restored)."""
         self.compile()  # compilation and autotuning stay out of the capture
         with self.state_restored():
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up on a side stream (cuBLAS, allocator, NCCL), as capture needs
-                for _ in range(2):
-                    self.step()
-            torch.cuda.current_stream().wait_stream(side)
-            self.graph = torch.cuda.CUDAGraph()
-            # thread_local: the NCCL watchdog thread may query events while this thread captures
-            with rng_fork_disabled(), torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-                self.step()
+            self.graph = capture_graph(self.step)

@@ -154,9 +154,6 @@ def validate(spec, cfg: SpeculativeConfig) -> None:
         fail("parallel.tp" if p.tp != 1 else "parallel.pp", "speculative decoding runs without tensor or pipeline "
              "parallelism (every process runs the draft and reads the target's logits; a parallel mode such as "
              "CQIL may lay the target over several GPUs).", "set tp = 1 and pp = 1.")
-    if w.cuda_graph != "off":
-        fail("workload.cuda_graph", "the speculative path runs eagerly (its verify forward and its rollback "
-             "are not captured in a CUDA graph).", 'set cuda_graph = "off" for this variant.')
     if isinstance(cfg.draft, str):
         n = self_layers(cfg)
         if n is None:

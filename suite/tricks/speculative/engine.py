@@ -1,5 +1,8 @@
 """The speculative engine: a draft and the target, each a ``suite.models.generate.Engine`` (its model and
 KV cache), driven by cached forwards of one or more tokens (see the package docstring for the step).
+With CUDA graphs, the draft's one-token forward and the verify forward of k + 1 tokens each run on
+static buffers (``StaticForward``) and are captured once per grid point; acceptance and rollback stay on
+the host, between the graphs (one device-to-host read of the accepted length per verify step).
 
 A cached forward of s tokens at positions start..start+s-1 sets the shared ``DecodeState`` to those
 positions and to a mask with one row per new token (row i sees positions <= start + i), then runs
@@ -15,7 +18,7 @@ import torch
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
 from suite.metrics import flops as F
-from suite.models.generate import Engine
+from suite.models.generate import Engine, capture_graph
 from suite.tricks.speculative import SpeculativeConfig, draft_model, self_layers
 
 
@@ -44,16 +47,14 @@ class Stats:
         return (sum(self.accepted) + self.steps) / self.steps if self.steps else None
 
 
-def cached_forward(engine: Engine, tokens: torch.Tensor, start: int, layers: int | None = None,
-                   last_only: bool = False) -> torch.Tensor:
-    """Feeds ``tokens`` [b, s] at positions start.. through the first ``layers`` layers (all: None) with
-    ``engine``'s caches; greedy-ready logits [b, s, vocab] (``last_only``: [b, 1, vocab])."""
+def forward_on(engine: Engine, tokens: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+               layers: int | None = None, last_only: bool = False) -> torch.Tensor:
+    """Feeds ``tokens`` [b, s] at positions ``pos`` [s] (``mask`` [1, 1, s, capacity]: row i sees positions
+    <= pos[i]) through the first ``layers`` layers (all: None) with ``engine``'s caches; greedy-ready logits
+    [b, s, vocab] (``last_only``: [b, 1, vocab])."""
     m, st = engine.model, engine.state
-    s = tokens.shape[1]
-    st.mode = "decode"
-    st.pos = torch.arange(start, start + s, device=engine.device)
-    st.mask = engine.positions <= st.pos.view(1, 1, s, 1)  # [1, 1, s, capacity]
-    rope = engine.rope[start:start + s]
+    st.mode, st.pos, st.mask = "decode", pos, mask
+    rope = engine.rope.index_select(0, pos)
     hidden = m.embedding(input_ids=tokens, position_ids=None)
     if layers is None:
         hidden = m.decoder(hidden_states=hidden, attention_mask=None, rotary_pos_emb=rope)
@@ -65,6 +66,48 @@ def cached_forward(engine: Engine, tokens: torch.Tensor, start: int, layers: int
         hidden = hidden[-1:]
     logits, _ = m.output_layer(hidden)
     return gather_from_tensor_model_parallel_region(logits)[..., :engine.spec.model.vocab_size].transpose(0, 1)
+
+
+def cached_forward(engine: Engine, tokens: torch.Tensor, start: int, layers: int | None = None,
+                   last_only: bool = False) -> torch.Tensor:
+    """``forward_on`` at positions start.. (fresh position and mask tensors: any number of tokens)."""
+    s = tokens.shape[1]
+    pos = torch.arange(start, start + s, device=engine.device)
+    return forward_on(engine, tokens, pos, engine.positions <= pos.view(1, 1, s, 1), layers, last_only)
+
+
+class StaticForward:
+    """One cached forward of a fixed shape on static buffers (tokens, positions, mask, greedy output), so it
+    can be captured in a CUDA graph: ``capture()`` records it, and calls then replay it; before that, calls
+    compute it eagerly on the same buffers (what the CPU tests check against the dynamic path)."""
+
+    def __init__(self, engine: Engine, batch: int, new: int, layers: int | None = None, last_only: bool = False):
+        dev = engine.device
+        self.engine, self.layers, self.last_only = engine, layers, last_only
+        self.tokens = torch.zeros(batch, new, dtype=torch.long, device=dev)
+        self.offsets = torch.arange(new, device=dev)
+        self.pos = torch.zeros(new, dtype=torch.long, device=dev)
+        self.mask = torch.zeros(1, 1, new, engine.positions.shape[-1], dtype=torch.bool, device=dev)
+        self.out = torch.zeros(batch, 1 if last_only else new, dtype=torch.long, device=dev)
+        self.graph = None
+
+    def compute(self) -> None:
+        torch.le(self.engine.positions, self.pos.view(1, 1, -1, 1), out=self.mask)
+        logits = forward_on(self.engine, self.tokens, self.pos, self.mask, self.layers, self.last_only)
+        self.out.copy_(logits.argmax(dim=-1))
+
+    def capture(self) -> None:
+        self.graph = capture_graph(self.compute)
+
+    def __call__(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        """The greedy tokens after each of ``tokens`` fed at positions start.. (a copy: the buffer is reused)."""
+        self.tokens.copy_(tokens)
+        torch.add(self.offsets, start, out=self.pos)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.compute()
+        return self.out.clone()
 
 
 class Speculative:
@@ -80,6 +123,7 @@ class Speculative:
             self.draft = self.target  # the target's first layers, on its cache
         self.cuda, self.device = self.target.cuda, self.target.device
         self.pos = 0  # position of ``x``, the target's latest greedy token, not yet fed to it
+        self.static = None  # (draft, verify) StaticForwards once ``use_static_forwards`` ran
 
     @property
     def engines(self) -> list[Engine]:
@@ -90,8 +134,23 @@ class Speculative:
             e.allocate(batch, capacity)
 
     def release(self) -> None:
+        self.static = None
         for e in self.engines:
             e.release()
+
+    def use_static_forwards(self, prompt: torch.Tensor, graph: bool) -> None:
+        """From now until ``release``, the draft's one-token forwards and the verify forward run on static
+        buffers, captured in CUDA graphs when ``graph`` (call after ``allocate``; it runs one prefill of
+        ``prompt`` for the capture, whose writes the next request's prefill and steps overwrite). A draft
+        catch-up of two tokens then runs as two one-token forwards."""
+        b = prompt.shape[0]
+        self.static = (StaticForward(self.draft, b, 1, self.self_layers, last_only=True),
+                       StaticForward(self.target, b, self.k + 1))
+        if graph:
+            self.prefill(prompt)
+            for forward in self.static:
+                forward(torch.zeros_like(forward.tokens), prompt.shape[1])  # plausible positions to capture at
+                forward.capture()
 
     def close(self) -> None:
         for e in self.engines:
@@ -119,10 +178,16 @@ class Speculative:
         """k draft tokens [b, k] continuing from ``x`` (the draft's forwards, cache advanced)."""
         out, inp, at = [], self.pending, self.draft_pos
         for _ in range(self.k):
-            logits = cached_forward(self.draft, inp, at, self.self_layers, last_only=True)
-            self.stats.forwards.append(("draft", inp.shape[0], inp.shape[1], at, 1))
+            if self.static is not None:  # one token at a time on the static one-token forward
+                for j in range(inp.shape[1]):
+                    nxt = self.static[0](inp[:, j:j + 1], at + j)
+                    self.stats.forwards.append(("draft", inp.shape[0], 1, at + j, 1))
+            else:
+                logits = cached_forward(self.draft, inp, at, self.self_layers, last_only=True)
+                self.stats.forwards.append(("draft", inp.shape[0], inp.shape[1], at, 1))
+                nxt = logits[:, -1].argmax(dim=-1, keepdim=True)
             at += inp.shape[1]
-            inp = logits[:, -1].argmax(dim=-1, keepdim=True)
+            inp = nxt
             out.append(inp)
         return torch.cat(out, dim=1)
 
@@ -132,9 +197,13 @@ class Speculative:
         Returns the tokens it emits [b, n + 1]."""
         k, pos = self.k, self.pos
         d = self.propose()
-        logits = cached_forward(self.target, torch.cat([self.x, d], dim=1), pos)
+        fed = torch.cat([self.x, d], dim=1)
+        if self.static is not None:
+            g = self.static[1](fed, pos)
+        else:
+            g = cached_forward(self.target, fed, pos).argmax(dim=-1)
         self.stats.forwards.append(("verify", d.shape[0], k + 1, pos, k + 1))
-        g = logits.argmax(dim=-1)  # [b, k + 1]: the target's choice after x, d1, ..., dk
+        # g [b, k + 1]: the target's choice after x, d1, ..., dk
         agree = torch.cumprod((d == g[:, :k]).long(), dim=1).sum(dim=1)  # per sequence
         n = int(agree.min())
         self.stats.accepted.append(n)
