@@ -181,6 +181,10 @@ def test_prompts_come_from_the_held_out_text_when_the_variant_has_a_corpus(tmp_p
     from suite.errors import UserError
     with pytest.raises(UserError, match="workload.prompt_lengths"):
         prompt_tokens(spec, 1, len(tail) + 1)
+    with pytest.raises(UserError) as e:  # validation already refuses a prompt the tail cannot hold
+        load(tmp_path, TINY + f"prompt_lengths = [{len(tail) + 100}]\n"
+             + f'[data]\nsource = "text"\npath = "{corpus}"\n')
+    assert e.value.key == "workload.prompt_lengths" and "validation tail" in str(e.value)
 
 
 def test_decode_bytes_and_prefill_flops_by_hand(tmp_path):

@@ -350,6 +350,11 @@ def check_split_sizes(spec, tokens: int, exact: bool) -> None:
         fail(spec, "data.path", f"the corpus holds {count}: after the validation tail of {n_valid:,} the training "
              f"split has {max(train, 0):,}, fewer than one sequence of seq_length + 1 = {seq + 1:,}.",
              f"use a corpus of more than {2 * (seq + 1):,} tokens or a shorter seq_length.")
+    longest = max(spec.workload.prompt_lengths) if spec.workload.kind == "inference" else 0
+    if longest > n_valid:  # inference prompts are cut from the validation tail (workloads.inference.prompt_tokens)
+        fail(spec, "workload.prompt_lengths", f"a prompt of {longest:,} tokens is longer than the corpus's "
+             f"validation tail ({'' if exact else 'at most '}{n_valid:,} tokens), which prompts are cut from.",
+             "use shorter prompts, a larger corpus or a larger data.valid_fraction.")
 
 
 def check_hf_tokenizer(spec) -> None:

@@ -244,7 +244,8 @@ def default_at(path: str):
         if rest[0] in plugins:
             cls, rest = plugins[rest[0]].config, rest[1:]
             if not rest:
-                return None if head == "parallel" else _NO_DEFAULT  # an unused mode is null; a trick table has no default
+                # an unused parallel mode is null; a technique's table has no default
+                return None if head == "parallel" else _NO_DEFAULT
         else:
             cls = SECTIONS.get(head)
     else:

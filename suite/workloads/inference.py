@@ -150,7 +150,8 @@ def _eager_step(engine: Engine, noise: bool = False) -> torch.Tensor | None:
     with engine.state_restored():
         engine.graph = engine.compiled_step = None
         try:
-            with torch.compiler.set_stance("force_eager"), (engine.layer_noise() if noise else contextlib.nullcontext()):
+            noisy = engine.layer_noise() if noise else contextlib.nullcontext()
+            with torch.compiler.set_stance("force_eager"), noisy:
                 engine.decode()
         finally:
             engine.graph, engine.compiled_step = timed

@@ -34,7 +34,8 @@ precision = "fp32"
 draft = {draft}
 k = {k}
 """
-DRAFTS = {"self1": '"layers:1"', "small": '{ preset = "tiny", num_layers = 2, hidden_size = 128, num_attention_heads = 2 }'}
+DRAFTS = {"self1": '"layers:1"',
+          "small": '{ preset = "tiny", num_layers = 2, hidden_size = 128, num_attention_heads = 2 }'}
 
 
 @pytest.fixture(scope="module")

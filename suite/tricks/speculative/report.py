@@ -32,7 +32,8 @@ NOTE = ("Speculative decoding (greedy acceptance; the output is the target's gre
         "length); tokens/verify: tokens emitted per verify step (accepted + 1); ms/token: median over timed "
         "requests of decode time / generated tokens; decode: eager, or the draft and verify forwards in CUDA "
         "graphs; plain ms/token: plain greedy decoding of the same model (a variant of the same [model] without "
-        "a draft or a parallel mode) at the same point and decode mode; speed-up: plain / speculative ms/token; FLOPs vs greedy: model FLOPs of the "
+        "a draft or a parallel mode) at the same point and decode mode; speed-up: plain / speculative ms/token; "
+        "FLOPs vs greedy: model FLOPs of the "
         "request (draft and verify forwards, prefills) over plain greedy decoding's. A draft with random weights "
         "agrees with a random target by chance only: its acceptance says nothing about a trained pair. GPUs: a "
         "variant with a parallel mode (CQIL) lays the target over several GPUs and decodes speculatively on "
@@ -78,7 +79,8 @@ def speculative_lines(records: list[dict], ctx: dict) -> list[str]:
             for rec in records if is_ok(rec) for e in metric(rec, "speculative") or []]
     if not body:
         return []
-    return ["### Speculative decoding", fmt.table(HEADERS, body, "lrlr" + "r" * 3 + "l" + "r" * (len(HEADERS) - 8)), NOTE]
+    align = "lrlr" + "r" * 3 + "l" + "r" * (len(HEADERS) - 8)
+    return ["### Speculative decoding", fmt.table(HEADERS, body, align), NOTE]
 
 
 register(ReportPlugin("speculative", fields=FIELDS, sections=speculative_lines))

@@ -3,8 +3,9 @@ speculative engine instead of one decode step per token.
 
 For every (batch, prompt, gen[, graph]) point of ``[workload]``'s grid (``cuda_graph``: eager, the draft
 and verify forwards captured in CUDA graphs, or both rows; graphs only on GPUs) one request is the
-prefills (the target's, and a second draft model's: both are needed before the first proposal, so both count in the time to first token), then verify steps until ``gen`` tokens
-follow the first one. ``warmup_repeats`` untimed requests, then ``repeats`` timed ones; each verify step
+prefills (the target's, and a second draft model's: both are needed before the first proposal, so both
+count in the time to first token), then verify steps until ``gen`` tokens follow the first one.
+``warmup_repeats`` untimed requests, then ``repeats`` timed ones; each verify step
 (its k draft forwards, the target's forward, acceptance) is timed on its own, CUDA events on GPU.
 
 Record: ``metrics.inference`` holds the inference workload's entries (``suite.workloads.inference``), so
