@@ -1,5 +1,5 @@
 # Source on a device machine: installs the carried megatron-core wheel (.whl/) and sets the NCCL
-# environment this workplace requires. OUT is where results go (the device tool collects it).
+# environment the GPU machines here require. OUT is where results go (collected after the run).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 # once per machine (scripts started side by side would race on /tmp/site)
