@@ -210,7 +210,7 @@ FIELDS: dict[str, str] = {
     "metrics.inference[].cuda_graph": BOOL,
     "metrics.inference[].repeats": INT, "metrics.inference[].repeats_same_tokens": BOOL,
     "metrics.inference[].same_tokens_as_eager": BOOL, "metrics.inference[].tokens_differ_from": INT,
-    "metrics.inference[].repeats_differ_from": INT,
+    "metrics.inference[].repeats_differ_from": INT, "metrics.inference[].distinct_4grams": NUM,
     **{f"metrics.inference[].{phase}_ms_{k}": NUM for phase in ("prefill", "decode")
        for k in ("median", "p10", "p90", "p99")},
     **{f"metrics.inference[].{k}": NUM for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "prefill_mfu",

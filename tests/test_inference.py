@@ -187,6 +187,15 @@ def test_prompts_come_from_the_held_out_text_when_the_variant_has_a_corpus(tmp_p
     assert e.value.key == "workload.prompt_lengths" and "validation tail" in str(e.value)
 
 
+def test_distinct_ngrams_by_hand():
+    from suite.workloads.inference import distinct_ngrams
+
+    assert distinct_ngrams([[1, 2, 3, 4, 1, 2, 3, 4]]) == 4 / 5  # 1234 2341 3412 4123 1234
+    assert distinct_ngrams([[7] * 10]) == 1 / 7  # a loop of one token
+    assert distinct_ngrams([[1, 2, 3, 4, 5], [7] * 5]) == (1 + 1 / 2) / 2  # averaged over sequences
+    assert distinct_ngrams([[1, 2, 3]]) is None
+
+
 def test_decode_bytes_and_prefill_flops_by_hand(tmp_path):
     from suite.metrics import flops as F
     from suite.workloads.inference import decode_bytes_per_step, prefill_flops

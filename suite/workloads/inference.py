@@ -43,6 +43,8 @@ Record: ``metrics.inference`` is a list with one flat entry per (batch, prompt, 
                                 comparison uninformative
     repeats_differ_from         the first generated position at which a request's tokens differ from the first
                                 request's (0: the prefill's token); null when all agree
+    distinct_4grams             distinct 4-grams / 4-grams of the last request's generated tokens, averaged over
+                                its sequences (``distinct_ngrams``): near 0 for a greedy loop
     same_tokens_as_eager        graph and compiled entries: the greedy tokens of the last request equal the
                                 eager reference's (null otherwise): a compiled entry's reference is one untimed
                                 request of the same point with the plain eager step; an uncompiled graph
@@ -273,9 +275,19 @@ def point_entry(pt: dict, shape: F.Shape, elem: int, world: int, peak_tflops, co
         "decode_bytes_per_step": nbytes, "decode_bandwidth_tb_s": bandwidth,
         "decode_bandwidth_fraction": bandwidth / (world * copy_tb_s) if bandwidth and copy_tb_s else None,
         "repeats_same_tokens": pt["repeats_same_tokens"], "repeats_differ_from": pt.get("repeats_differ_from"),
+        "distinct_4grams": distinct_ngrams(pt["tokens"]),
         "same_tokens_as_eager": None, "tokens_differ_from": None,
         "graph_logits_rel_diff": None, "graph_noise_rel_diff": None,
     }
+
+
+def distinct_ngrams(tokens: list[list[int]], n: int = 4) -> float | None:
+    """Distinct n-grams over all n-grams of the generated tokens, per sequence, averaged ("distinct-n", Li et
+    al. 2016): near 1 for varied text, near 0 for a greedy loop repeating itself, where a draft that has
+    learned the loop agrees at every step. None when no sequence holds n tokens."""
+    fractions = [len(set(grams)) / len(grams) for seq in tokens
+                 if (grams := [tuple(seq[i:i + n]) for i in range(len(seq) - n + 1)])]
+    return sum(fractions) / len(fractions) if fractions else None
 
 
 def first_difference(tokens: list[list[int]], reference: list[list[int]]) -> int | None:

@@ -21,15 +21,18 @@ FIELDS = {BLOCK: LIST, f"{BLOCK}[]": DICT + "!", f"{BLOCK}[].draft": STR + "!",
           **{f"{BLOCK}[].{k}": NUM for k in ("verify_steps", "acceptance_rate", "accepted_rate_per_sequence",
                                              "tokens_per_verify", "ms_per_token_median", "verify_step_ms_median",
                                              "ttft_ms_median", "flops_draft", "flops_verify", "flops_prefill",
-                                             "flops_total", "flops_greedy", "flops_per_token")},
+                                             "flops_total", "flops_greedy", "flops_per_token", "distinct_4grams")},
           f"{BLOCK}[].same_tokens_across_repeats": BOOL}
 
 HEADERS = ["variant", "GPUs", "draft", "k", "batch", "prompt", "gen", "decode", "acceptance", "per sequence",
-           "tokens/verify", "verify step (ms)", "ms/token", "plain ms/token", "speed-up", "FLOPs vs greedy"]
+           "tokens/verify", "distinct-4", "verify step (ms)", "ms/token", "plain ms/token", "speed-up",
+           "FLOPs vs greedy"]
 NOTE = ("Speculative decoding (greedy acceptance; the output is the target's greedy output token for token). "
         "draft: 'layers:N' (the model's first N layers) or a second model (its parameters); acceptance: accepted "
         "draft tokens / proposed, the batch verified in lockstep (per sequence: each sequence's own accepted "
-        "length); tokens/verify: tokens emitted per verify step (accepted + 1); ms/token: median over timed "
+        "length); tokens/verify: tokens emitted per verify step (accepted + 1); distinct-4: distinct 4-grams over "
+        "4-grams of the output (near 0: greedy decoding looping on itself, which any draft predicts: read "
+        "acceptance with it); ms/token: median over timed "
         "requests of decode time / generated tokens; decode: eager, or the draft and verify forwards in CUDA "
         "graphs; plain ms/token: plain greedy decoding of the same model (a variant of the same [model] without "
         "a draft or a parallel mode) at the same point and decode mode; speed-up: plain / speculative ms/token; "
@@ -66,7 +69,8 @@ def _row(rec: dict, e: dict, ref: float | None) -> list[str]:
     point = [str(e[k]) for k in ("k", "batch", "prompt", "gen")] + ["graph" if e.get("cuda_graph") else "eager"]
     return [rec["variant"], str(rec.get("world_size")), draft, *point,
             fmt.percent(e.get("acceptance_rate")), fmt.percent(e.get("accepted_rate_per_sequence")),
-            fmt.fixed(e.get("tokens_per_verify"), 2), fmt.NA if step is None else fmt.sig(step),
+            fmt.fixed(e.get("tokens_per_verify"), 2), fmt.fixed(e.get("distinct_4grams"), 2),
+            fmt.NA if step is None else fmt.sig(step),
             fmt.NA if mine is None else fmt.sig(mine), fmt.NA if ref is None else fmt.sig(ref),
             fmt.NA if not ref or not mine else f"{ref / mine:.2f}×",
             fmt.NA if not greedy or e.get("flops_total") is None else f"{e['flops_total'] / greedy:.2f}×"]
