@@ -315,13 +315,16 @@ def test_training_variants_refuse_it(tmp_path):
 def test_run_records_and_report(tmp_path):
     path = tmp_path / "s.toml"
     path.write_text(TINY.replace("gen_lengths = [24]", "gen_lengths = [6]") + "[report]\nbaseline = \"baseline\"\n"
-                    "[variants.baseline]\n[variants.self.tricks.speculative]\ndraft = \"layers:2\"\nk = 2\n")
+                    "[variants.baseline]\n[variants.self.tricks.speculative]\ndraft = \"layers:2\"\nk = 2\n"
+                    "[variants.self.workload]\ncuda_graph = \"both\"\n")  # on CPU: its eager rows only
     r = run_suite("run", path, "--out", tmp_path / "res", timeout_s=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     recs = {json.loads(line)["variant"]: json.loads(line) for line in (tmp_path / "res" / "records.jsonl").open()}
     rec = recs["self"]
     assert rec["status"] == "ok"
     (block,) = rec["metrics"]["speculative"]
+    assert rec["metrics"]["cuda_graph_unavailable"] is True and block["cuda_graph"] is False
+    assert 0 < block["distinct_4grams"] <= 1 and rec["metrics"]["prompt_source"] == "synthetic"
     assert block["draft"] == "layers:2" and block["k"] == 2 and 0 <= block["acceptance_rate"] <= 1
     assert block["tokens_per_verify"] == pytest.approx(1 + 2 * block["acceptance_rate"])
     assert block["flops_total"] == block["flops_draft"] + block["flops_verify"] + block["flops_prefill"]
@@ -331,7 +334,7 @@ def test_run_records_and_report(tmp_path):
     assert len(per_token["samples"]) == 1 and per_token["point"] == {"batch": 1, "prompt": 11, "gen": 6, "graph": "off"}
     r = run_suite("report", tmp_path / "res")
     assert r.returncode == 0, r.stderr
-    assert "### Speculative decoding" in r.stdout and "| self | 1 | layers:2 | 2 | 1 | 11 | 6 |" in r.stdout
+    assert "### Speculative decoding" in r.stdout and "| self | 1 | layers:2 | 2 | 1 | 11 | 6 | eager |" in r.stdout
 
 
 def test_the_scenario_validates_and_plans():
