@@ -420,3 +420,43 @@ def test_training_runs_with_python_gc_between_steps_and_restores_it():
     except RuntimeError:
         pass
     assert gc.isenabled() and gc.get_freeze_count() == 0
+
+
+def test_deterministic_mode_is_scoped_to_its_variant(monkeypatch):
+    """``[workload] deterministic``: deterministic algorithms (warn-only), cuDNN without autotuning and the
+    cuBLAS workspace setting inside the variant; torch's defaults again after it, also after an error."""
+    import torch
+
+    from suite.launch.spmd import deterministic
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    benchmark = torch.backends.cudnn.benchmark
+    with deterministic(True):
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark == benchmark
+    with pytest.raises(RuntimeError), deterministic(True):
+        raise RuntimeError("a failing variant")
+    assert not torch.are_deterministic_algorithms_enabled()
+    with deterministic(False):
+        assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_deterministic_variant_runs_and_repeats_its_losses(tmp_path):
+    """A variant in deterministic mode trains, records the setting in its config, and two runs give the
+    same loss curve (on CPU they would anyway: this checks the mode breaks nothing on the way)."""
+    from check_worker import run_suite
+
+    scenario = tmp_path / "s.toml"
+    scenario.write_text('name = "det"\n[model]\npreset = "tiny"\n[workload]\nsteps = 4\nglobal_batch = 2\n'
+                        'micro_batch = 2\nseq_length = 32\ndeterministic = true\n')
+    curves = []
+    for run in ("a", "b"):
+        r = run_suite("run", scenario, "--out", tmp_path / run, timeout_s=240)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+        (rec,) = [json.loads(line) for line in (tmp_path / run / "records.jsonl").read_text().splitlines()]
+        assert rec["status"] == "ok" and rec["config"]["workload"]["deterministic"] is True
+        curves.append(rec["metrics"]["loss_curve"])
+    assert curves[0] == curves[1]

@@ -29,6 +29,10 @@ from suite.records import append_record, completed, config_hash, read_records, r
 from suite.scenario import load_scenario
 
 
+# cuBLAS's documented setting for bitwise-repeatable results ([workload] deterministic, suite.launch.spmd)
+CUBLAS_DETERMINISTIC = ":4096:8"
+
+
 def _available_gpus() -> int | None:
     """GPUs on this host, or None on a CPU-only machine (processes are then not limited)."""
     try:
@@ -121,6 +125,8 @@ def _launch(v, nproc: int, out: str, args) -> tuple[int, bool]:
     tail = collections.deque(maxlen=400)
     handed = handoff.write([v], out, f"{v.name}.{os.getpid()}")  # the ranks run what was resolved here
     env = {**os.environ, handoff.ENV: str(handed)}
+    if v.workload.deterministic:  # cuBLAS reads it when it starts, so the ranks' environment carries it
+        env.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     interrupted = False
     while True:

@@ -34,6 +34,7 @@ reads this variable.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import gc
 import os
@@ -51,6 +52,7 @@ import torch.distributed as dist
 
 from suite.errors import UserError
 from suite.launch import cpu_compat, guard, handoff
+from suite.launch.launcher import CUBLAS_DETERMINISTIC
 from suite.metrics.env import fingerprint
 from suite.records import append_record, completed, config_hash
 from suite.scenario.validate import check_world
@@ -84,6 +86,24 @@ def _cap_host_threads(limit: int = 8) -> None:
     if "OMP_NUM_THREADS" not in os.environ:
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, min(limit, (os.cpu_count() or 1) // local_world)))
+
+
+@contextlib.contextmanager
+def deterministic(on: bool):
+    """A variant's ``[workload] deterministic``: deterministic algorithms (warning where an op has none),
+    cuDNN without benchmark autotuning, for the variant's span; then torch's defaults again."""
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_DETERMINISTIC)  # effective before cuBLAS starts
+    cudnn = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
 
 
 def _init_distributed(timeout_s: float) -> RankContext:
@@ -305,7 +325,8 @@ def _run_variant(v, ctx: RankContext, out: str, args, watch: guard.Guard) -> str
             model_parallel_cuda_manual_seed(v.workload.seed)
         torch.manual_seed(v.workload.seed)
         workload = workload_for(v)
-        result = workload.run(v, ctx, fault=hook)
+        with deterministic(v.workload.deterministic):
+            result = workload.run(v, ctx, fault=hook)
     except Exception as e:  # recorded, then the next variant runs
         error = {"type": type(e).__name__, "message": str(e), "traceback": traceback.format_exc()[-4000:],
                  "rank": ctx.rank}

@@ -93,6 +93,12 @@ class WorkloadConfig:
                                       "checkpoint there is replaced.")
     timeout_s: int = doc("Collective timeout; a hung rank fails the variant after this long.", 600,
                          range="[1, 31536000]")
+    deterministic: bool = doc("Deterministic kernels, as Megatron-LM's --deterministic-mode and torchtitan's "
+                              "deterministic debug option: torch.use_deterministic_algorithms (ops without a "
+                              "deterministic kernel warn), cuDNN without autotuning, CUBLAS_WORKSPACE_CONFIG="
+                              "':4096:8' (read when cuBLAS starts: a launched variant's fresh processes get it; "
+                              "under bare torchrun set it for the whole launch). Slower; for telling "
+                              "nondeterminism apart from a bug (suite.launch.spmd.deterministic).", False)
     batch_sizes: list[int] = doc("inference: sequences per request (a grid axis).", factory=lambda: [1],
                                  range="[1, 1048576]")
     prompt_lengths: list[int] = doc("inference: prompt tokens per sequence, prefilled at once (a grid axis).",
