@@ -178,7 +178,6 @@ def _seed_means(rows: list[dict], records: list[dict]) -> list[str]:
         return statistics.mean(values) if all(v is not None for v in values) else None
 
     base = next((g for g in groups if any(row["baseline"] for row, _ in g)), None)
-    base_flops, base_wall = (mean(base, "flops"), mean(base, "walltime_s")) if base else (None, None)
     startup = any(row.get("has_startup") for row in rows)
     body = []
     for g in groups:

@@ -292,8 +292,7 @@ def distinct_ngrams(tokens: list[list[int]], n: int = 4) -> float | None:
 
 def first_difference(tokens: list[list[int]], reference: list[list[int]]) -> int | None:
     """The first generated position at which any sequence's greedy token differs from the reference's
-    (0: already the prefill's token, so the first decode steps' logits were computed from different
-    inputs); None where all agree."""
+    (0: already the prefill's token); None where all agree."""
     firsts = [next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
               for mine, theirs in zip(tokens, reference)]
     return min((i for i in firsts if i is not None), default=None)

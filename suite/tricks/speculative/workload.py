@@ -51,7 +51,7 @@ from suite.metrics.stats import summarize
 from suite.tricks.speculative import draft_model, greedy_flops, request_flops
 from suite.tricks.speculative.engine import Speculative, shapes
 from suite.tricks.speculative.measures import ACCEPTANCE_RATE, MS_PER_TOKEN, TOKENS_PER_VERIFY, VERIFY_STEP
-from suite.workloads.inference import distinct_ngrams, grid, point_entry, prompt_source, prompt_tokens
+from suite.workloads.inference import grid, point_entry, prompt_source, prompt_tokens
 from suite.workloads.measures import PEAK_MEMORY, TTFT
 from suite.workloads.train import StepClock
 
@@ -161,7 +161,7 @@ def metrics(raw: dict, spec, ctx) -> dict:
             "verify_step_ms_median": _ms(median(pt["verify_s"])),
             "ttft_ms_median": _ms(median(pt["prefill_s"])),
             "same_tokens_across_repeats": pt["repeats_same_tokens"],
-            "distinct_4grams": distinct_ngrams(pt["tokens"]),
+            "distinct_4grams": entry["distinct_4grams"],
             "flops_draft": used["draft"], "flops_verify": used["verify"],
             "flops_prefill": used["prefill"] + used["draft_prefill"], "flops_total": used["total"],
             "flops_greedy": greedy_flops(target, b, p, g), "flops_per_token": used["total"] / (b * (g + 1)),
