@@ -20,9 +20,9 @@ def run(args) -> int:
 
         return submit_all(args)
     if under_torchrun():
-        from suite.launch.spmd import run_all
+        from suite.launch.spmd import end_rank, run_all
 
-        return run_all(args)
+        end_rank(run_all(args))
     from suite.launch.launcher import launch_all
 
     return launch_all(args)

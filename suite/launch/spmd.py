@@ -185,7 +185,6 @@ def run_all(args) -> int:
         statuses.append(status)
         if status == "broken":
             break
-    _stop_compile_workers()
     if "broken" not in statuses:
         dist.destroy_process_group()
     if any(s in ("failed", "diverged", "broken") for s in statuses):
@@ -193,14 +192,19 @@ def run_all(args) -> int:
     return 2 if "refused" in statuses else 0
 
 
-def _stop_compile_workers() -> None:
-    """torch.compile's pool of compile workers must stop before the interpreter exits: left to the exit, its
-    thread aborted the process ('terminate called without an active exception', SIGABRT) after the records
-    were written in one run in three of a compiled 2-process variant on CPU, and torchrun reported the
-    run failed."""
+def end_rank(code: int):
+    """Ends this rank with ``code`` once its records are written and its process group is gone, without the
+    interpreter's finalization: there, C++ threads torch started (torch.compile's compile workers among
+    them) were destroyed while still joinable and aborted the rank ('terminate called without an active
+    exception', SIGABRT), so torchrun failed a run whose every record was ok: in about one compiled
+    2-process variant in three on CPU, and still now and then after stopping the compile workers first
+    (once in a CI run of the two-variant test)."""
     compile_pool = sys.modules.get("torch._inductor.async_compile")
-    if compile_pool is not None:
+    if compile_pool is not None:  # its worker processes would outlive the rank
         compile_pool.shutdown_compile_workers()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _fault_hook(v, rank: int, started):
