@@ -29,6 +29,7 @@ def plan_rows(variants) -> list[dict]:
             extra = registry.trick(name).plan_row(v, cfg) if registry.trick(name).plan_row else {}
             row["layout"] += extra.get("layout", "")
             row["memory_per_gpu"] += extra.get("memory", 0)
+            row["flops_per_step"] = extra.get("flops_per_step", row["flops_per_step"])  # one that changes the work
         rows.append(row)
     return rows
 
@@ -122,6 +123,7 @@ def _si(x: float, unit: str = "") -> str:
 def print_plan(path: str, overrides, only) -> int:
     variants = load_scenario(path, overrides, only)
     print(f"{variants[0].scenario} ({path}); dp '*' = derived from the launch (1 when launched for you); "
+          "FLOPs/step: the run's mean where a technique changes the work; "
           "inference rows: the largest prompt's prefill, and weights only for memory")
     print("| variant | layout | GPUs | parameters | tokens/step | FLOPs/step | est. memory/GPU |")
     print("|---|---|---:|---:|---:|---:|---:|")

@@ -73,7 +73,8 @@ class Trick:
     workload: str | None = None  # module replacing the workload (``run``/``metrics``, see suite.workloads)
     kinds: tuple[str, ...] = ("train",)  # the [workload] kinds it applies to (others refuse its section)
     with_modes: bool = False  # its workload runs the variant's parallel mode too (builds through its layer spec)
-    plan_row: Callable | None = None  # (variant, cfg) -> {"layout": text, "memory": bytes per GPU} for `suite plan`
+    # (variant, cfg) -> {"layout": text, "memory": bytes per GPU, "flops_per_step": the run's mean} for `suite plan`
+    plan_row: Callable | None = None
 
 
 class ModeRuntime:

@@ -79,32 +79,54 @@ def train_step_flops(s: Shape, global_batch: int, seq: int) -> int:
     return 3 * forward_flops(s, global_batch, seq)
 
 
+# Saved activations of one LLaMA-style layer, bytes per token: ACT_PER_HIDDEN·h + ACT_PER_FFN[kernels]·f at
+# 16-bit. Fitted to the peak memory of this project's GPU training records (H100 and H200; 12 × 768, 12 × 1024,
+# 20 × 2048 with f ≈ 2.7h): 47.6–50.5 bytes per token·h and layer with the `torch` back-end, 36.9–40.7 with
+# `fused` and `compile`. The FFN's share was measured apart on CPU by counting the tensors autograd saves while
+# f changes: 10 bytes per unit of f unfused (fc1's gate and up, silu's output, their product, ...), 6 with the
+# fused SwiGLU. The rest, ~23 bytes per unit of h (norm inputs and outputs, q, k, v after RoPE, the attention
+# output; flash attention keeps no s² scores), is the same for every back-end. With Korthikanti et al.'s
+# 34·s·b·h (a GELU MLP of 4h, dropout masks) instead, the whole estimate read 28–31% under those peaks.
+# The logits: fp32 logits, softmax and their gradient (12 bytes per token and vocabulary entry) with the
+# fused cross-entropy; megatron's unfused one keeps about twice that (the 1.16 B model, vocabulary 32 000:
+# 40.2 GiB peak with `torch`, 33.9 with `fused`).
+ACT_PER_HIDDEN = 23
+ACT_PER_FFN = {"torch": 10, "fused": 6, "compile": 6}
+LOGITS_PER_VOCAB = {"torch": 24, "fused": 12, "compile": 12}
+
+
+def layer_activation_bytes(spec, tokens: int) -> float:
+    """Bytes one layer saves for its backward pass over ``tokens`` tokens of one micro-batch, per GPU."""
+    s, w = Shape.of(spec.model), spec.workload
+    layer = tokens * (ACT_PER_HIDDEN * s.hidden + ACT_PER_FFN[spec.model.kernels] * s.ffn) / spec.parallel.tp
+    return layer * 2 if w.precision == "fp32" else layer
+
+
 def memory_estimate_bytes(spec) -> dict:
     """Rough peak memory per GPU on the first pipeline stage (the fullest one under 1F1B).
 
     Weights + gradients + Adam state per parameter: bf16 with fp32 master weights, fp32 grads and
     Adam moments = 2 + 4 + 4 + 8 = 18 bytes; fp32 = 4 + 4 + 8 = 16. Activations per layer and
-    micro-batch follow Korthikanti et al. (2022), s·b·h·34 bytes at 16-bit divided by tp, without
-    their 5·a·s²·b term because the fused SDPA kernel keeps no score matrix; doubled for fp32,
-    ×(pp in flight) micro-batches on the first stage; full recompute keeps only layer inputs
-    (2·s·b·h). fp32 logits (×3: logits, softmax, grad) count only when the first stage is also the
-    last. An estimate to plan with, not a measurement.
+    micro-batch: s·b·(ACT_PER_HIDDEN·h + ACT_PER_FFN·f) bytes at 16-bit (see above) divided by tp, doubled
+    for fp32, ×(pp in flight) micro-batches on the first stage; full recompute keeps only layer inputs
+    (2·s·b·h) plus two layers' activations (the one recomputed and the gradients through it). The logits
+    (LOGITS_PER_VOCAB) count only when the first stage is also the last. An estimate to plan with, not a
+    measurement.
     """
     s, p, w = Shape.of(spec.model), spec.parallel, spec.workload
     params = parameters(s)
     per_stage_layers = s.layers // p.pp
     params_gpu = (per_stage_layers * layer_params(s) + s.vocab * s.hidden) / p.tp
     state = params_gpu * (18 if w.bf16 else 16)
-    sbh = w.seq_length * w.micro_batch * s.hidden
-    if p.recompute == "full":
-        act_layer = 2 * sbh
-    else:
-        act_layer = sbh * 34 / p.tp
-    if w.precision == "fp32":
-        act_layer *= 2
+    tokens = w.seq_length * w.micro_batch
+    layer = layer_activation_bytes(spec, tokens)
     in_flight = min(p.pp, w.global_batch // w.micro_batch)
-    activations = act_layer * per_stage_layers * in_flight
-    logits = 3 * 4 * w.micro_batch * w.seq_length * s.vocab / p.tp if p.pp == 1 else 0
+    if p.recompute == "full":
+        activations = 2 * tokens * s.hidden * per_stage_layers * in_flight + 2 * layer
+    else:
+        activations = layer * per_stage_layers * in_flight
+    cross_entropy = spec.model.kernels if w.bf16 else "torch"  # the fused one needs bf16 weights
+    logits = LOGITS_PER_VOCAB[cross_entropy] * tokens * s.vocab / p.tp if p.pp == 1 else 0
     total = state + activations + logits
     return {"weights_and_optimizer": int(state), "activations": int(activations),
             "logits": int(logits), "total": int(total), "parameters_per_gpu": int(params_gpu),

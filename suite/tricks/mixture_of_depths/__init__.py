@@ -118,4 +118,18 @@ def _runtime(spec, cfg):
     return MixtureOfDepthsRuntime(spec, cfg)
 
 
-register(Trick(name="mixture_of_depths", config=MixtureOfDepthsConfig, validate=validate, runtime=_runtime))
+def plan_row(spec, cfg: MixtureOfDepthsConfig) -> dict:
+    """`suite plan`: the step's FLOPs, and the memory a routed layer does not use: it saves activations
+    for its k tokens only (not under full recompute, which saves none)."""
+    w, shape = spec.workload, F.Shape.of(spec.model)
+    row = {"flops_per_step": step_flops(cfg, shape, w.global_batch, w.seq_length)}
+    if spec.parallel.recompute != "full":
+        p, skipped = spec.parallel, w.seq_length - kept_tokens(cfg, w.seq_length)
+        first_stage = [i for i in routed_layers(cfg, shape.layers) if i < shape.layers // p.pp]
+        in_flight = min(p.pp, w.global_batch // w.micro_batch)  # as flops.memory_estimate_bytes counts them
+        row["memory"] = -len(first_stage) * in_flight * F.layer_activation_bytes(spec, w.micro_batch * skipped)
+    return row
+
+
+register(Trick(name="mixture_of_depths", config=MixtureOfDepthsConfig, validate=validate, runtime=_runtime,
+               plan_row=plan_row))

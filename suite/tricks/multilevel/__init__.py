@@ -167,5 +167,10 @@ def _check_layout(spec, m, level: int, fail) -> None:
              "lower pp (x vpp) or the depth factors.")
 
 
+def plan_row(spec, cfg: MultilevelConfig) -> dict:
+    """`suite plan`: the mean step FLOPs over every phase's steps."""
+    return {"flops_per_step": sum(phase_flops(spec, cfg)) // sum(cfg.steps)}
+
+
 register(Trick(name="multilevel", config=MultilevelConfig, validate=validate,
-               workload="suite.tricks.multilevel.vcycle"))
+               workload="suite.tricks.multilevel.vcycle", plan_row=plan_row))

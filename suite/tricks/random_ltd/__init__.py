@@ -105,4 +105,11 @@ def _runtime(spec, cfg):
     return RandomLTDRuntime(spec, cfg)
 
 
-register(Trick(name="random_ltd", config=RandomLTDConfig, validate=validate, runtime=_runtime))
+def plan_row(spec, cfg: RandomLTDConfig) -> dict:
+    """`suite plan`: the mean of the run's step FLOPs (the kept length grows with the step)."""
+    w, shape = spec.workload, F.Shape.of(spec.model)
+    total = sum(step_flops(cfg, shape, step, w.global_batch, w.seq_length) for step in range(w.steps))
+    return {"flops_per_step": total // w.steps}
+
+
+register(Trick(name="random_ltd", config=RandomLTDConfig, validate=validate, runtime=_runtime, plan_row=plan_row))

@@ -92,4 +92,10 @@ def validate(spec, cfg: StackingConfig) -> None:
              "lower pp (x vpp) or the growth factor.")
 
 
-register(Trick(name="stacking", config=StackingConfig, validate=validate, workload="suite.tricks.stacking.workload"))
+def plan_row(spec, cfg: StackingConfig) -> dict:
+    """`suite plan`: the mean step FLOPs over both phases' steps."""
+    return {"flops_per_step": sum(phase_flops(spec, cfg)) // sum(cfg.steps)}
+
+
+register(Trick(name="stacking", config=StackingConfig, validate=validate, workload="suite.tricks.stacking.workload",
+               plan_row=plan_row))
