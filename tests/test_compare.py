@@ -271,6 +271,32 @@ def test_memory_tolerance():
     assert one_row(mem(1.06e10), mem(1e10), Limits(tolerance=0.1))["kind"] == SAME
 
 
+
+def test_memory_tolerance_applies_beyond_the_range_of_baseline_repeats():
+    """Peak memory of the nightly's recompute variant in its baseline runs, 4.16, 4.16, 3.60 and 4.07 GiB (one
+    configuration; reports/baselines/nightly_h200.jsonl): a night inside that range is the same however far
+    it is from the latest run; 5% beyond the highest or the lowest is a change; a t-based floor from these
+    runs would have let +30% through."""
+    gib = 2**30
+    def mem(v):
+        return [{"name": "peak_memory", "unit": "bytes", "kind": "memory", "direction": "lower",
+                 "compare": "tolerance", "tolerance": 0.05, "point": {}, "value": v * gib}]
+    runs = [mem(4.16), mem(4.16), mem(3.60), mem(4.07)]
+    assert gate.noise_floors(runs) == {}
+    ranges = gate.value_ranges(runs)
+    assert ranges == {gate.key_of(runs[0][0]): (3.60 * gib, 4.16 * gib, 4)}
+
+    def verdict(v):
+        [row] = judge_measures(mem(v), runs[-1], Limits(), gate.noise_floors(runs), ranges)
+        return row
+    row = verdict(3.55)  # -12.8% from the latest, 1.4% under the lowest run
+    assert row["kind"] == SAME and "beyond -11.5%…+2.2%, the range of 4 baseline runs" in row["method"]
+    assert verdict(4.07 * 1.10)["verdict"] == "REGRESSION: more memory"  # 4.48 > 4.16 x 1.05
+    assert verdict(4.36)["kind"] == SAME
+    assert verdict(3.40)["kind"] == IMPROVEMENT  # < 3.60 x 0.95
+    # without repeats: the tolerance around the latest run alone
+    assert judge_measures(mem(3.55), runs[-1], Limits())[0]["kind"] == IMPROVEMENT
+
 def test_rates_and_info_are_not_gated_and_nonfinite_is_a_regression():
     rate = {"name": "tokens_per_s", "unit": "tokens/s", "kind": "rate", "direction": "higher",
             "compare": "median", "point": {}, "value": 1.0, "samples": [1.0, 1.0, 1.0]}

@@ -18,7 +18,7 @@ is in ``suite.report.gate``; this module applies it to whole records:
 
 A baseline may hold several runs of a variant (records appended to one file): its latest run is the
 reference, and the spread of the runs with the same configuration sets each measure's run-to-run
-noise floor (``gate.noise_floors``).
+noise floor (``gate.noise_floors``; for tolerance measures, their range: ``gate.value_ranges``).
 
 Exit status: 1 when any pair is a regression or not comparable, else 0; 2 for bad input.
 """
@@ -212,7 +212,7 @@ def judge_variant(cur: dict | None, base: dict | None, limits: Limits, allow_con
     runs = [(r.get("measures") or []) + whole_run_time(r.get("measures") or [], [])[0] + target_measures(r)
             for r in repeats or []]
     rows = gate.judge_measures(cur_m + cur_w + target_measures(cur), base_m + base_w + target_measures(base), limits,
-                               gate.noise_floors(runs))
+                               gate.noise_floors(runs), gate.value_ranges(runs))
     machines = {_machine(r) for r in repeats or []}
     if repeats and None not in machines:
         for row in rows:
