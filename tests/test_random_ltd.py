@@ -129,6 +129,22 @@ def test_step_flops_is_the_baseline_once_the_schedule_ends():
     assert step_flops(c, shape, 0, 8, 64) < step_flops(c, shape, 1, 8, 64) < F.train_step_flops(shape, 8, 64)
 
 
+
+@pytest.mark.parametrize("steps, schedule", [(3, "fixed_linear"), (4, "fixed_linear"), (11, "fixed_linear"),
+                                             (11, "constant")])
+def test_plan_shows_the_mean_of_every_step(steps, schedule):
+    """`suite plan`'s FLOPs a step for a random-LTD variant: the mean over the run's steps, whether the run ends
+    inside the kept-length schedule, with it, or after it (its shortcut must not change the sum)."""
+    from suite.scenario import load_scenario
+    from suite.tricks.random_ltd import plan_row
+
+    [spec] = load_scenario(UNIT, [f"workload.steps={steps}", f'tricks.random_ltd.schedule="{schedule}"'])
+    c, w = spec.tricks["random_ltd"], spec.workload
+    shape = F.Shape.of(spec.model)
+    every = [step_flops(c, shape, t, w.global_batch, w.seq_length) for t in range(steps)]
+    assert plan_row(spec, c)["flops_per_step"] == sum(every) // steps
+    assert len(set(every)) == (1 if schedule == "constant" else min(steps, c.schedule_steps + 1))
+
 # --- the single-process worker --------------------------------------------------------------------
 # Everything below that imports torch or megatron runs only inside the worker subprocess.
 

@@ -108,7 +108,10 @@ def _runtime(spec, cfg):
 def plan_row(spec, cfg: RandomLTDConfig) -> dict:
     """`suite plan`: the mean of the run's step FLOPs (the kept length grows with the step)."""
     w, shape = spec.workload, F.Shape.of(spec.model)
-    total = sum(step_flops(cfg, shape, step, w.global_batch, w.seq_length) for step in range(w.steps))
+    # the kept length changes over the first schedule_steps steps only; every later step repeats the last
+    growing = 1 if cfg.schedule == "constant" else min(w.steps, cfg.schedule_steps)
+    total = sum(step_flops(cfg, shape, step, w.global_batch, w.seq_length) for step in range(growing))
+    total += (w.steps - growing) * step_flops(cfg, shape, w.steps - 1, w.global_batch, w.seq_length)
     return {"flops_per_step": total // w.steps}
 
 
