@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 BUILTIN: tuple[str, ...] = ("suite.tricks.multilevel", "suite.tricks.random_ltd", "suite.tricks.mixture_of_depths",
-                            "suite.tricks.stacking", "suite.tricks.speculative", "suite.parallel.cqil")
+                            "suite.tricks.stacking", "suite.tricks.speculative", "suite.tricks.early_exit",
+                            "suite.parallel.cqil")
 ENV = "SUITE_PLUGINS"
 
 
@@ -34,6 +35,10 @@ class TrickRuntime:
     def layer_spec(self, spec):
         """The megatron-core layer ModuleSpec to build the model with."""
         return spec
+
+    def attach(self, chunks) -> None:
+        """Called once with the built model chunks (megatron-core GPTModels, before the DDP and bf16 wrappers),
+        e.g. to register forward hooks."""
 
     def begin_step(self, step: int) -> None:
         """Called before every optimizer step (training only)."""

@@ -138,6 +138,8 @@ class Trainer:
         for t in self.tricks:
             layer = t.layer_spec(layer)
         built = build(spec, layer, log=ctx.log)
+        for t in self.tricks:
+            t.attach(built.chunks)
         self.config = built.config
         self.model = gpt.wrap_for_training(built.chunks, self.config, overlap=self.cuda and self.dp > 1)
         # Hooks megatron's schedules call: DP grad sync and the final gradient all-reduces.
