@@ -32,6 +32,8 @@ def test_step_flops_add_the_exit_head_forward_and_backward():
     (["tricks.early_exit.layer=1", "parallel.pp=2"], "parallel.pp", "different stages"),
     (["tricks.early_exit.layer=1", 'parallel.recompute="full"'], "parallel.recompute", "without autograd"),
     (["tricks.early_exit.layer=1", "tricks.random_ltd.min_kept=32"], "tricks", "random_ltd"),
+    (["tricks.early_exit.layer=1", "tricks.stacking.growth=2", "tricks.stacking.steps=[20,20]"], "tricks",
+     "stacking runs its own workload loop"),
     (["tricks.early_exit.layer=1", "tricks.early_exit.weight=-1"], "tricks.early_exit.weight", "weight"),
 ])
 def test_refused_with_the_key_and_a_fix(overrides, key, words):

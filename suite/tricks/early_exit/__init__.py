@@ -61,6 +61,7 @@ def validate(spec, cfg: EarlyExitConfig) -> None:
     if p.recompute == "full":
         errors.fail(spec, "parallel.recompute", "full recompute runs the layers' forward without autograd, "
                     "so the exit's loss would not reach them.", 'set recompute = "none" or "selective".')
+    # (a technique with a workload of its own is refused beside any runtime by the core's conflict check)
     others = [name for name in spec.tricks if name != "early_exit" and registry.trick(name).runtime]
     if others:
         errors.fail(spec, "tricks", f"early exit and {', '.join(others)} would both count this step's FLOPs "
