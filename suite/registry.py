@@ -60,6 +60,11 @@ class TrickRuntime:
         """Technique-specific measurements for the record's metrics.extra."""
         return {}
 
+    def measures(self) -> list[dict]:
+        """Record measures of the technique's own metrics (declared with ``suite.metrics.declare``), which
+        ``suite report`` and ``suite compare`` read like the core's; [] when it has none."""
+        return []
+
     def step_point(self, step: int) -> dict:
         """Where step ``step`` sits in the technique's schedule when it changes the step's shape (e.g.
         {"kept": 256}), else {}: the record then holds one step-time measure per schedule position

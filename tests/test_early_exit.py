@@ -4,7 +4,8 @@ tests/scenarios/early_exit/exit.toml (the tiny model, an exit after its first la
 * weight 0 measures the exit without training it: every loss of the run is the baseline's, bit for bit;
 * weight 1 trains it: the exit's validation loss falls well below the untrained exit's;
 * the same variant over 2 tensor-parallel processes gives the same losses (vocab-parallel head and loss);
-* the records' FLOPs a step are the model's plus the exit's LM head, forward and backward.
+* the records' FLOPs a step are the model's plus the exit's LM head, forward and backward;
+* the exit's validation loss is a declared measure, which `suite compare` gates like the model's own.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from check_worker import ROOT, run_suite
 
 from suite.errors import UserError
+from suite.report import gate
 from suite.metrics import flops as F
 from suite.scenario import load_scenario
 from suite.tricks.early_exit import step_flops
@@ -49,7 +51,7 @@ def records(tmp_path_factory):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = {r["variant"]: r for r in map(json.loads, (out / "records.jsonl").read_text().splitlines())}
     assert {v: r["status"] for v, r in recs.items()} == dict.fromkeys(recs, "ok") and len(recs) == 4
-    return {v: r["metrics"] for v, r in recs.items()}
+    return {v: {**r["metrics"], "measures": r["measures"]} for v, r in recs.items()}
 
 
 def test_weight_zero_is_the_baseline_bit_for_bit(records):
@@ -77,3 +79,16 @@ def test_records_count_the_exit_head(records):
     assert records["trained"]["flops_per_step"] == step_flops(F.Shape.of(spec.model), w.global_batch, w.seq_length)
     assert records["baseline"]["flops_per_step"] == F.train_step_flops(F.Shape.of(spec.model), w.global_batch,
                                                                        w.seq_length)
+
+
+def test_the_exit_loss_is_a_measure_the_gate_reads(records):
+    def exit_measure(variant):
+        [m] = [m for m in records[variant]["measures"] if m["name"] == "exit_validation_loss"]
+        return m
+    trained, measured = exit_measure("trained"), exit_measure("measured")
+    assert trained["value"] == pytest.approx(records["trained"]["extra"]["early_exit"]["validation_exit_loss"])
+    assert trained["point"] == {} and trained["paired"] and len(trained["samples"]) == 4  # 2 x 8 / 4
+    assert not [m for m in records["baseline"]["measures"] if m["name"] == "exit_validation_loss"]
+    # the untrained exit judged against the trained one: a regression of its own measure
+    [row] = gate.judge_measures([measured], [trained], gate.Limits())
+    assert row["kind"] == gate.REGRESSION and row["change"] > 0.1

@@ -38,8 +38,8 @@ def positions_section(records: list[dict]) -> list[str]:
     for rec in (r for r in records if is_ok(r)):
         for m in rec.get("measures") or []:
             samples = sorted(x for x in (m.get("samples") or []) if x is not None)
-            if not m.get("point") or not samples:
-                continue
+            if not m.get("point") or not samples or m.get("compare") != "median":
+                continue  # a mean-compared measure's value is no median
             half = (percentile(samples, 90) - percentile(samples, 10)) / 2
             body.append([rec["variant"], m["name"], _point(m["point"]), _value(m.get("value"), m.get("unit", "")),
                          _value(half, m.get("unit", "")), str(len(samples))])

@@ -427,7 +427,7 @@ def raw_result(spec, trainer: Trainer, progress: Progress, *, validation, curve:
         "step_points": [pt for pt, keep in zip(p.points, p.timed) if keep],
         "validation_samples": getattr(trainer, "validation_batches", None) if validation is not None else None,
         "summary": summarize(timed), "walltime_s": sum(p.times) + p.transitions, "target": target,
-        "heldout": heldout, "extra": extra,
+        "heldout": heldout, "extra": extra, "trick_measures": [m for t in trainer.tricks for m in t.measures()],
         # start-up (first-step compilation, allocator growth) paid inside walltime_s and the validation
         # curve: the run's first warmup_steps, the same for every workload and technique
         "warmup_walltime_s": sum(p.times[:w.warmup_steps]),
@@ -482,4 +482,5 @@ def metrics(r: dict, v, ctx) -> dict:
     out["heldout"] = heldout
     windows = heldout.pop("window_losses", None) if heldout else None
     out["measures"] = training_measures(out, r["times"], r.get("step_points"), r.get("validation_samples"), windows)
+    out["measures"] += r.get("trick_measures") or []
     return out

@@ -26,9 +26,13 @@ from dataclasses import dataclass
 from suite import errors, registry
 from suite.fields import doc
 from suite.metrics import flops as F
+from suite.metrics.declare import Metric, declare
 from suite.registry import Trick, register
 
 KEY = "tricks.early_exit."
+EXIT_LOSS = declare(Metric("exit_validation_loss", "nats/token", "quality", "lower", "mean", paired=True,
+                           doc="the early exit's loss on the final validation pass; samples: one per micro-batch "
+                               "of this rank's share of the held-out batches"))
 
 
 @dataclass
