@@ -102,6 +102,14 @@ def layer_activation_bytes(spec, tokens: int) -> float:
     return layer * 2 if w.precision == "fp32" else layer
 
 
+def logits_bytes(spec) -> float:
+    """Bytes one micro-batch's logits and their loss keep for the backward pass, per GPU (LOGITS_PER_VOCAB; the
+    fused cross-entropy needs bf16 weights, fp32 variants run the unfused one)."""
+    w, vocab = spec.workload, Shape.of(spec.model).vocab  # the padded vocabulary the LM head computes
+    cross_entropy = spec.model.kernels if w.bf16 else "torch"
+    return LOGITS_PER_VOCAB[cross_entropy] * w.micro_batch * w.seq_length * vocab / spec.parallel.tp
+
+
 def memory_estimate_bytes(spec) -> dict:
     """Rough peak memory per GPU on the first pipeline stage (the fullest one under 1F1B).
 
@@ -125,8 +133,7 @@ def memory_estimate_bytes(spec) -> dict:
         activations = 2 * tokens * s.hidden * per_stage_layers * in_flight + 2 * layer
     else:
         activations = layer * per_stage_layers * in_flight
-    cross_entropy = spec.model.kernels if w.bf16 else "torch"  # the fused one needs bf16 weights
-    logits = LOGITS_PER_VOCAB[cross_entropy] * tokens * s.vocab / p.tp if p.pp == 1 else 0
+    logits = logits_bytes(spec) if p.pp == 1 else 0
     total = state + activations + logits
     return {"weights_and_optimizer": int(state), "activations": int(activations),
             "logits": int(logits), "total": int(total), "parameters_per_gpu": int(params_gpu),

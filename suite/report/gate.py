@@ -240,20 +240,9 @@ def noise_floors(runs: list[list[dict]]) -> dict[tuple[str, str], tuple[float, i
     measures): t(0.975, k - 1) sqrt(2) s, with s the sample SD of the k runs' values; relative (ratio - 1) for
     median measures, absolute for means (tolerance measures: ``value_ranges``). Only keys with two or more
     finite values."""
-    values: dict[tuple[str, str], list[float]] = {}
-    compare: dict[tuple[str, str], str] = {}
-    for measures in runs:
-        for m in measures:
-            v = _number(m.get("value"))
-            if m.get("compare") in ("median", "mean") and is_gated(m) and v is not None \
-                    and (m.get("compare") == "mean" or v > 0):
-                values.setdefault(key_of(m), []).append(v)
-                compare[key_of(m)] = m.get("compare")
     out = {}
-    for key, vs in values.items():
-        if len(vs) < 2:
-            continue
-        relative = compare[key] != "mean"
+    for key, (how, vs) in _run_values(runs, ("median", "mean")).items():
+        relative = how != "mean"
         xs = [math.log(v) for v in vs] if relative else vs
         half = t975(len(vs) - 1) * math.sqrt(2) * math.sqrt(_mean_var(xs)[1])
         out[key] = (math.exp(half) - 1 if relative else half, len(vs))
@@ -263,13 +252,20 @@ def noise_floors(runs: list[list[dict]]) -> dict[tuple[str, str], tuple[float, i
 def value_ranges(runs: list[list[dict]]) -> dict[tuple[str, str], tuple[float, float, int]]:
     """{(name, point): (lowest, highest, runs)} of the tolerance measures of repeated baseline runs of one
     configuration (each a list of measures), for keys with two or more finite values."""
-    values: dict[tuple[str, str], list[float]] = {}
+    return {key: (min(vs), max(vs), len(vs)) for key, (_, vs) in _run_values(runs, ("tolerance",)).items()}
+
+
+def _run_values(runs: list[list[dict]], compares: tuple[str, ...]) -> dict[tuple[str, str], tuple[str, list[float]]]:
+    """{(name, point): (compare, the runs' finite values)} of the gated measures compared one of ``compares``
+    ways, for keys with two or more values."""
+    values: dict[tuple[str, str], tuple[str, list[float]]] = {}
     for measures in runs:
         for m in measures:
             v = _number(m.get("value"))
-            if m.get("compare") == "tolerance" and is_gated(m) and v is not None:
-                values.setdefault(key_of(m), []).append(v)
-    return {key: (min(vs), max(vs), len(vs)) for key, vs in values.items() if len(vs) >= 2}
+            # a median compares by its ratio, which needs a positive value
+            if m.get("compare") in compares and is_gated(m) and v is not None and (v > 0 or m["compare"] != "median"):
+                values.setdefault(key_of(m), (m["compare"], []))[1].append(v)
+    return {key: found for key, found in values.items() if len(found[1]) >= 2}
 
 
 def judge_measure(cur: dict | None, base: dict | None, limits: Limits,

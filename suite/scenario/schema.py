@@ -232,7 +232,7 @@ class VariantSpec:
         return out
 
 
-_NO_DEFAULT = object()
+NO_DEFAULT = object()
 
 
 def default_at(path: str):
@@ -251,7 +251,7 @@ def default_at(path: str):
             cls, rest = plugins[rest[0]].config, rest[1:]
             if not rest:
                 # an unused parallel mode is null; a technique's table has no default
-                return None if head == "parallel" else _NO_DEFAULT
+                return None if head == "parallel" else NO_DEFAULT
         else:
             cls = SECTIONS.get(head)
     else:
@@ -259,20 +259,18 @@ def default_at(path: str):
     for i, name in enumerate(rest):
         spec = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
         if name not in spec:
-            return _NO_DEFAULT
+            return NO_DEFAULT
         f, last = spec[name], i == len(rest) - 1
         if last:
             if f.default is not dataclasses.MISSING:
                 return f.default
             if f.default_factory is not dataclasses.MISSING:
                 return f.default_factory()
-            return _NO_DEFAULT
+            return NO_DEFAULT
         # a nested table (e.g. ``finetune: Finetune | None``): its own fields hold the defaults below it
         hint = typing.get_type_hints(cls)[name]
         cls = next((t for t in typing.get_args(hint) or (hint,) if dataclasses.is_dataclass(t)), None)
         if cls is None:
-            return _NO_DEFAULT
-    return _NO_DEFAULT
+            return NO_DEFAULT
+    return NO_DEFAULT
 
-
-NO_DEFAULT = _NO_DEFAULT

@@ -5,8 +5,8 @@ In training, the hidden state after layer ``layer`` goes through the model's own
 (``decoder.final_layernorm``, ``output_layer``: the exit ``[tricks.speculative] draft = "layers:N"`` reads
 at inference), its cross-entropy is scaled by ``weight`` and added to the gradient of the final loss.
 The loss the run records stays the model's own (final-layer) loss, so its curve compares with the
-baseline's; the exit's loss is recorded apart (``metrics.extra.early_exit``: its validation loss, over the
-same batches as ``validation_loss``). LayerSkip also drops layers at rates rising with depth and spreads
+baseline's; the exit's loss is recorded apart (``metrics.extra.early_exit`` and the measure
+``exit_validation_loss``: its validation loss, over the same batches as ``validation_loss``). LayerSkip also drops layers at rates rising with depth and spreads
 the exit loss over every layer on a curriculum; this is its single-exit form, enough to train the draft
 the speculative decoder uses.
 
@@ -75,10 +75,9 @@ def validate(spec, cfg: EarlyExitConfig) -> None:
 
 def plan_row(spec, cfg: EarlyExitConfig) -> dict:
     """`suite plan`: the exit's LM head in the FLOPs, its logits in the memory."""
-    w, shape = spec.workload, F.Shape.of(spec.model)
-    logits = F.LOGITS_PER_VOCAB[spec.model.kernels if w.bf16 else "torch"]
-    return {"flops_per_step": step_flops(shape, w.global_batch, w.seq_length),
-            "memory": logits * w.micro_batch * w.seq_length * shape.vocab / spec.parallel.tp}
+    w = spec.workload
+    return {"flops_per_step": step_flops(F.Shape.of(spec.model), w.global_batch, w.seq_length),
+            "memory": F.logits_bytes(spec)}
 
 
 def _runtime(spec, cfg):
