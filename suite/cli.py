@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "Exit 1 on a regression or a changed configuration, 0 otherwise (improvements "
                           "are listed), 2 on bad input.")
     cmp_.add_argument("current")
-    cmp_.add_argument("baseline")
+    cmp_.add_argument("baseline", nargs="+",
+                      help="stored baseline: records files or result folders, read in order (a later file's run "
+                           "of a variant is the newer one), e.g. the single-GPU baseline and then the one that "
+                           "holds the 2-GPU variants")
     cmp_.add_argument("--max-slowdown", default="5%",
                       help="minimum effect for times (median ratio), e.g. 5%% (default)")
     cmp_.add_argument("--max-loss-increase", default="0.01",

@@ -336,6 +336,19 @@ def test_noise_floor_from_repeated_baseline_runs():
     assert row["kind"] == REGRESSION and "noise floor" not in row["method"]
 
 
+def test_two_baseline_runs_set_no_noise_floor():
+    """Two runs of the nightly's tp2 variant on one machine (reports/baselines/nightly_h200x2.jsonl), 78.5 and
+    82.4 ms a step: t(0.975, 1) would make that a floor of about 85%, so two runs set none and a +10% night
+    is a regression; a third run sets the floor."""
+    times = [[time_measure(gaussian(50, t, 0.002, i))] for i, t in enumerate((0.0785, 0.0824))]
+    assert gate.noise_floors(times) == {}
+    [row] = judge_measures([time_measure(gaussian(50, 0.0824 * 1.10, 0.002, 9))], times[-1], Limits(),
+                           gate.noise_floors(times))
+    assert row["kind"] == REGRESSION and "noise floor" not in row["method"]
+    three = times + [[time_measure(gaussian(50, 0.0840, 0.002, 3))]]
+    assert gate.noise_floors(three)[gate.key_of(three[0][0])][1] == 3
+
+
 def test_baseline_repeats_share_the_latest_configuration(tmp_path):
     """Repeats are the baseline's ok runs with its latest record's configuration."""
     base = read_jsonl(GPT1B)[0]

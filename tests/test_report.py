@@ -673,3 +673,24 @@ def test_a_baseline_on_synthetic_tokens_sets_no_default_target():
     assert quality_rows([base, other]) == (None, [])
     target, rows = quality_rows([base, other], asked=1.5)
     assert target == 1.5 and [r["reached"] for r in rows] == [True, True]
+
+
+def test_scaling_column_when_gpu_counts_differ():
+    """The 1B model on one and two H200s (reports/records/gpt1b_parallel_h200x2.jsonl): scaling is each
+    variant's tokens/s per GPU over the one-GPU baseline's, recomputed here from the records' metrics; a
+    table whose variants all use one GPU count has no scaling column."""
+    from suite.report.render import markdown
+
+    records = ROOT / "reports" / "records" / "gpt1b_parallel_h200x2.jsonl"
+    latest = load_latest([records])
+    recs = {v: r for (_, v), r in latest.items()}
+    base = recs["single"]["metrics"]["tokens_per_s"] / recs["single"]["world_size"]
+    lines = markdown(latest, [records]).splitlines()
+    header = next(line for line in lines if line.startswith("| variant |"))
+    col = [c.strip() for c in header.strip("|").split("|")].index("scaling")
+    for variant, rec in recs.items():
+        expected = rec["metrics"]["tokens_per_s"] / rec["world_size"] / base
+        row = next(line for line in lines if line.startswith(f"| {variant} "))
+        assert row.strip("|").split("|")[col].strip() == f"{100 * expected:.1f}%"
+    one_count = {k: r for k, r in latest.items() if r["world_size"] == 2}
+    assert "| scaling |" not in markdown(one_count, [records])

@@ -336,10 +336,11 @@ def compare_command(args) -> int:
                     max_loss_increase=parse_amount(args.max_loss_increase, "--max-loss-increase", "0.01"),
                     max_acc_drop=parse_percent(args.max_acc_drop, "--max-acc-drop"),
                     tolerance=None if args.tolerance is None else parse_percent(args.tolerance, "--tolerance"))
-    current, baseline = load_latest([args.current]), load_latest([args.baseline])
-    repeats = baseline_repeats(read_records(args.baseline))
+    current, baseline = load_latest([args.current]), load_latest(args.baseline)
+    repeats = baseline_repeats(read_records(*args.baseline))
     results = compare(current, baseline, limits, args.allow_config_change, repeats)
-    text = render(results, env_differences(current, baseline), limits, args.current, args.baseline)
+    text = render(results, env_differences(current, baseline), limits, args.current,
+                  " + ".join(args.baseline))
     fmt.emit(text, None)
     if args.output:
         fmt.emit(text, args.output)

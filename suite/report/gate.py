@@ -235,13 +235,20 @@ def _worse_word(measure: dict) -> tuple[str, str]:
     return "worse", "better"
 
 
+# Runs a noise floor needs: from two, t(0.975, 1) = 12.7 makes the floor about 9 times the runs' difference
+# (two nights 5% apart would pass +85%), so a 2-run baseline gates on the minimum effects alone.
+MIN_RUNS_FOR_FLOOR = 3
+
+
 def noise_floors(runs: list[list[dict]]) -> dict[tuple[str, str], tuple[float, int]]:
     """{(name, point): (floor, runs)} from repeated baseline runs of one configuration (each a list of
     measures): t(0.975, k - 1) sqrt(2) s, with s the sample SD of the k runs' values; relative (ratio - 1) for
-    median measures, absolute for means (tolerance measures: ``value_ranges``). Only keys with two or more
-    finite values."""
+    median measures, absolute for means (tolerance measures: ``value_ranges``). Only keys with
+    ``MIN_RUNS_FOR_FLOOR`` or more finite values."""
     out = {}
     for key, (how, vs) in _run_values(runs, ("median", "mean")).items():
+        if len(vs) < MIN_RUNS_FOR_FLOOR:
+            continue
         relative = how != "mean"
         xs = [math.log(v) for v in vs] if relative else vs
         half = t975(len(vs) - 1) * math.sqrt(2) * math.sqrt(_mean_var(xs)[1])

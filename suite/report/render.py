@@ -23,6 +23,9 @@ from suite.report.select import (baseline_of, by_scenario, failure, is_ok, load_
 NOISE_NOTE = ("Step time: median ± half the p10–p90 spread of the timed steps; "
               "differences smaller than the step-time spread are noise. "
               "Δ columns are relative to the baseline variant.")
+SCALING_NOTE = ("Scaling: tokens/s per GPU as a share of the baseline's tokens/s per GPU (100% = each added GPU "
+                "adds the baseline's throughput per GPU; the same global batch, so a layout that splits it also "
+                "splits the work per GPU).")
 RSS_NOTE = "† host peak RSS (CPU run), not device memory."
 POOLED_NOTE = ("‡ pooled over the schedule's positions (the step shape changes): the spread is the schedule, "
                "not noise; compare per position (table below).")
@@ -72,6 +75,7 @@ def variant_row(rec: dict, base: dict) -> dict:
         "step_time_pooled": pooled_over_positions(rec),
         "tokens_per_s": metric(rec, "tokens_per_s"), "tflops_per_gpu": metric(rec, "tflops_per_gpu"),
         "flops_total": metric(rec, "flops_total"), "walltime_s": metric(rec, "walltime_s"),
+        "scaling": _scaling(rec, base),
         "mfu": metric(rec, "mfu"), "fraction_of_gemm_ceiling": metric(rec, "fraction_of_gemm_ceiling"),
         "peak_memory_bytes": metric(rec, "peak_memory_bytes"), "memory_kind": metric(rec, "memory_kind"),
         "final_loss": metric(rec, "final_loss"), "validation_loss": val, "energy_j": metric(rec, "energy_j"),
@@ -94,6 +98,15 @@ def variant_row(rec: dict, base: dict) -> dict:
     row.update(measure_columns(rec))
     row.update(flatten("extra", metric(rec, "extra") or {}))
     return row
+
+
+def _scaling(rec: dict, base: dict) -> float | None:
+    """Tokens/s per GPU over the baseline's tokens/s per GPU (None without both throughputs)."""
+    tps, base_tps = metric(rec, "tokens_per_s"), metric(base, "tokens_per_s")
+    n, base_n = rec.get("world_size"), base.get("world_size")
+    if not (tps and base_tps and n and base_n):
+        return None
+    return (tps / n) / (base_tps / base_n)
 
 
 def build_rows(latest: dict) -> list[dict]:
@@ -156,12 +169,24 @@ HELDOUT_COLUMNS = [
 ]
 
 
+SCALING_COLUMN = ("scaling", lambda r: fmt.percent(r["scaling"]))
+
+
 def _columns(rows: list[dict]) -> list:
-    """The fixed columns, with the held-out ones when any row has them."""
-    if not any(r.get("heldout.perplexity") is not None for r in rows):
-        return COLUMNS
-    at = [h for h, _ in COLUMNS].index("val loss") + 1
-    return COLUMNS[:at] + HELDOUT_COLUMNS + COLUMNS[at:]
+    """The fixed columns, with scaling when the table's variants use different GPU counts and the
+    held-out ones when any row has them."""
+    columns = list(COLUMNS)
+    if _gpu_counts_differ(rows):
+        at = [h for h, _ in columns].index("tokens/s") + 1
+        columns = columns[:at] + [SCALING_COLUMN] + columns[at:]
+    if any(r.get("heldout.perplexity") is not None for r in rows):
+        at = [h for h, _ in columns].index("val loss") + 1
+        columns = columns[:at] + HELDOUT_COLUMNS + columns[at:]
+    return columns
+
+
+def _gpu_counts_differ(rows: list[dict]) -> bool:
+    return len({r["world_size"] for r in rows if r["error"] is None and r["world_size"]}) > 1
 
 
 def _optional_columns(rows: list[dict]) -> list[str]:
@@ -236,7 +261,9 @@ def _family(scenario: str, records: list[dict], output: Path | None, target_loss
     table = fmt.table(headers, [_cells(r, columns, optional) for r in rows], "ll" + "r" * (len(headers) - 2))
     notes = [NOISE_NOTE] + ([RSS_NOTE] if any(r["memory_kind"] == "cpu_max_rss" for r in rows) else []) + \
         ([POOLED_NOTE] if any(r["step_time_pooled"] and r["error"] is None for r in rows) else [])
-    if columns is not COLUMNS:
+    if _gpu_counts_differ(rows):
+        notes.append(SCALING_NOTE)
+    if any(r.get("heldout.perplexity") is not None for r in rows):
         scored = dict.fromkeys(f"{r['heldout.tokens']:,}" for r in rows if r.get("heldout.tokens") is not None)
         notes.append(HELDOUT_NOTE.format(tokens=" / ".join(scored) or "n/a"))
     quality = quality_section(records, target_loss)
