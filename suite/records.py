@@ -53,6 +53,8 @@ Schema version 2 (``"schema": 2``); strict JSON (no NaN or Infinity: see "Non-fi
         warmup_walltime_s         sum of the first workload.warmup_steps step times (start-up: compilation,
                                   allocator growth); walltimes "without start-up" subtract it (training
                                   records written since it was added; absent from older ones)
+        compile                   kernels = "compile": {"graphs", "graph_breaks"} dynamo made on rank 0 (a break
+                                  splits a layer into pieces run from Python: host time); null otherwise
         energy_j, avg_power_w     NVML energy over the timed steps, summed over GPUs (null without NVML)
         heldout                   held-out text metrics of the final model (eval.heldout_text, text and
                                   jsonl corpora; null otherwise; suite.eval.metrics.heldout_text):

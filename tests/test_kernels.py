@@ -18,6 +18,7 @@ cache and 20 s once ``/tmp/torchinductor_*`` held the graphs (2 shared cores).
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -222,3 +223,25 @@ def test_a_compiled_layer_is_one_graph(worker):
     """Without kernels.py's warnings substitution, megatron's deprecation warning breaks it into 9."""
     r = result(worker, "graph_breaks")
     assert (r["graphs"], r["breaks"]) == (1, 0), r["reasons"]
+
+
+def test_tensor_parallel_layers_compile_to_one_graph_and_train_the_same(tmp_path):
+    """tp = 2 over two CPU processes: the compiled layers make no graph break (megatron's asynchronous
+    input-gradient all-reduce, whose backward dynamo cannot trace, split each layer into pieces run from
+    Python), and train the losses and validation loss of the eager back-end."""
+    from check_worker import torchrun
+
+    runs = {}
+    for name in ("torch", "compile"):
+        proc = torchrun("-m", "suite", "run", str(SCENARIO), "--variant", name, "--set", "parallel.tp=2",
+                        "--out", str(tmp_path / name), timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        [rec] = [json.loads(line) for line in (tmp_path / name / "records.jsonl").read_text().splitlines()]
+        assert rec["status"] == "ok" and rec["tp"] == 2, rec.get("error")
+        runs[name] = rec["metrics"]
+    assert runs["torch"]["compile"] is None
+    stats = runs["compile"]["compile"]
+    assert stats["graph_breaks"] == 0 and stats["graphs"] >= 2, stats
+    for (_, a), (_, b) in zip(runs["compile"]["loss_curve"], runs["torch"]["loss_curve"]):
+        assert a == pytest.approx(b, rel=TRAIN_RTOL)
+    assert runs["compile"]["validation_loss"] == pytest.approx(runs["torch"]["validation_loss"], rel=TRAIN_RTOL)

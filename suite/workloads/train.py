@@ -431,6 +431,7 @@ def raw_result(spec, trainer: Trainer, progress: Progress, *, validation, curve:
         # start-up (first-step compilation, allocator growth) paid inside walltime_s and the validation
         # curve: the run's first warmup_steps, the same for every workload and technique
         "warmup_walltime_s": sum(p.times[:w.warmup_steps]),
+        "compile": kernels.compile_stats(spec),
     }
 
 
@@ -477,6 +478,7 @@ def metrics(r: dict, v, ctx) -> dict:
         "validation_loss": r["validation"], "validation_curve": r["validation_curve"],
         "energy_j": energy, "avg_power_w": energy / timed_s if energy is not None and timed_s else None,
         "heldout": r.get("heldout"), "target": r["target"], "extra": r["extra"],
+        "compile": r.get("compile"),
     }
     heldout = dict(r["heldout"]) if r.get("heldout") else None  # its per-window losses go to the measures
     out["heldout"] = heldout
