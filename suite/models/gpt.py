@@ -3,8 +3,15 @@
 LLaMA style: RMSNorm, SwiGLU MLP, RoPE, no biases, grouped-query attention, untied embeddings; imported
 weights may add q/k/v biases (Qwen2) and llama3 RoPE scaling (``architecture``).
 The layer recipe is megatron-core's local spec with the core attention swapped for torch SDPA
-(``suite.models.attention``); techniques change the recipe through ``layer_spec`` hooks rather than
-forking the model.
+(``suite.models.attention``) and its norms for ``TorchNorm`` (below); techniques change the recipe through
+``layer_spec`` hooks rather than forking the model.
+
+Sequence parallelism: megatron's local spec builds its norms as ``WrappedTorchNorm``, which refuses it
+(only Transformer Engine's and apex's norms mark their weights for it, and apex's has no RMSNorm).
+``TorchNorm`` builds the same torch norm and marks its weights ``sequence_parallel``, the attribute
+megatron's ``finalize_model_grads`` reads to sum those weights' gradients over the tensor-parallel ranks
+(each rank normed only its part of the sequence). The block's final norm comes from the same class
+through ``TransformerBlockSubmodules`` (``build_chunks``).
 
 Initialisation does not use megatron's per-rank RNG: every parameter is drawn as its *full*
 (unsharded) tensor from a generator seeded by (seed, global parameter name), and each rank keeps its
@@ -13,6 +20,7 @@ own shard. A TP=2 or PP=2 model therefore starts from exactly the same function 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 import zlib
@@ -25,6 +33,7 @@ from megatron.core.models.gpt.gpt_model import GPTModel
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
@@ -82,11 +91,37 @@ def transformer_config(spec, **overrides) -> TransformerConfig:
     return TransformerConfig(**kwargs)
 
 
+class TorchNorm:
+    """megatron's ``WrappedTorchNorm`` (torch's RMSNorm or LayerNorm) that also runs under sequence
+    parallelism (see the module docstring); a spec submodule, built as ``TorchNorm(config, hidden_size, eps)``."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        norms = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}
+        if config.normalization not in norms:
+            raise ValueError(f"TorchNorm: normalization {config.normalization!r} is not one of {sorted(norms)}")
+        norm = norms[config.normalization](normalized_shape=hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
 def layer_spec():
-    """megatron-core's local layer recipe, with SDPA as the core attention."""
+    """megatron-core's local layer recipe, with SDPA as the core attention and ``TorchNorm`` as its norms."""
     spec = copy.deepcopy(get_gpt_layer_local_spec(normalization="RMSNorm"))
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.input_layernorm = TorchNorm
+    spec.submodules.pre_mlp_layernorm = TorchNorm
     return spec
+
+
+def block_spec(config: TransformerConfig, spec, vp_stage: int | None) -> TransformerBlockSubmodules:
+    """This pipeline stage's block with ``TorchNorm`` as its final norm (megatron's default is
+    ``WrappedTorchNorm``): ``spec`` for each of its layers, or ``spec`` itself where a parallel mode hands in
+    a whole block (CQIL: the layers this rank runs)."""
+    if isinstance(spec, TransformerBlockSubmodules):
+        return dataclasses.replace(spec, layer_norm=TorchNorm)
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+                                      layer_norm=TorchNorm)
 
 
 def build_chunks(spec, config: TransformerConfig, transformer_layer_spec=None) -> list[GPTModel]:
@@ -97,7 +132,7 @@ def build_chunks(spec, config: TransformerConfig, transformer_layer_spec=None) -
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
         model = GPTModel(
-            config=config, transformer_layer_spec=transformer_layer_spec or layer_spec(),
+            config=config, transformer_layer_spec=block_spec(config, transformer_layer_spec or layer_spec(), stage),
             vocab_size=padded_vocab(spec.model.vocab_size),
             max_sequence_length=spec.model.max_sequence_length,
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=not vpp, vp_stage=stage),

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import LayerNormImpl, TransformerBlockSubmodules
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 from suite.parallel.cqil import CQILPlan
@@ -99,4 +99,5 @@ def block_spec(layer_spec: ModuleSpec, plan: CQILPlan, cqil_rank: int,
         role = None if position is None else GroupRole(position, plan.degree, plan.bypass, group)
         specs.append(ModuleSpec(module=CQILLayer, submodules=layer_spec.submodules,
                                 params={"global_layer": layer, "role": role}))
-    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=LayerNormImpl)
+    # the final norm: the model builder's (suite.models.gpt.block_spec sets it on every block)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=None)
