@@ -2,7 +2,7 @@
 # Evidence for issue 6 (a small model pretrained here, its held-out perplexity) and for CQIL's accuracy
 # (issue 3): pretrain scenarios/pretrain_small.toml, measure the similarity of adjacent layers' inputs
 # on it, then scenarios/cqil_accuracy.toml (original vs CQIL before and after LoRA + distillation).
-# One GPU. Usage on a device machine (carry .whl/ and .data/; bash bench/prepare_corpus.sh writes .data):
+# One GPU. Usage on a GPU machine (carry .whl/ and .data/; bash bench/prepare_corpus.sh writes .data):
 #   bash bench/accuracy.sh
 set -uo pipefail
 source bench/gpu_env.sh || exit 1

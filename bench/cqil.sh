@@ -3,7 +3,7 @@
 # each variant in its own torchrun and skips those needing more GPUs than the host has (2 GPUs: single,
 # tp2, pp2, cqil2, cqil2_bypass; 4 GPUs: also tp4, pp4, cqil4, cqil4_bypass). Records, log and report
 # go to $OUT/llama33b.
-# Usage on a device machine (carry .whl/):
+# Usage on a GPU machine (carry .whl/):
 #   bash bench/cqil.sh                   # every variant that fits
 #   bash bench/cqil.sh single cqil2      # only these: split the variants over several calls if needed
 # Rough cost per variant: ~1-2 min (33B random init on the GPU, GEMM/copy probes once, eager and

@@ -1,4 +1,4 @@
-# Source on a device machine: installs the carried megatron-core wheel (.whl/) and sets the NCCL
+# Source on a GPU machine: installs the carried megatron-core wheel (.whl/) and sets the NCCL
 # environment the GPU machines here require. OUT is where results go (collected after the run).
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore

@@ -3,7 +3,7 @@
 # (LLaMA-7B bf16, random weights): plain greedy decoding (eager and CUDA graph), speculative decoding with
 # a small draft model, self-speculative decoding with the first 8 layers, and CQIL over 2 GPUs alone and with
 # the draft (both skipped by the launcher on a one-GPU host). Records, log and report go to $OUT/latency_alternatives.
-# Usage on a device machine (carry .whl/):
+# Usage on a GPU machine (carry .whl/):
 #   bash bench/latency_alternatives.sh                          # every variant that fits
 #   bash bench/latency_alternatives.sh baseline speculative     # only these
 # Rough cost per variant: ~1-2 min (7B random init, GEMM/copy probes once, 6 requests of a 128- and a

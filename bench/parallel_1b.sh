@@ -3,7 +3,7 @@
 # (variants needing more GPUs than the host has are skipped by the launcher), then a profiled pass of
 # the multi-GPU variants (3 steps after warm-up, torch.profiler): where their time goes, communication
 # kernels included (SUITE_PROFILE; not timed records: profiling slows the steps it traces).
-# Usage on a device machine: bash bench/parallel_1b.sh [--profile-only]
+# Usage on a GPU machine: bash bench/parallel_1b.sh [--profile-only]
 set -uo pipefail
 source bench/gpu_env.sh || exit 1
 if [ "${1:-}" != "--profile-only" ]; then

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Evidence for random-LTD on one GPU: baseline and random-LTD at equal steps, then random-LTD run to
-# the baseline's final validation loss. Usage on a device machine: bash bench/random_ltd.sh
+# the baseline's final validation loss. Usage on a GPU machine: bash bench/random_ltd.sh
 set -uo pipefail
 source bench/gpu_env.sh || exit 1
 res=$OUT/gpt_random_ltd

@@ -49,8 +49,9 @@ layer eagerly and compiled its pieces separately: the 1B model with tp = 2 on tw
 compiled calls a step, its host time (0.70 s a step, profiled) exceeded its device time (0.34 s), and it ran
 540 ms a step against 462 on one GPU (reports/gpt1b_parallel_h200x2.md). ``compile_layers`` switches those
 linears to megatron's synchronous path for the same all-reduce (``copy_to_tensor_model_parallel_region``,
-taken when ``allreduce_dgrad`` is off), which traces: one graph per layer at any tp. Records keep the
-graph and break counts (``metrics.compile``).
+taken when ``allreduce_dgrad`` is off), which traces: one graph per layer at any tp. Sequence parallelism
+has no such path (its all-gather and reduce-scatter run asynchronously inside the same autograd function),
+so its compiled layers still split. Records keep the graph and break counts (``metrics.compile``).
 
 A technique's layer that overrides ``TransformerLayer.forward`` (random-LTD's token dropping) keeps that
 forward eager and compiles the two halves megatron's forward calls through ``self``
