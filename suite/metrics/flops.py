@@ -110,6 +110,11 @@ def logits_bytes(spec) -> float:
     return LOGITS_PER_VOCAB[cross_entropy] * w.micro_batch * w.seq_length * vocab / spec.parallel.tp
 
 
+def micro_batches_in_flight(spec) -> int:
+    """Micro-batches whose activations the first pipeline stage holds at once under 1F1B."""
+    return min(spec.parallel.pp, spec.workload.global_batch // spec.workload.micro_batch)
+
+
 def memory_estimate_bytes(spec) -> dict:
     """Rough peak memory per GPU on the first pipeline stage (the fullest one under 1F1B).
 
@@ -128,7 +133,7 @@ def memory_estimate_bytes(spec) -> dict:
     state = params_gpu * (18 if w.bf16 else 16)
     tokens = w.seq_length * w.micro_batch
     layer = layer_activation_bytes(spec, tokens)
-    in_flight = min(p.pp, w.global_batch // w.micro_batch)
+    in_flight = micro_batches_in_flight(spec)
     if p.recompute == "full":
         activations = 2 * tokens * s.hidden * per_stage_layers * in_flight + 2 * layer
     else:

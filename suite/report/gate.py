@@ -246,9 +246,7 @@ def noise_floors(runs: list[list[dict]]) -> dict[tuple[str, str], tuple[float, i
     median measures, absolute for means (tolerance measures: ``value_ranges``). Only keys with
     ``MIN_RUNS_FOR_FLOOR`` or more finite values."""
     out = {}
-    for key, (how, vs) in _run_values(runs, ("median", "mean")).items():
-        if len(vs) < MIN_RUNS_FOR_FLOOR:
-            continue
+    for key, (how, vs) in _run_values(runs, ("median", "mean"), MIN_RUNS_FOR_FLOOR).items():
         relative = how != "mean"
         xs = [math.log(v) for v in vs] if relative else vs
         half = t975(len(vs) - 1) * math.sqrt(2) * math.sqrt(_mean_var(xs)[1])
@@ -259,12 +257,13 @@ def noise_floors(runs: list[list[dict]]) -> dict[tuple[str, str], tuple[float, i
 def value_ranges(runs: list[list[dict]]) -> dict[tuple[str, str], tuple[float, float, int]]:
     """{(name, point): (lowest, highest, runs)} of the tolerance measures of repeated baseline runs of one
     configuration (each a list of measures), for keys with two or more finite values."""
-    return {key: (min(vs), max(vs), len(vs)) for key, (_, vs) in _run_values(runs, ("tolerance",)).items()}
+    return {key: (min(vs), max(vs), len(vs)) for key, (_, vs) in _run_values(runs, ("tolerance",), 2).items()}
 
 
-def _run_values(runs: list[list[dict]], compares: tuple[str, ...]) -> dict[tuple[str, str], tuple[str, list[float]]]:
+def _run_values(runs: list[list[dict]], compares: tuple[str, ...],
+                least: int) -> dict[tuple[str, str], tuple[str, list[float]]]:
     """{(name, point): (compare, the runs' finite values)} of the gated measures compared one of ``compares``
-    ways, for keys with two or more values."""
+    ways, for keys with ``least`` or more values."""
     values: dict[tuple[str, str], tuple[str, list[float]]] = {}
     for measures in runs:
         for m in measures:
@@ -272,7 +271,7 @@ def _run_values(runs: list[list[dict]], compares: tuple[str, ...]) -> dict[tuple
             # a median compares by its ratio, which needs a positive value
             if m.get("compare") in compares and is_gated(m) and v is not None and (v > 0 or m["compare"] != "median"):
                 values.setdefault(key_of(m), (m["compare"], []))[1].append(v)
-    return {key: found for key, found in values.items() if len(found[1]) >= 2}
+    return {key: found for key, found in values.items() if len(found[1]) >= least}
 
 
 def judge_measure(cur: dict | None, base: dict | None, limits: Limits,

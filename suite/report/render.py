@@ -175,18 +175,25 @@ SCALING_COLUMN = ("scaling", lambda r: fmt.percent(r["scaling"]))
 def _columns(rows: list[dict]) -> list:
     """The fixed columns, with scaling when the table's variants use different GPU counts and the
     held-out ones when any row has them."""
-    columns = list(COLUMNS)
+    columns = COLUMNS
     if _gpu_counts_differ(rows):
-        at = [h for h, _ in columns].index("tokens/s") + 1
-        columns = columns[:at] + [SCALING_COLUMN] + columns[at:]
-    if any(r.get("heldout.perplexity") is not None for r in rows):
-        at = [h for h, _ in columns].index("val loss") + 1
-        columns = columns[:at] + HELDOUT_COLUMNS + columns[at:]
+        columns = _insert_after(columns, "tokens/s", [SCALING_COLUMN])
+    if _has_heldout(rows):
+        columns = _insert_after(columns, "val loss", HELDOUT_COLUMNS)
     return columns
+
+
+def _insert_after(columns: list, header: str, extra: list) -> list:
+    at = [h for h, _ in columns].index(header) + 1
+    return columns[:at] + extra + columns[at:]
 
 
 def _gpu_counts_differ(rows: list[dict]) -> bool:
     return len({r["world_size"] for r in rows if r["error"] is None and r["world_size"]}) > 1
+
+
+def _has_heldout(rows: list[dict]) -> bool:
+    return any(r.get("heldout.perplexity") is not None for r in rows)
 
 
 def _optional_columns(rows: list[dict]) -> list[str]:
@@ -263,7 +270,7 @@ def _family(scenario: str, records: list[dict], output: Path | None, target_loss
         ([POOLED_NOTE] if any(r["step_time_pooled"] and r["error"] is None for r in rows) else [])
     if _gpu_counts_differ(rows):
         notes.append(SCALING_NOTE)
-    if any(r.get("heldout.perplexity") is not None for r in rows):
+    if _has_heldout(rows):
         scored = dict.fromkeys(f"{r['heldout.tokens']:,}" for r in rows if r.get("heldout.tokens") is not None)
         notes.append(HELDOUT_NOTE.format(tokens=" / ".join(scored) or "n/a"))
     quality = quality_section(records, target_loss)

@@ -126,8 +126,8 @@ def plan_row(spec, cfg: MixtureOfDepthsConfig) -> dict:
     if spec.parallel.recompute != "full":
         p, skipped = spec.parallel, w.seq_length - kept_tokens(cfg, w.seq_length)
         first_stage = [i for i in routed_layers(cfg, shape.layers) if i < shape.layers // p.pp]
-        in_flight = min(p.pp, w.global_batch // w.micro_batch)  # as flops.memory_estimate_bytes counts them
-        row["memory"] = -len(first_stage) * in_flight * F.layer_activation_bytes(spec, w.micro_batch * skipped)
+        row["memory"] = (-len(first_stage) * F.micro_batches_in_flight(spec)
+                         * F.layer_activation_bytes(spec, w.micro_batch * skipped))
     return row
 
 
