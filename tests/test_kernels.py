@@ -132,21 +132,34 @@ def _train(spec, steps: int):
     params = {n: p.detach().clone() for m in trainer.model for n, p in m.named_parameters()}
     fused = [g.get("fused") for o in inner for g in o.param_groups]
     kept = [h[1] for t in trainer.tricks for h in t.state.history]  # random-LTD's kept lengths
-    return losses, params, fused, kept
+    return losses, params, fused, kept, _weights_into_main_grad(trainer.model)
+
+
+def _weights_into_main_grad(chunks) -> dict:
+    """How many linear weights the last step's GEMMs accumulated into main_grad, of how many."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    weights = [m.weight for c in chunks for m in c.modules()
+               if isinstance(m, ColumnParallelLinear | RowParallelLinear) and m.weight is not None]
+    return {"linears": len(weights), "fused": sum(bool(getattr(w, "grad_added_to_main_grad", False))
+                                                  for w in weights)}
 
 
 def check_training(folder):
     """Trainer steps per back-end, and random-LTD (kept 8 -> 16 -> 24 -> 32 tokens) eager and compiled."""
+    from suite.models import kernels
+
     out = {}
     runs = [(name, name, ()) for name in ("torch", "fused", "compile")]
     runs += [("rltd_torch", "torch", RLTD), ("rltd_compile", "compile", RLTD)]
     refs = {}
     for label, name, overrides in runs:
         spec = _spec(name, *overrides)
-        losses, params, fused, kept = _train(spec, spec.workload.steps)
+        losses, params, fused, kept, wgrad = _train(spec, spec.workload.steps)
         base = refs.setdefault(bool(overrides), (losses, params))
         out[label] = {
-            "losses": losses, "fused_groups": fused, "kept": kept,
+            "losses": losses, "fused_groups": fused, "kept": kept, "wgrad": wgrad,
+            "compile": kernels.compile_stats(spec),
             "loss_rel": max(abs(a - b) / abs(b) for a, b in zip(losses, base[0])),
             "param_rel": max(float((p - base[1][n]).abs().max() / base[1][n].abs().max()) for n, p in params.items()),
         }
@@ -207,9 +220,15 @@ def test_fused_adamw_step_equals_the_foreach_step(worker):
 def test_training_losses_and_weights_match_torch(worker):
     r = result(worker, "training")
     assert r["torch"]["fused_groups"] and not any(r["torch"]["fused_groups"])
-    for name in ("fused", "compile"):
+    assert r["torch"]["wgrad"]["fused"] == 0 and r["torch"]["wgrad"]["linears"] >= 9  # 2 layers x 4 + LM head
+    for name in ("fused", "compile", "rltd_compile"):
         assert all(r[name]["fused_groups"]), name  # the Trainer's AdamW runs fused
+        # every weight gradient went into megatron's main_grad through its GEMM, and the DDP hook did not add
+        # the placeholder gradient on top (the weights below would differ)
+        assert r[name]["wgrad"]["fused"] == r[name]["wgrad"]["linears"] == r["torch"]["wgrad"]["linears"], name
         assert r[name]["loss_rel"] <= TRAIN_RTOL and r[name]["param_rel"] <= TRAIN_RTOL, (name, r[name], r["torch"])
+    # the custom op and the flag megatron's hook reads stay inside the compiled graphs
+    assert r["compile"]["compile"]["graph_breaks"] == 0 and r["rltd_compile"]["compile"]["graph_breaks"] == 0, r
 
 
 def test_random_ltd_trains_the_same_under_compile(worker):

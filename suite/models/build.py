@@ -50,6 +50,8 @@ def build(spec, layer=None, *, log=print, inference: bool = False, compile_layer
             if config.bf16:
                 chunk.bfloat16()
             chunk.eval()
+    if not inference:
+        kernels.fuse_weight_grad_accumulation(spec, chunks)
     if compile_layers:
         kernels.compile_layers(spec, chunks)  # last: compiles the layers as they will run
     return Built(chunks, config)

@@ -2,8 +2,8 @@
 
 Every back-end trains the same model from the same weights; only the kernels that compute it change, so
 a variant that differs only in ``kernels`` measures the kernels. This module is their one home: what
-each back-end changes, as data (``BACKENDS``), and the three functions the model builder and the
-trainer call (``config_overrides``, ``fuse_optimizer``, ``compile_layers``).
+each back-end changes, as data (``BACKENDS``), and the functions the model builder and the trainer call
+(``config_overrides``, ``fuse_weight_grad_accumulation``, ``compile_layers``, ``fuse_optimizer``).
 
 * ``torch``: megatron-core's local layers as they are, unfused: the reference.
 * ``fused``: megatron-core's own fusions that need no Transformer Engine, switched on through
@@ -21,6 +21,9 @@ trainer call (``config_overrides``, ``fuse_optimizer``, ``compile_layers``).
   - megatron-core 0.16 without Transformer Engine or apex builds ``torch.optim.AdamW`` with its default
     multi-tensor (``foreach``) step; ``fuse_optimizer`` switches it to the single fused kernel
     (``fused=True``), on CUDA and on CPU (torch >= 2.4 has a fused CPU AdamW).
+
+  - the weight gradient accumulates straight into megatron's fp32 gradient buffer (``main_grad``) in the
+    GEMM that computes it (``fuse_weight_grad_accumulation``, below);
 
   ``apply_rope_fusion`` needs Transformer Engine, and megatron's local spec uses a plain torch RMSNorm
   (its fused norms are Transformer Engine or apex modules), so ``fused`` leaves RoPE and RMSNorm unfused.
@@ -53,6 +56,25 @@ taken when ``allreduce_dgrad`` is off), which traces: one graph per layer at any
 has no such path (its all-gather and reduce-scatter run asynchronously inside the same autograd function),
 so its compiled layers still split. Records keep the graph and break counts (``metrics.compile``).
 
+Weight-gradient accumulation: megatron's DDP keeps an fp32 gradient buffer per parameter (``main_grad``)
+and, after each micro-batch's backward, adds the bf16 weight gradient into it from a hook: one more pass
+over every weight, read bf16 + read fp32 + write fp32 (the 1B model on one H200: 4.2% of the step, 19.8
+ms, ``reports/records/profile_gpt1b_parallel_single_rank0_h200x2.txt``). megatron's own fusion of that add
+into the weight-gradient GEMM (``gradient_accumulation_fusion``) needs apex's CUDA extension and sets
+attributes inside its backward, which dynamo cannot trace (measured: 19 graph breaks a layer).
+``fuse_weight_grad_accumulation`` gives each of the model's Column/RowParallelLinear a ``_forward_impl``
+(the method megatron's linears call for their GEMMs) whose backward is one GEMM that adds
+``grad_output^T @ input`` into ``main_grad`` in fp32 (``torch.addmm`` with ``out_dtype``, cuBLAS with
+beta = 1: what apex's kernel does), through a custom op that dynamo and inductor keep as one in-place call.
+The backward still hands autograd an uninitialised weight gradient, so megatron's DDP hook fires (its
+bucket bookkeeping for overlapped DP reduction) and, seeing ``grad_added_to_main_grad``, skips its add.
+The function is unchanged; the arithmetic improves: the micro-batch's gradient is no longer rounded to
+bf16 before it is summed. On CPU ``addmm`` has no ``out_dtype``: the op computes the gradient and adds it,
+as megatron's hook does. Linears that keep megatron's path: sequence parallelism, the asynchronous input-
+gradient all-reduce (``fused`` with tp > 1; ``compile`` switches it off, above), a weight passed in from
+elsewhere (the LM head of tied embeddings, whose embedding gradient also lands on that weight), fp8's
+torchao linears, and any module before megatron's DDP has given its weight a ``main_grad``.
+
 A technique's layer that overrides ``TransformerLayer.forward`` (random-LTD's token dropping) keeps that
 forward eager and compiles the two halves megatron's forward calls through ``self``
 (``_forward_attention``: norm, attention, residual; ``_forward_mlp``: norm, MLP, residual). Compiling
@@ -80,6 +102,7 @@ class Backend:
     config: dict = field(default_factory=dict)  # TransformerConfig overrides
     bf16_config: dict = field(default_factory=dict)  # ... added when the weights are bf16
     fused_optimizer: bool = False  # torch's single-kernel AdamW step instead of the foreach one
+    fused_wgrad_accumulation: bool = False  # weight gradients added into main_grad by their GEMM
     compiled_layers: bool = False  # each TransformerLayer under torch.compile
     # layer spec: no back-end changes the recipe; megatron's fusions are config switches and compile
     # wraps the built layers, so techniques' spec hooks compose with every back-end unchanged
@@ -87,9 +110,10 @@ class Backend:
 
 BACKENDS = {
     "torch": Backend(),
-    "fused": Backend(config=_FUSED_CONFIG, bf16_config=_FUSED_BF16_CONFIG, fused_optimizer=True),
+    "fused": Backend(config=_FUSED_CONFIG, bf16_config=_FUSED_BF16_CONFIG, fused_optimizer=True,
+                     fused_wgrad_accumulation=True),
     "compile": Backend(config=_FUSED_CONFIG, bf16_config=_FUSED_BF16_CONFIG, fused_optimizer=True,
-                       compiled_layers=True),
+                       fused_wgrad_accumulation=True, compiled_layers=True),
 }
 
 
@@ -136,6 +160,77 @@ def _torch_optimizers(optimizer) -> list:
     if isinstance(inner, torch.optim.Optimizer):
         return [inner]
     return [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else []
+
+
+@torch.library.custom_op("suite::accumulate_weight_grad_", mutates_args=("main_grad",))
+def accumulate_weight_grad_(main_grad: torch.Tensor, inputs: torch.Tensor, grad_output: torch.Tensor) -> None:
+    """``main_grad += grad_output^T @ inputs`` (2-D: tokens x features), summed in ``main_grad``'s dtype."""
+    if inputs.dtype == main_grad.dtype:
+        main_grad.addmm_(grad_output.t(), inputs)
+    elif main_grad.is_cuda:  # bf16 operands, fp32 accumulator: one cuBLAS GEMM with beta = 1
+        torch.ops.aten.addmm.dtype_out(main_grad, grad_output.t(), inputs, main_grad.dtype, out=main_grad)
+    else:  # no out_dtype on CPU: the gradient, then the add megatron's DDP hook would do
+        main_grad.add_(grad_output.t().matmul(inputs).to(main_grad.dtype))
+
+
+@accumulate_weight_grad_.register_fake
+def _(main_grad, inputs, grad_output) -> None:
+    return None
+
+
+class _LinearIntoMainGrad(torch.autograd.Function):
+    """``inputs @ weight^T (+ bias)`` whose backward adds the weight's gradient into ``main_grad``."""
+
+    @staticmethod
+    def forward(ctx, inputs, weight, bias, main_grad):
+        ctx.save_for_backward(inputs, weight)
+        ctx.main_grad = main_grad  # not saved: other micro-batches' backwards add into it in between
+        ctx.has_bias = bias is not None
+        out = torch.matmul(inputs, weight.t())
+        return out if bias is None else out + bias
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        inputs, weight = ctx.saved_tensors
+        main_grad = ctx.main_grad
+        grad_output = grad_output.contiguous()
+        grad_input = grad_output.matmul(weight)
+        flat_grad = grad_output.reshape(-1, grad_output.shape[-1])
+        accumulate_weight_grad_(main_grad, inputs.reshape(-1, inputs.shape[-1]), flat_grad)
+        # autograd still needs a weight gradient for megatron's DDP hook to fire; the hook skips it
+        # (grad_added_to_main_grad), so it is left uninitialised
+        return grad_input, torch.empty_like(weight), flat_grad.sum(0) if ctx.has_bias else None, None
+
+
+def fuse_weight_grad_accumulation(spec, chunks) -> int:
+    """Give every Column/RowParallelLinear of ``chunks`` the ``_forward_impl`` that accumulates its weight
+    gradient into ``main_grad`` in the GEMM (see the module docstring), when the back-end asks for it;
+    returns how many."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    if not backend(spec).fused_wgrad_accumulation:
+        return 0
+    linears = [m for chunk in chunks for m in chunk.modules()
+               if isinstance(m, ColumnParallelLinear | RowParallelLinear) and m.weight is not None]
+    for m in linears:
+        m._forward_impl = _forward_impl_into_main_grad(m, m._forward_impl)
+    return len(linears)
+
+
+def _forward_impl_into_main_grad(module, megatron_impl):
+    def forward_impl(input, weight, bias=None, *, allreduce_dgrad=False, sequence_parallel=False,
+                     grad_output_buffer=None, **kwargs):
+        main_grad = getattr(weight, "main_grad", None)
+        if (main_grad is None or weight is not module.weight or not weight.requires_grad or allreduce_dgrad
+                or sequence_parallel or grad_output_buffer is not None):
+            return megatron_impl(input, weight, bias, allreduce_dgrad=allreduce_dgrad,
+                                 sequence_parallel=sequence_parallel, grad_output_buffer=grad_output_buffer,
+                                 **kwargs)
+        # megatron's DDP resets this at every zero_grad_buffer; set here, before the backward reads it
+        weight.grad_added_to_main_grad = True
+        return _LinearIntoMainGrad.apply(input, weight, bias, main_grad)
+
+    return forward_impl
 
 
 def compile_layers(spec, chunks) -> int:

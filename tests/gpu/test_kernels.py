@@ -194,3 +194,31 @@ def test_compile_trains_a_134m_model_like_torch(big_worker):
           f"{r['compile']['first_step_s']:.1f} s)")
     assert _rel(r["compile"]["losses"], r["torch"]["losses"]) <= BIG_LOSS_RTOL, r
     assert r["compile"]["losses"][-1] < r["compile"]["losses"][0]  # it learns
+
+
+def test_weight_gradient_accumulates_into_fp32_in_the_gemm():
+    """kernels.accumulate_weight_grad_ on CUDA: bf16 operands summed into an fp32 buffer (a view into a
+    larger one, as megatron's DDP hands out) in place. Against an fp64 reference it must keep fp32's
+    accuracy, which megatron's unfused path (a bf16 weight gradient, then the add) cannot: that path's
+    error is the yardstick that shows the check can tell the two apart."""
+    import torch
+
+    from suite.models.kernels import accumulate_weight_grad_
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    out_f, in_f, tokens = 512, 256, 4096
+    buffer = torch.randn(out_f * in_f + 100, device="cuda", generator=gen)
+    main_grad = buffer[100:].view(out_f, in_f)
+    x = torch.randn(tokens, in_f, device="cuda", generator=gen).bfloat16()
+    g = torch.randn(tokens, out_f, device="cuda", generator=gen).bfloat16()
+    exact = main_grad.double() + g.double().t() @ x.double()
+    unfused = main_grad + (g.t() @ x).float()
+    before = main_grad.data_ptr()
+    accumulate_weight_grad_(main_grad, x, g)
+
+    def err(t):
+        return float((t.double() - exact).abs().max() / exact.abs().max())
+
+    assert main_grad.data_ptr() == before and main_grad.dtype == torch.float32
+    assert float(buffer[:100].abs().sum()) > 0 and torch.equal(buffer[100:].view(out_f, in_f), main_grad)
+    assert err(main_grad) <= 1e-5 < 1e-4 <= err(unfused), (err(main_grad), err(unfused))
