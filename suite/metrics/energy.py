@@ -1,6 +1,11 @@
 """GPU energy over a timed region from NVML's cumulative energy counter (pynvml).
 
 No NVML (CPU machine, missing driver, counter unsupported) gives ``None``, never a crash.
+
+NVML numbers every GPU of the host; CUDA numbers only those ``CUDA_VISIBLE_DEVICES`` lists, in its order, so
+CUDA device 0 of a process started with ``CUDA_VISIBLE_DEVICES=1`` is NVML's device 1. The meter finds the
+process's GPU by its UUID, which both name alike. (Until this was so, a run pinned to another GPU than the
+host's first metered the first: see reports/README.md, energy.)
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ class EnergyMeter:
             import pynvml
 
             pynvml.nvmlInit()
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device_index)
+            self.handle = nvml_handle(pynvml, device_index)
             pynvml.nvmlDeviceGetTotalEnergyConsumption(self.handle)  # raises if unsupported
         except Exception:
             self.handle = None
@@ -33,3 +38,11 @@ class EnergyMeter:
         if self.handle is None or self.start_mj is None:
             return None
         return (self._read_mj() - self.start_mj) / 1000.0
+
+
+def nvml_handle(pynvml, cuda_index: int):
+    """NVML's handle of CUDA device ``cuda_index`` of this process (see the module docstring)."""
+    import torch
+
+    uuid = str(torch.cuda.get_device_properties(cuda_index).uuid)
+    return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
