@@ -244,23 +244,38 @@ def test_a_compiled_layer_is_one_graph(worker):
     assert (r["graphs"], r["breaks"]) == (1, 0), r["reasons"]
 
 
+def _torchrun_metrics(tmp_path, name: str, *sets: str) -> dict:
+    """The metrics of variant ``name`` of the test scenario run over two CPU processes."""
+    from check_worker import torchrun
+
+    args = [a for kv in sets for a in ("--set", kv)]
+    proc = torchrun("-m", "suite", "run", str(SCENARIO), "--variant", name, *args, "--out", str(tmp_path / name),
+                    timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [rec] = [json.loads(line) for line in (tmp_path / name / "records.jsonl").read_text().splitlines()]
+    assert rec["status"] == "ok" and rec["world_size"] == 2, rec.get("error")
+    return rec["metrics"]
+
+
+def _same_training(a: dict, b: dict) -> None:
+    for (_, x), (_, y) in zip(a["loss_curve"], b["loss_curve"], strict=True):
+        assert x == pytest.approx(y, rel=TRAIN_RTOL)
+    assert a["validation_loss"] == pytest.approx(b["validation_loss"], rel=TRAIN_RTOL)
+
+
 def test_tensor_parallel_layers_compile_to_one_graph_and_train_the_same(tmp_path):
     """tp = 2 over two CPU processes: the compiled layers make no graph break (megatron's asynchronous
     input-gradient all-reduce, whose backward dynamo cannot trace, split each layer into pieces run from
     Python), and train the losses and validation loss of the eager back-end."""
-    from check_worker import torchrun
-
-    runs = {}
-    for name in ("torch", "compile"):
-        proc = torchrun("-m", "suite", "run", str(SCENARIO), "--variant", name, "--set", "parallel.tp=2",
-                        "--out", str(tmp_path / name), timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        [rec] = [json.loads(line) for line in (tmp_path / name / "records.jsonl").read_text().splitlines()]
-        assert rec["status"] == "ok" and rec["tp"] == 2, rec.get("error")
-        runs[name] = rec["metrics"]
+    runs = {name: _torchrun_metrics(tmp_path, name, "parallel.tp=2") for name in ("torch", "compile")}
     assert runs["torch"]["compile"] is None
     stats = runs["compile"]["compile"]
     assert stats["graph_breaks"] == 0 and stats["graphs"] >= 2, stats
-    for (_, a), (_, b) in zip(runs["compile"]["loss_curve"], runs["torch"]["loss_curve"]):
-        assert a == pytest.approx(b, rel=TRAIN_RTOL)
-    assert runs["compile"]["validation_loss"] == pytest.approx(runs["torch"]["validation_loss"], rel=TRAIN_RTOL)
+    _same_training(runs["compile"], runs["torch"])
+
+
+def test_pipeline_stages_accumulate_weight_gradients_the_same(tmp_path):
+    """pp = 2 with 4 micro-batches in flight: each stage's fused weight-gradient accumulation (``fused``)
+    trains the losses of megatron's hook-side accumulation (``torch``)."""
+    sets = ("parallel.pp=2", "workload.global_batch=8")
+    _same_training(_torchrun_metrics(tmp_path, "fused", *sets), _torchrun_metrics(tmp_path, "torch", *sets))
