@@ -61,7 +61,8 @@ and, after each micro-batch's backward, adds the bf16 weight gradient into it fr
 over every weight, read bf16 + read fp32 + write fp32 (the 1B model on one H200: 4.2% of the step, 19.8
 ms, ``reports/records/profile_gpt1b_parallel_single_rank0_h200x2.txt``). megatron's own fusion of that add
 into the weight-gradient GEMM (``gradient_accumulation_fusion``) needs apex's CUDA extension and sets
-attributes inside its backward, which dynamo cannot trace (measured: 19 graph breaks a layer).
+attributes inside its backward, which dynamo cannot trace (measured on CPU with a stand-in kernel: 19 graph
+breaks in one layer).
 ``fuse_weight_grad_accumulation`` gives each of the model's Column/RowParallelLinear a ``_forward_impl``
 (the method megatron's linears call for their GEMMs) whose backward is one GEMM that adds
 ``grad_output^T @ input`` into ``main_grad`` in fp32 (``torch.addmm`` with ``out_dtype``, cuBLAS with
