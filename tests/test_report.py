@@ -110,6 +110,19 @@ def test_report_output_file_equals_stdout_and_names_its_command(tmp_path):
     assert out.read_text(encoding="utf-8") == "\n\n".join(parts)
 
 
+def test_a_report_names_the_runs_it_leaves_out(tmp_path):
+    """A variant run three times shows its latest record and says two earlier ones are not shown; a variant
+    run once is not named."""
+    lines = (ROOT / GPU).read_text().splitlines()
+    first = json.loads(lines[0])
+    path = tmp_path / "records.jsonl"
+    path.write_text("\n".join([lines[0], lines[0], *lines]) + "\n")
+    text = run_cli("report", path).stdout
+    note = next(line for line in text.splitlines() if line.startswith("Re-run variants:"))
+    assert note.endswith(f"not shown: {first['scenario']}/{first['variant']} (2).")
+    assert run_cli("report", GPU).stdout.count("Re-run variants:") == 0
+
+
 def test_a_scenario_of_several_workload_kinds_reports_each_kind():
     """The nightly baseline holds training (with random-LTD and a V-cycle), inference and accuracy variants
     of one scenario: each kind gets its own part, compared with its own baseline, and skipped variants say

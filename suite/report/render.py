@@ -18,7 +18,7 @@ from suite.report.measures import pooled_over_positions, positions_section
 from suite.report.plots import loss_curves
 from suite.report.quality import quality_section, target_of
 from suite.report.select import (baseline_of, by_scenario, failure, is_ok, load_latest, machine, metric,
-                                 relative_change, step_half_spread_s, step_median_s)
+                                 relative_change, step_half_spread_s, step_median_s, superseded)
 
 NOISE_NOTE = ("Step time: median ± half the p10–p90 spread of the timed steps; "
               "differences smaller than the step-time spread are noise. "
@@ -286,13 +286,18 @@ def command_line(sources, output: Path | None, target_loss: float | None) -> str
     return " ".join(words + ([f"-o {output}"] if output else []))
 
 
-def markdown(latest: dict, sources, output: Path | None = None, target_loss: float | None = None) -> str:
+def markdown(latest: dict, sources, output: Path | None = None, target_loss: float | None = None,
+             earlier: dict | None = None) -> str:
     """The report; `output`, the file it will be written to, is where plots go (none without it), and
     a report written to a file names the command that renders it again; `target_loss` overrides the
-    loss the equal-quality tables compare at."""
+    loss the equal-quality tables compare at; `earlier`: the superseded record counts
+    (``select.superseded``), named so that no run is left out silently."""
     parts = ["# Benchmark report", f"Records: {', '.join(map(str, sources))}"]
     if output is not None:
         parts.append(f"Rendered by: `{command_line(sources, output, target_loss)}`")
+    if earlier:
+        runs = ", ".join(f"{scenario}/{variant} ({n})" for (scenario, variant), n in earlier.items())
+        parts.append(f"Re-run variants: the tables show each one's latest record; earlier records not shown: {runs}.")
     for scenario, records in by_scenario(latest).items():
         parts += _section(scenario, records, output, target_loss)
     return "\n\n".join(parts) + "\n"
@@ -319,6 +324,7 @@ def report_command(args) -> int:
     elif args.format == "json":
         text = to_json(build_rows(latest))
     else:
-        text = markdown(latest, args.results, Path(args.output) if args.output else None, args.target_loss)
+        text = markdown(latest, args.results, Path(args.output) if args.output else None, args.target_loss,
+                        superseded(args.results))
     fmt.emit(text, args.output)
     return 0

@@ -1,6 +1,8 @@
 """Which records a report or a comparison looks at, and the per-record numbers both derive."""
 from __future__ import annotations
 
+from collections import Counter
+
 from suite.errors import UserError
 from suite.records import latest_by_variant, read_records
 
@@ -12,6 +14,13 @@ def load_latest(paths) -> dict[tuple[str, str], dict]:
         raise UserError("no records found.", file=", ".join(map(str, paths)),
                         fix="point at a results folder that `suite run` has written records to.")
     return latest
+
+
+def superseded(paths) -> dict[tuple[str, str], int]:
+    """How many earlier records each re-run (scenario, variant) has over ``paths``: a report shows the latest
+    of each, and says what it left out."""
+    counts = Counter((r["scenario"], r["variant"]) for r in read_records(*paths))
+    return {key: n - 1 for key, n in counts.items() if n > 1}
 
 
 def baseline_of(records: list[dict]) -> dict:
