@@ -31,9 +31,9 @@ import re
 from suite.errors import UserError
 from suite.report import fmt, gate
 from suite.report.gate import IMPROVEMENT, NEW, REGRESSION, SAME, Limits
-from suite.records import latest_by_variant, read_records
+from suite.records import latest_by_variant
 from suite.scenario.schema import NO_DEFAULT, default_at
-from suite.report.select import failure, load_latest
+from suite.report.select import failure, load_latest, load_records
 
 NOT_COMPARABLE, SKIPPED = "not comparable", "skipped"
 FAILED_STATUSES = ("failed", "diverged", "interrupted")
@@ -336,8 +336,9 @@ def compare_command(args) -> int:
                     max_loss_increase=parse_amount(args.max_loss_increase, "--max-loss-increase", "0.01"),
                     max_acc_drop=parse_percent(args.max_acc_drop, "--max-acc-drop"),
                     tolerance=None if args.tolerance is None else parse_percent(args.tolerance, "--tolerance"))
-    current, baseline = load_latest([args.current]), load_latest(args.baseline)
-    repeats = baseline_repeats(read_records(*args.baseline))
+    baseline_records = load_records(args.baseline)
+    current, baseline = load_latest([args.current]), latest_by_variant(baseline_records)
+    repeats = baseline_repeats(baseline_records)
     results = compare(current, baseline, limits, args.allow_config_change, repeats)
     text = render(results, env_differences(current, baseline), limits, args.current,
                   " + ".join(args.baseline))

@@ -11,13 +11,14 @@ import io
 import json
 from pathlib import Path
 
+from suite.records import latest_by_variant
 from suite.report import fmt, plugins
 from suite.report.accuracy import accuracy_section, is_accuracy, model_blocks
 from suite.report.latency import is_inference, latency_rows, latency_section
 from suite.report.measures import pooled_over_positions, positions_section
 from suite.report.plots import loss_curves
 from suite.report.quality import quality_section, target_of
-from suite.report.select import (baseline_of, by_scenario, failure, is_ok, load_latest, machine, metric,
+from suite.report.select import (baseline_of, by_scenario, failure, is_ok, load_records, machine, metric,
                                  relative_change, step_half_spread_s, step_median_s, superseded)
 
 NOISE_NOTE = ("Step time: median ± half the p10–p90 spread of the timed steps; "
@@ -318,13 +319,14 @@ def to_json(rows: list[dict]) -> str:
 
 def report_command(args) -> int:
     fmt.check_output(args.output)
-    latest = load_latest(args.results)
+    records = load_records(args.results)
+    latest = latest_by_variant(records)
     if args.format == "csv":
         text = to_csv(build_rows(latest))
     elif args.format == "json":
         text = to_json(build_rows(latest))
     else:
         text = markdown(latest, args.results, Path(args.output) if args.output else None, args.target_loss,
-                        superseded(args.results))
+                        superseded(records))
     fmt.emit(text, args.output)
     return 0

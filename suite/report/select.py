@@ -7,19 +7,24 @@ from suite.errors import UserError
 from suite.records import latest_by_variant, read_records
 
 
-def load_latest(paths) -> dict[tuple[str, str], dict]:
-    """The latest record of each (scenario, variant) over all given folders/files, first-seen order."""
-    latest = latest_by_variant(read_records(*paths))
-    if not latest:
+def load_records(paths) -> list[dict]:
+    """Every record of the given folders/files, in order; none is a user error."""
+    records = read_records(*paths)
+    if not records:
         raise UserError("no records found.", file=", ".join(map(str, paths)),
                         fix="point at a results folder that `suite run` has written records to.")
-    return latest
+    return records
 
 
-def superseded(paths) -> dict[tuple[str, str], int]:
-    """How many earlier records each re-run (scenario, variant) has over ``paths``: a report shows the latest
-    of each, and says what it left out."""
-    counts = Counter((r["scenario"], r["variant"]) for r in read_records(*paths))
+def load_latest(paths) -> dict[tuple[str, str], dict]:
+    """The latest record of each (scenario, variant) over all given folders/files, first-seen order."""
+    return latest_by_variant(load_records(paths))
+
+
+def superseded(records: list[dict]) -> dict[tuple[str, str], int]:
+    """How many earlier records each re-run (scenario, variant) has: a report shows the latest of each, and
+    says what it left out."""
+    counts = Counter((r["scenario"], r["variant"]) for r in records)
     return {key: n - 1 for key, n in counts.items() if n > 1}
 
 
