@@ -76,6 +76,22 @@ def test_gpu_without_float8_tensor_cores_is_refused(monkeypatch):
             fp8.check_device(_spec())
 
 
+@pytest.mark.parametrize("mode, gradients_fast", [("forward", False), ("all", True)])
+def test_fast_accumulation_setting_reaches_every_float8_layer(mode, gradients_fast):
+    """The GEMM configs each swapped linear submodule is built with: the output GEMM always fast (torchao's
+    default), the gradient GEMMs fast only with 'all'."""
+    from suite.models import fp8, gpt
+
+    layer = fp8.layer_spec(_spec(f'workload.fp8_fast_accumulation="{mode}"'), gpt.layer_spec())
+    attention, mlp = layer.submodules.self_attention.submodules, layer.submodules.mlp.submodules
+    linears = [attention.linear_qkv, attention.linear_proj, mlp.linear_fc1, mlp.linear_fc2]
+    for linear in linears:
+        cfg = linear.params["float8_config"]
+        assert cfg.gemm_config_output.use_fast_accum
+        assert cfg.gemm_config_grad_input.use_fast_accum is gradients_fast
+        assert cfg.gemm_config_grad_weight.use_fast_accum is gradients_fast
+
+
 def test_cli_exits_2_naming_the_key():
     proc = run_suite("validate", UNIT, "--set", "parallel.tp=2")
     assert proc.returncode == 2, proc.stderr

@@ -4,8 +4,10 @@ What changes: the four linear submodules of megatron's layer spec (``linear_qkv`
 ``linear_fc1``, ``linear_fc2``) become torchao's ``Float8Linear`` with its default recipe, dynamic
 tensorwise scaling: each GEMM casts its two operands to float8 with one scale per tensor taken from the
 tensor's current absolute maximum (input and weight to e4m3, the output gradient to e5m2), multiplies
-on the float8 tensor cores with fp32 accumulation and returns bf16. All three GEMMs of a linear layer
-(output, input gradient, weight gradient) run in float8. Everything else is the bf16 variant: bf16
+on the float8 tensor cores and returns bf16. All three GEMMs of a linear layer (output, input gradient,
+weight gradient) run in float8. As in torchao's and Transformer Engine's recipes the output GEMM
+accumulates in cuBLAS's fast mode and the two gradient GEMMs promote their partial sums to fp32;
+``[workload] fp8_fast_accumulation = "all"`` puts those in the fast mode too (faster, less precise). Everything else is the bf16 variant: bf16
 weights and activations, fp32 master weights and gradients in the optimizer.
 
 Why a subclass of ``Float8Linear`` with megatron's signature: megatron builds the spec's submodules as
@@ -49,6 +51,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torchao.float8 import Float8LinearConfig
+from torchao.float8.config import Float8GemmConfig
 from torchao.float8.float8_linear import Float8Linear
 
 from suite.errors import fail
@@ -115,9 +118,14 @@ class Float8RowLinear(_MegatronFloat8Linear):
 REPLACEMENT = {ColumnParallelLinear: Float8ColumnLinear, RowParallelLinear: Float8RowLinear}
 
 
-def float8_config() -> Float8LinearConfig:
-    """torchao's default recipe (dynamic tensorwise scaling); emulated where there is no CUDA."""
-    return Float8LinearConfig(emulate=not torch.cuda.is_available())
+def float8_config(fast_accumulation: str = "forward") -> Float8LinearConfig:
+    """torchao's default recipe (dynamic tensorwise scaling, fast accumulation in the output GEMM), with
+    the two gradient GEMMs in fast accumulation too for ``"all"``; emulated where there is no CUDA."""
+    gradients = {}
+    if fast_accumulation == "all":
+        fast = Float8GemmConfig(use_fast_accum=True)
+        gradients = dict(gemm_config_grad_input=fast, gemm_config_grad_weight=fast)
+    return Float8LinearConfig(emulate=not torch.cuda.is_available(), **gradients)
 
 
 def check_device(spec) -> None:
@@ -156,7 +164,7 @@ def layer_spec(spec, layer):
     """``layer`` (a megatron layer or block spec, a technique's included) with the transformer layers'
     linear submodules in float8; the argument is not changed."""
     check_device(spec)
-    return _swap(layer, float8_config())
+    return _swap(layer, float8_config(spec.workload.fp8_fast_accumulation))
 
 
 def float8_layers(model: torch.nn.Module) -> list[str]:

@@ -33,6 +33,7 @@ from suite.metrics.energy import EnergyMeter
 from suite.metrics.stats import summarize
 from suite.models import checkpoint, gpt, kernels
 from suite.models.build import build
+from suite.workloads import optimizer_kernels
 from suite.workloads.measures import training_measures
 
 
@@ -88,7 +89,9 @@ def _forward_step(data_iterator, model, cuda: bool, tricks):
 
 class StepProfiler:
     """With SUITE_PROFILE=DIR, profiles 3 steps after warm-up (torch.profiler, host and device) and
-    writes the top operators by device and by host time to DIR/profile_<variant>_rank<r>.txt."""
+    writes the top operators and kernels by device time (60, names up to 100 characters: compiled
+    kernels are told apart by their fused op names) and by host time (30) to
+    DIR/profile_<variant>_rank<r>.txt."""
 
     def __init__(self, spec, ctx, steps: int = 3):
         import os
@@ -117,7 +120,7 @@ class StepProfiler:
             table = self.prof.key_averages()
             device_key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             text = (f"steps {self.first}..{self.last}\n\n# by device time\n"
-                    + table.table(sort_by=device_key, row_limit=30)
+                    + table.table(sort_by=device_key, row_limit=60, max_name_column_width=100)
                     + "\n\n# by host time\n" + table.table(sort_by="self_cpu_time_total", row_limit=30))
             Path(self.dir).mkdir(parents=True, exist_ok=True)
             (Path(self.dir) / self.name).write_text(text)
@@ -154,6 +157,7 @@ class Trainer:
             optimizer=w.optimizer, lr=w.lr, min_lr=w.min_lr, weight_decay=w.weight_decay,
             adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=w.clip_grad, bf16=bf16,
             params_dtype=torch.bfloat16 if bf16 else torch.float32, use_distributed_optimizer=False)
+        optimizer_kernels.install()  # gradient norm and clipping without a host read per parameter
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
         kernels.fuse_optimizer(spec, self.optimizer)  # [model] kernels: torch's fused AdamW step
         # The LR schedule runs in steps, or in the units a technique consumes per step (layer-tokens).
