@@ -76,10 +76,11 @@ def test_gpu_without_float8_tensor_cores_is_refused(monkeypatch):
             fp8.check_device(_spec())
 
 
-@pytest.mark.parametrize("mode, gradients_fast", [("forward", False), ("all", True)])
-def test_fast_accumulation_setting_reaches_every_float8_layer(mode, gradients_fast):
+@pytest.mark.parametrize("mode, input_grad_fast, weight_grad_fast", [
+    ("forward", False, False), ("forward_and_input_grad", True, False), ("all", True, True)])
+def test_fast_accumulation_setting_reaches_every_float8_layer(mode, input_grad_fast, weight_grad_fast):
     """The GEMM configs each swapped linear submodule is built with: the output GEMM always fast (torchao's
-    default), the gradient GEMMs fast only with 'all'."""
+    default), the gradient GEMMs as the setting says."""
     from suite.models import fp8, gpt
 
     layer = fp8.layer_spec(_spec(f'workload.fp8_fast_accumulation="{mode}"'), gpt.layer_spec())
@@ -88,8 +89,8 @@ def test_fast_accumulation_setting_reaches_every_float8_layer(mode, gradients_fa
     for linear in linears:
         cfg = linear.params["float8_config"]
         assert cfg.gemm_config_output.use_fast_accum
-        assert cfg.gemm_config_grad_input.use_fast_accum is gradients_fast
-        assert cfg.gemm_config_grad_weight.use_fast_accum is gradients_fast
+        assert cfg.gemm_config_grad_input.use_fast_accum is input_grad_fast
+        assert cfg.gemm_config_grad_weight.use_fast_accum is weight_grad_fast
 
 
 def test_cli_exits_2_naming_the_key():

@@ -11,6 +11,8 @@ tests/check_worker.py), in fp32 on CPU, on a 2-layer h=64 model (tests/scenarios
 * the training workload's ``Trainer`` for 'torch', 'fused' and 'compile': the same losses (1e-5
   relative) and parameters after 4 steps, and random-LTD's variable kept lengths under 'compile'
   give the eager losses too;
+* fp8's float8 linears under 'fused': their weight gradients added into main_grad by the suite's op
+  train the weights of megatron's hook-side add, bit for bit;
 * ``torch._dynamo.explain`` of one local-spec layer as 'compile' builds it: one graph, no break.
 
 Compilation on CPU costs seconds per graph (inductor writes C++): the file took 55 s from a cold inductor
@@ -140,7 +142,8 @@ def _weights_into_main_grad(chunks) -> dict:
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     weights = [m.weight for c in chunks for m in c.modules()
-               if isinstance(m, ColumnParallelLinear | RowParallelLinear) and m.weight is not None]
+               if (isinstance(m, ColumnParallelLinear | RowParallelLinear) or hasattr(m, "weight_grad_into_main_grad"))
+               and m.weight is not None]  # megatron's linears and fp8's float8 ones
     return {"linears": len(weights), "fused": sum(bool(getattr(w, "grad_added_to_main_grad", False))
                                                   for w in weights)}
 
@@ -166,6 +169,24 @@ def check_training(folder):
     return out
 
 
+def check_fp8_weight_gradients(folder):
+    """fp8 (torchao's float8 linears, emulated on CPU) under 'fused': with the float8 weights' gradients
+    added into main_grad by ``kernels.weight_into_main_grad``, and with that switched off (megatron's DDP
+    hook adds them): the same additions in the same order, so the same losses and weights, bit for bit."""
+    from suite.models import kernels
+
+    spec = _spec("fused", "workload.precision=fp8")
+    losses, params, _, _, wgrad = _train(spec, spec.workload.steps)
+    real = kernels.weight_into_main_grad
+    kernels.weight_into_main_grad = lambda weight: weight
+    try:
+        hook_losses, hook_params, _, _, hook_wgrad = _train(spec, spec.workload.steps)
+    finally:
+        kernels.weight_into_main_grad = real
+    return {"losses": losses, "hook_losses": hook_losses, "wgrad": wgrad, "hook_wgrad": hook_wgrad,
+            "param_diff": max(float((p.float() - hook_params[n].float()).abs().max()) for n, p in params.items())}
+
+
 def check_graph_breaks(folder):
     """torch._dynamo.explain of one layer's forward (training mode, RoPE as GPTModel passes it), as the
     'compile' back-end builds it (``kernels.compile_layers`` silences megatron's warnings in graphs)."""
@@ -186,7 +207,8 @@ def check_graph_breaks(folder):
             "reasons": sorted({str(r.reason).splitlines()[0] for r in e.break_reasons})}
 
 
-CHECKS = [check_forward_backward, check_fused_adamw_step, check_training, check_graph_breaks]
+CHECKS = [check_forward_backward, check_fused_adamw_step, check_training, check_fp8_weight_gradients,
+          check_graph_breaks]
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
     sys.exit(worker_main(CHECKS, sys.argv[2], sys.argv[3]))
@@ -236,6 +258,13 @@ def test_random_ltd_trains_the_same_under_compile(worker):
     assert r["rltd_torch"]["kept"] == [8, 16, 24, 32]  # every step a new sequence length for layer 1
     assert r["rltd_compile"]["kept"] == r["rltd_torch"]["kept"]
     assert r["rltd_compile"]["loss_rel"] <= TRAIN_RTOL and r["rltd_compile"]["param_rel"] <= TRAIN_RTOL, r
+
+
+def test_fp8_weight_gradients_go_into_main_grad_once(worker):
+    r = result(worker, "fp8_weight_gradients")
+    # 2 layers x 4 float8 linears + the LM head, all into main_grad; with the float8 path off only the LM head
+    assert r["wgrad"] == {"linears": 9, "fused": 9} and r["hook_wgrad"] == {"linears": 9, "fused": 1}, r
+    assert r["losses"] == r["hook_losses"] and r["param_diff"] == 0.0, r
 
 
 def test_a_compiled_layer_is_one_graph(worker):

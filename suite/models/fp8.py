@@ -7,7 +7,10 @@ tensor's current absolute maximum (input and weight to e4m3, the output gradient
 on the float8 tensor cores and returns bf16. All three GEMMs of a linear layer (output, input gradient,
 weight gradient) run in float8. As in torchao's and Transformer Engine's recipes the output GEMM
 accumulates in cuBLAS's fast mode and the two gradient GEMMs promote their partial sums to fp32;
-``[workload] fp8_fast_accumulation = "all"`` puts those in the fast mode too (faster, less precise). Everything else is the bf16 variant: bf16
+``[workload] fp8_fast_accumulation`` puts the input-gradient GEMM, or both, in the fast mode too
+(faster, less precise). Under the ``fused`` and ``compile`` back-ends the bf16 weight gradient is added
+into megatron's fp32 gradient buffer by ``kernels.weight_into_main_grad`` (one vectorized pass) instead of
+megatron's DDP hook. Everything else is the bf16 variant: bf16
 weights and activations, fp32 master weights and gradients in the optimizer.
 
 Why a subclass of ``Float8Linear`` with megatron's signature: megatron builds the spec's submodules as
@@ -52,9 +55,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torchao.float8 import Float8LinearConfig
 from torchao.float8.config import Float8GemmConfig
-from torchao.float8.float8_linear import Float8Linear
+from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
 
 from suite.errors import fail
+from suite.models import kernels
 
 SUBMODULES = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 ALIGN = 16  # torch._scaled_mm: both dimensions of each operand multiples of 16, but the first one's rows
@@ -78,15 +82,25 @@ class _MegatronFloat8Linear(Float8Linear):
         self.tp_group = tp_group
         # suite draws every weight itself (gpt.init_parameters); megatron's init_method is not used
 
+    # switched on by kernels.fuse_weight_grad_accumulation (fused and compile back-ends)
+    weight_grad_into_main_grad: bool = False
+
     def forward(self, x: torch.Tensor):
         rows = x.numel() // x.shape[-1]
         if rows == 0:  # no token (e.g. a technique's empty part): nothing to scale, no GEMM to run
             return torch.nn.functional.linear(x, self.weight, self.bias), None
         pad = -rows % ALIGN
         if not pad:
-            return super().forward(x), None
+            return self._float8_linear(x), None
         flat = torch.nn.functional.pad(x.reshape(rows, x.shape[-1]), (0, 0, 0, pad))
-        return super().forward(flat)[:rows].reshape(*x.shape[:-1], self.out_features), None
+        return self._float8_linear(flat)[:rows].reshape(*x.shape[:-1], self.out_features), None
+
+    def _float8_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """``Float8Linear.forward`` (megatron runs no autocast), its weight through
+        ``kernels.weight_into_main_grad`` when switched on."""
+        weight = kernels.weight_into_main_grad(self.weight) if self.weight_grad_into_main_grad else self.weight
+        out = matmul_with_hp_or_float8_args.apply(x, weight.t(), self.linear_mm_config, self.config)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """The sharded keys and layout of megatron's layer (MLP's SwiGLU split of fc1 applies to them)."""
@@ -120,11 +134,11 @@ REPLACEMENT = {ColumnParallelLinear: Float8ColumnLinear, RowParallelLinear: Floa
 
 def float8_config(fast_accumulation: str = "forward") -> Float8LinearConfig:
     """torchao's default recipe (dynamic tensorwise scaling, fast accumulation in the output GEMM), with
-    the two gradient GEMMs in fast accumulation too for ``"all"``; emulated where there is no CUDA."""
-    gradients = {}
-    if fast_accumulation == "all":
-        fast = Float8GemmConfig(use_fast_accum=True)
-        gradients = dict(gemm_config_grad_input=fast, gemm_config_grad_weight=fast)
+    the input-gradient GEMM (``"forward_and_input_grad"``) or both gradient GEMMs (``"all"``) in fast
+    accumulation too; emulated where there is no CUDA."""
+    fast = Float8GemmConfig(use_fast_accum=True)
+    gradients = {"forward": {}, "forward_and_input_grad": dict(gemm_config_grad_input=fast),
+                 "all": dict(gemm_config_grad_input=fast, gemm_config_grad_weight=fast)}[fast_accumulation]
     return Float8LinearConfig(emulate=not torch.cuda.is_available(), **gradients)
 
 

@@ -73,8 +73,14 @@ The function is unchanged; the arithmetic improves: the micro-batch's gradient i
 bf16 before it is summed. On CPU ``addmm`` has no ``out_dtype``: the op computes the gradient and adds it,
 as megatron's hook does. Linears that keep megatron's path: sequence parallelism, the asynchronous input-
 gradient all-reduce (``fused`` with tp > 1; ``compile`` switches it off, above), a weight passed in from
-elsewhere (the LM head of tied embeddings, whose embedding gradient also lands on that weight), fp8's
-torchao linears, and any module before megatron's DDP has given its weight a ``main_grad``.
+elsewhere (the LM head of tied embeddings, whose embedding gradient also lands on that weight), and any
+module before megatron's DDP has given its weight a ``main_grad``.
+fp8's float8 linears (``suite.models.fp8``) compute their weight gradient in torchao's float8 GEMM, which
+returns bf16 and cannot add into an fp32 buffer (``torch._scaled_mm`` has no beta); they declare
+``weight_grad_into_main_grad``, which this switches on, and pass their weight through
+``weight_into_main_grad``, whose backward adds that bf16 gradient into ``main_grad`` in one vectorized pass
+(a Triton kernel on CUDA) instead of the hook's mixed-dtype ``add_``, which takes torch's unvectorized
+kernel (measured on one H200 on the 1B model's four weight shapes: 16.4 ms a step against 11.7).
 
 A technique's layer that overrides ``TransformerLayer.forward`` (random-LTD's token dropping) keeps that
 forward eager and compiles the two halves megatron's forward calls through ``self``
@@ -86,6 +92,7 @@ compiled (tests/test_kernels.py).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -179,6 +186,67 @@ def _(main_grad, inputs, grad_output) -> None:
     return None
 
 
+@torch.library.custom_op("suite::add_into_main_grad_", mutates_args=("main_grad",))
+def add_into_main_grad_(main_grad: torch.Tensor, grad: torch.Tensor) -> None:
+    """``main_grad += grad`` in ``main_grad``'s dtype: megatron's DDP hook's add, vectorized on CUDA."""
+    if main_grad.is_cuda and main_grad.is_contiguous() and grad.is_contiguous():
+        n = main_grad.numel()
+        _add_kernel()[(-(-n // _ADD_BLOCK),)](main_grad, grad, n, BLOCK=_ADD_BLOCK)
+    else:
+        main_grad.add_(grad)
+
+
+@add_into_main_grad_.register_fake
+def _(main_grad, grad) -> None:
+    return None
+
+
+_ADD_BLOCK = 4096  # elements per program: 16 KiB of fp32 accumulator
+
+
+@functools.cache
+def _add_kernel():
+    """The Triton kernel of ``add_into_main_grad_`` (imported on first CUDA use: the CPU has no Triton)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def add(acc_ptr, grad_ptr, n, BLOCK: tl.constexpr):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        acc = tl.load(acc_ptr + offsets, mask=mask)
+        grad = tl.load(grad_ptr + offsets, mask=mask)
+        tl.store(acc_ptr + offsets, acc + grad.to(acc.dtype), mask=mask)
+
+    return add
+
+
+class _WeightGradIntoMainGrad(torch.autograd.Function):
+    """The weight itself; the gradient the GEMMs that use it give back is added into ``main_grad``."""
+
+    @staticmethod
+    def forward(ctx, weight, main_grad):
+        ctx.main_grad = main_grad  # not saved: other micro-batches' backwards add into it in between
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        add_into_main_grad_(ctx.main_grad, grad.contiguous())
+        # as _LinearIntoMainGrad: a placeholder for megatron's DDP hook, which skips it
+        return torch.empty_like(grad), None
+
+
+def weight_into_main_grad(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` for a GEMM whose weight gradient autograd computes (fp8's float8 linears): under
+    megatron's DDP, in a backward pass, that gradient goes straight into ``main_grad``; otherwise
+    ``weight`` unchanged."""
+    main_grad = getattr(weight, "main_grad", None)
+    if main_grad is None or not weight.requires_grad or not torch.is_grad_enabled():
+        return weight
+    weight.grad_added_to_main_grad = True  # megatron's DDP resets it at every zero_grad_buffer
+    return _WeightGradIntoMainGrad.apply(weight, main_grad)
+
+
 class _LinearIntoMainGrad(torch.autograd.Function):
     """``inputs @ weight^T (+ bias)`` whose backward adds the weight's gradient into ``main_grad``."""
 
@@ -211,11 +279,14 @@ def fuse_weight_grad_accumulation(spec, chunks) -> int:
 
     if not backend(spec).fused_wgrad_accumulation:
         return 0
-    linears = [m for chunk in chunks for m in chunk.modules()
-               if isinstance(m, ColumnParallelLinear | RowParallelLinear) and m.weight is not None]
+    modules = [m for chunk in chunks for m in chunk.modules()]
+    linears = [m for m in modules if isinstance(m, ColumnParallelLinear | RowParallelLinear) and m.weight is not None]
     for m in linears:
         m._forward_impl = _forward_impl_into_main_grad(m, m._forward_impl)
-    return len(linears)
+    own_gemm = [m for m in modules if hasattr(m, "weight_grad_into_main_grad")]  # fp8's float8 linears
+    for m in own_gemm:
+        m.weight_grad_into_main_grad = True
+    return len(linears) + len(own_gemm)
 
 
 def _forward_impl_into_main_grad(module, megatron_impl):

@@ -72,12 +72,15 @@ class WorkloadConfig:
                          "transformer layers' linear GEMMs in float8 (torchao float8 training, dynamic tensorwise "
                          "scaling; needs a GPU of compute capability >= 8.9 and tp = 1).", "fp32",
                          choices=("fp32", "bf16", "fp8"))
-    fp8_fast_accumulation: str = doc("precision fp8 only (other precisions have no float8 GEMM): which float8 GEMMs accumulate in the tensor cores' fast mode (cuBLAS "
-                                     "fast accumulation, partial sums kept at lower precision than fp32): "
-                                     "'forward' the output GEMM only, the default of torchao's and Transformer "
-                                     "Engine's recipes; 'all' the two gradient GEMMs too (faster; compare the "
-                                     "loss with bf16's seed-to-seed spread before trusting it).", "forward",
-                                     choices=("forward", "all"))
+    fp8_fast_accumulation: str = doc("precision fp8 only (other precisions have no float8 GEMM): which float8 "
+                                     "GEMMs accumulate in the tensor cores' fast mode (cuBLAS fast accumulation, "
+                                     "partial sums kept at lower precision than fp32): 'forward' the output GEMM "
+                                     "only, the default of torchao's and Transformer Engine's recipes; "
+                                     "'forward_and_input_grad' the input-gradient GEMM too; 'all' the weight-"
+                                     "gradient GEMM as well, whose inner dimension is the micro-batch's token "
+                                     "count. Faster, less precise: compare the loss with bf16's seed-to-seed "
+                                     "spread before trusting it.", "forward",
+                                     choices=("forward", "forward_and_input_grad", "all"))
     optimizer: str = doc("Optimizer.", "adam", choices=("adam", "sgd"))
     lr: float = doc("Peak learning rate.", 3e-4, range="(0, 100]")
     min_lr: float = doc("Final learning rate of the decay.", 3e-5, range="[0, 100]")
