@@ -226,18 +226,18 @@ def test_weight_gradient_accumulates_into_fp32_in_the_gemm():
 
 @pytest.mark.parametrize("numel", [1, 4095, 4097, 2048 * 5632])  # partial and whole blocks, fc2's weight
 def test_float8_weight_gradient_adds_into_main_grad_exactly(numel):
-    """kernels.add_into_main_grad_ on CUDA (the Triton kernel fp8's weights use): fp32 += bf16 gives what
+    """kernels.add_into_main_grad on CUDA (the Triton kernel fp8's weights use): fp32 += bf16 gives what
     megatron's hook gives (``main_grad.add_(grad)``), bit for bit, in place in a view into a larger buffer,
     leaving the buffer's other elements alone."""
     import torch
 
-    from suite.models.kernels import add_into_main_grad_
+    from suite.models.kernels import add_into_main_grad
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     buffer = torch.randn(numel + 200, device="cuda", generator=gen)
     main_grad = buffer[100:100 + numel]
     grad = torch.randn(numel, device="cuda", generator=gen).bfloat16()
     expected, outside = main_grad.clone().add_(grad), torch.cat([buffer[:100], buffer[100 + numel:]])
-    add_into_main_grad_(main_grad, grad)
+    add_into_main_grad(main_grad, grad)
     assert torch.equal(main_grad, expected)
     assert torch.equal(torch.cat([buffer[:100], buffer[100 + numel:]]), outside)
