@@ -10,8 +10,8 @@ accumulates in cuBLAS's fast mode and the two gradient GEMMs promote their parti
 ``[workload] fp8_fast_accumulation`` puts the input-gradient GEMM, or both, in the fast mode too
 (faster, less precise). Under the ``fused`` and ``compile`` back-ends the bf16 weight gradient is added
 into megatron's fp32 gradient buffer by ``kernels.weight_into_main_grad`` (one vectorized pass) instead of
-megatron's DDP hook. Everything else is the bf16 variant: bf16
-weights and activations, fp32 master weights and gradients in the optimizer.
+megatron's DDP hook. Everything else is the bf16 variant: bf16 weights and activations, fp32 master
+weights and gradients in the optimizer.
 
 Why a subclass of ``Float8Linear`` with megatron's signature: megatron builds the spec's submodules as
 ``module(input_size, output_size, *, config, init_method, bias, skip_bias_add, ...)`` and expects

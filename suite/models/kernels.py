@@ -97,7 +97,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-try:  # on CUDA machines (torch's CUDA wheels ship it); the CPU has none and needs none
+try:  # torch's CUDA wheels ship it; a CPU-only install may not, and needs no kernel of it
     import triton
     import triton.language as tl
 except ImportError:
