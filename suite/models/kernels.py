@@ -266,8 +266,9 @@ class _LinearIntoMainGrad(torch.autograd.Function):
 
 def fuse_weight_grad_accumulation(spec, chunks) -> int:
     """Give every Column/RowParallelLinear of ``chunks`` the ``_forward_impl`` that accumulates its weight
-    gradient into ``main_grad`` in the GEMM (see the module docstring), when the back-end asks for it;
-    returns how many."""
+    gradient into ``main_grad`` in the GEMM, and switch on ``weight_grad_into_main_grad`` of the modules
+    that compute their own weight gradient (fp8's float8 linears), when the back-end asks for it (see the
+    module docstring); returns how many of both."""
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     if not backend(spec).fused_wgrad_accumulation:

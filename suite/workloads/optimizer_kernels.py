@@ -24,17 +24,14 @@ from __future__ import annotations
 
 import torch
 
-_installed = False
-
 
 def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """amp_C.multi_tensor_l2norm's result: (total norm as a 1-element fp32 tensor, per-tensor norms or None)."""
     tensors = tensor_lists[0]
     if not tensors:
         return torch.zeros(1, dtype=torch.float32, device=noop_flag.device), None
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
-    total = torch.linalg.vector_norm(torch.stack(norms)).reshape(1)
-    return total, (torch.stack(norms) if per_tensor else None)
+    norms = torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    return torch.linalg.vector_norm(norms).reshape(1), (norms if per_tensor else None)
 
 
 def scale(chunk_size, noop_flag, tensor_lists, factor):
@@ -52,10 +49,8 @@ def scale(chunk_size, noop_flag, tensor_lists, factor):
 
 
 def install() -> None:
-    """Replace megatron-core's local fallback kernels (idempotent; leaves apex's or TE's in place)."""
-    global _installed
-    if _installed:
-        return
+    """Replace megatron-core's local fallback kernels (idempotent: once replaced, they are no longer the
+    fallback; leaves apex's or TE's in place)."""
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer
 
@@ -64,4 +59,3 @@ def install() -> None:
     for module in (clip_grads, optimizer):
         if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
             module.multi_tensor_scale_impl = scale
-    _installed = True
