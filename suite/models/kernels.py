@@ -81,7 +81,7 @@ returns bf16 and cannot add into an fp32 buffer (``torch._scaled_mm`` has no bet
 ``weight_into_main_grad``, whose backward adds that bf16 gradient into ``main_grad`` in one vectorized pass
 (a Triton kernel on CUDA) instead of the hook's mixed-dtype ``add_``, which takes torch's unvectorized
 kernel (the 1B fp8 step on one H200: 9.7 ms of device time a step against the hook's 17.3,
-``reports/records/profile_kernels_fp8_add_op_rank0_h200.txt``; ``reports/README.md``).
+``reports/records/profile_kernels_fp8_{add_op,hook_add}_rank0_h200.txt``; ``reports/README.md``).
 
 A technique's layer that overrides ``TransformerLayer.forward`` (random-LTD's token dropping) keeps that
 forward eager and compiles the two halves megatron's forward calls through ``self``
