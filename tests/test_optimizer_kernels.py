@@ -67,3 +67,89 @@ def test_megatron_clips_through_the_installed_kernels(monkeypatch):
     monkeypatch.setattr(clip_grads.torch, "zeros", lambda *a, device=None, **k: torch.empty(0).new_zeros(*a, **k))
     total = clip_grads.get_grad_norm_fp32(grads, grad_stats_parallel_group=None)
     assert total == pytest.approx(norm, rel=1e-6) and calls
+
+
+def _params(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in ((4, 3), (7,), (2, 2, 2))]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g) * 3
+    return params
+
+
+def _norm(params, attr="grad"):
+    return torch.linalg.vector_norm(torch.cat([getattr(p, attr).double().flatten() for p in params]))
+
+
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["host_norm", "device_norm"])
+@pytest.mark.parametrize("max_norm", [0.5, 2.0, 1e6], ids=["hard", "a_little", "not_at_all"])
+def test_clip_matches_torchs_clip_grad_norm(max_norm, as_tensor):
+    ours, ref = _params(0), _params(0)
+    before = [p.grad.clone() for p in ours]
+    total = _norm(ours)
+    torch.nn.utils.clip_grad_norm_(ref, max_norm)
+    ok.clip_by_total_norm(ours, max_norm, total.float() if as_tensor else float(total))
+    for a, b, orig in zip(ours, ref, before):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=0)
+        if max_norm > total:
+            assert torch.equal(a.grad, orig), "under the threshold the gradients stay exactly as they were"
+    assert float(_norm(ours)) == pytest.approx(min(float(total), max_norm), rel=1e-5)
+
+
+def test_clip_scales_decoupled_gradients_and_skips_missing_ones():
+    params = _params(1)
+    for p in params:
+        p.decoupled_grad = p.grad * 2
+    grads, decoupled = [p.grad.clone() for p in params], [p.decoupled_grad.clone() for p in params]
+    ok.clip_by_total_norm(params, 1.0, torch.tensor(10.0), use_decoupled_grad=True)
+    for p, g, d in zip(params, grads, decoupled):
+        assert torch.equal(p.grad, g)
+        torch.testing.assert_close(p.decoupled_grad, d * (1.0 / (10.0 + 1e-6)), rtol=1e-6, atol=0)
+    params = _params(2)
+    params[1].grad = None
+    ok.clip_by_total_norm(params, 1.0, torch.tensor(10.0))
+    assert params[1].grad is None
+    ok.clip_by_total_norm([], 1.0, 10.0)
+
+
+def test_grad_norm_stays_a_tensor_and_sums_squares_over_the_group(monkeypatch):
+    from megatron.core.optimizer import clip_grads
+
+    monkeypatch.setattr(clip_grads, "l2_norm_impl", ok.l2_norm)  # as installed (megatron's asks for CUDA)
+    params = _params(3)
+    grads = [p.grad for p in params]
+    norm = ok.grad_norm_fp32(grads)
+    assert isinstance(norm, torch.Tensor) and norm.shape == () and norm.dtype == torch.float32
+    torch.testing.assert_close(norm.double(), _norm(params), rtol=1e-6, atol=0)
+    assert float(ok.grad_norm_fp32([])) == 0.0
+    # two ranks holding the same gradients: the all-reduced norm is sqrt(2) times one rank's
+    reduced = []
+
+    def all_reduce(t, op=None, group=None):
+        reduced.append(group)
+        t.mul_(2)
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    group = object()
+    torch.testing.assert_close(ok.grad_norm_fp32(grads, grad_stats_parallel_group=group).double(),
+                               _norm(params) * 2 ** 0.5, rtol=1e-6, atol=0)
+    assert reduced == [group]
+
+
+def test_other_norm_types_go_to_megatron(monkeypatch):
+    from megatron.core.optimizer import clip_grads
+
+    seen = []
+    monkeypatch.setattr(clip_grads, "get_grad_norm_fp32", lambda *a: seen.append(a) or 7.0)
+    assert ok.grad_norm_fp32([torch.ones(3)], float("inf")) == 7.0 and seen[0][1] == float("inf")
+
+
+def test_install_routes_megatrons_optimizer_through_the_device_norm_and_clip(monkeypatch):
+    from megatron.core.optimizer import optimizer
+
+    monkeypatch.setattr(optimizer, "get_grad_norm_fp32", None)
+    monkeypatch.setattr(optimizer, "clip_grad_by_total_norm_fp32", None)
+    ok.install()
+    assert optimizer.get_grad_norm_fp32 is ok.grad_norm_fp32
+    assert optimizer.clip_grad_by_total_norm_fp32 is ok.clip_by_total_norm

@@ -34,14 +34,6 @@ class _CudaToCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _clip_grads_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
-    attr = "decoupled_grad" if use_decoupled_grad else "grad"
-    grads = [getattr(p, attr) for p in parameters if getattr(p, attr, None) is not None]
-    clip_coeff = max_norm / (total_norm + 1.0e-6)
-    if clip_coeff < 1.0 and grads:
-        torch._foreach_mul_(grads, clip_coeff)
-
-
 _CUDA_NAMES = {"torch.FloatTensor": "torch.cuda.FloatTensor", "torch.BFloat16Tensor": "torch.cuda.BFloat16Tensor",
                "torch.HalfTensor": "torch.cuda.HalfTensor"}
 
@@ -72,10 +64,7 @@ def enable() -> None:
     # The CUDA RNG tracker forks a CUDA generator; on CPU the global generator serves instead.
     mrandom.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
     mrandom.CudaRNGStatesTracker.add = lambda self, name, seed: None
-    # Gradient clipping asserts CUDA tensors and uses a CUDA multi-tensor kernel.
-    from megatron.core.optimizer import optimizer as moptimizer
-
-    moptimizer.clip_grad_by_total_norm_fp32 = _clip_grads_cpu
+    # Gradient clipping (CUDA asserts) is replaced on every device: suite.workloads.optimizer_kernels.
     # The bf16 optimizer (fp32 master weights) sorts parameters by ``Tensor.type()`` names that say CUDA.
     torch.Tensor.type = _cuda_type_names(torch.Tensor.type)
     _CudaToCpu().__enter__()

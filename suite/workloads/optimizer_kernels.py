@@ -15,10 +15,21 @@ installed here, so the fallback runs, and it costs a training step more than its
 ``install`` puts ``torch._foreach_*`` kernels, the ones ``torch.nn.utils.clip_grad_norm_`` and torch's
 fused optimizers use, in the fallback's place, keeping the contract of amp_C's kernels: the norm of the
 tensors of ``tensor_lists[0]`` as a one-element fp32 tensor on their device (and the per-tensor norms
-when asked), ``dst = src * scale`` over ``tensor_lists = [src, dst]``. Nothing is read back to the host
-here; megatron reads the total norm once, after its all-reduce. The swap goes through the module
-attributes megatron itself assigns these kernels to, and only replaces its local fallback: with apex or
-Transformer Engine installed their kernels stay.
+when asked), ``dst = src * scale`` over ``tensor_lists = [src, dst]``. The swap goes through the module attributes
+megatron itself assigns these kernels to, and only replaces its local fallback: with apex or Transformer
+Engine installed their kernels stay.
+
+megatron then still reads the total norm back once a step (``get_grad_norm_fp32`` ends in ``.item()``)
+because its clipping decides on the host whether to scale (``clip_grad_by_total_norm_fp32``). That read
+waits for the whole backward, so the host starts the next step's launches only once the GPU has drained:
+a step whose launches are slower than its kernels anywhere (a layer's float8 forward is) leaves the GPU
+idle there. ``install`` also replaces those two functions where megatron's optimizer calls them
+(``megatron.core.optimizer.optimizer``): the 2-norm stays a device tensor (the same kernel and the same
+all-reduces of the squared norm over megatron's groups), and the clip multiplies every gradient by
+``min(1, max_norm / (norm + 1e-6))`` computed on the device, as ``torch.nn.utils.clip_grad_norm_`` does:
+megatron's scale where it clips, exactly 1 where it does not. The price is one pass over the fp32
+gradients in the steps megatron would not have clipped. Other norm types and DTensor gradients (megatron's
+FSDP) keep megatron's functions; its optimizer returns the norm as a tensor instead of a float.
 """
 from __future__ import annotations
 
@@ -48,9 +59,46 @@ def scale(chunk_size, noop_flag, tensor_lists, factor):
         torch._foreach_copy_(dst, torch._foreach_mul(src, factor))
 
 
+def grad_norm_fp32(grads_for_norm, norm_type=2, grad_stats_parallel_group=None):
+    """megatron's ``get_grad_norm_fp32`` for the 2-norm without its read-back: the norm as a 0-dim fp32
+    tensor on the gradients' device, from megatron's own norm kernel and the same all-reduce of its square
+    over ``grad_stats_parallel_group``. Other norms and DTensor gradients go to megatron's function."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    grads = [grads_for_norm] if isinstance(grads_for_norm, torch.Tensor) else list(grads_for_norm)
+    if float(norm_type) != 2.0 or any(utils.get_data_parallel_group_if_dtensor(g) is not None for g in grads):
+        return clip_grads.get_grad_norm_fp32(grads, norm_type, grad_stats_parallel_group)
+    device = grads[0].device if grads else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    squared = torch.zeros(1, dtype=torch.float32, device=device)
+    if grads:
+        flag = torch.zeros(1, dtype=torch.int, device=device)
+        norm, _ = clip_grads.multi_tensor_applier(clip_grads.l2_norm_impl, flag, [grads], False)
+        squared = norm.float().reshape(1) ** 2
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(squared, op=torch.distributed.ReduceOp.SUM, group=grad_stats_parallel_group)
+    return squared.sqrt().reshape(())
+
+
+def clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad: bool = False) -> None:
+    """megatron's ``clip_grad_by_total_norm_fp32`` (scale each gradient by ``max_norm / (total_norm +
+    1e-6)`` when that is below 1) on any device; with ``total_norm`` a tensor the scale is clamped to 1 on
+    the device and always applied, so nothing is read back."""
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    params = [parameters] if isinstance(parameters, torch.Tensor) else parameters
+    grads = [getattr(p, attr).detach() for p in params if getattr(p, attr, None) is not None]
+    if not grads:
+        return
+    if isinstance(total_norm, torch.Tensor):
+        coeff = (max_norm / (total_norm.float() + 1.0e-6)).clamp(max=1.0)
+        torch._foreach_mul_(grads, coeff.to(grads[0].device))
+    elif max_norm / (total_norm + 1.0e-6) < 1.0:
+        torch._foreach_mul_(grads, max_norm / (total_norm + 1.0e-6))
+
+
 def install() -> None:
     """Replace megatron-core's local fallback kernels (idempotent: once replaced, they are no longer the
-    fallback; leaves apex's or TE's in place)."""
+    fallback; leaves apex's or TE's in place), and its optimizer's norm and clip functions."""
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads, optimizer
 
@@ -59,3 +107,5 @@ def install() -> None:
     for module in (clip_grads, optimizer):
         if module.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
             module.multi_tensor_scale_impl = scale
+    optimizer.get_grad_norm_fp32 = grad_norm_fp32
+    optimizer.clip_grad_by_total_norm_fp32 = clip_by_total_norm

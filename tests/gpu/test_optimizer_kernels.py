@@ -42,3 +42,32 @@ def test_norm_and_clip_run_without_a_host_sync_and_match_megatrons_fallback():
     for ours, ref, bf16 in zip(grads, clipped_ref, model):
         torch.testing.assert_close(ours, ref, rtol=0, atol=0)
         torch.testing.assert_close(bf16, ref.to(torch.bfloat16), rtol=0, atol=0)
+
+
+def test_megatrons_norm_and_clip_as_installed_read_nothing_back():
+    """The installed get_grad_norm_fp32 / clip_grad_by_total_norm_fp32: no sync, megatron's result (its own
+    functions, which read the norm back, are the reference)."""
+    from megatron.core.optimizer import clip_grads
+
+    from suite.workloads import optimizer_kernels as ok
+
+    ok.install()
+    grads = _grads()
+    params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g
+    reference = clip_grads.get_grad_norm_fp32(grads)  # float, after a read-back
+    ref_params = [torch.nn.Parameter(torch.empty_like(g)) for g in grads]
+    for p, g in zip(ref_params, grads):
+        p.grad = g.clone()
+    clip_grads.clip_grad_by_total_norm_fp32(ref_params, 1.0, reference)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        norm = ok.grad_norm_fp32(grads)
+        ok.clip_by_total_norm(params, 1.0, norm)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert float(norm) == pytest.approx(reference, rel=1e-5) and reference > 1.0
+    for p, ref in zip(params, ref_params):
+        torch.testing.assert_close(p.grad, ref.grad, rtol=1e-5, atol=0)
