@@ -308,3 +308,33 @@ def test_pipeline_stages_accumulate_weight_gradients_the_same(tmp_path):
     trains the losses of megatron's hook-side accumulation (``torch``)."""
     sets = ("parallel.pp=2", "workload.global_batch=8")
     _same_training(_torchrun_metrics(tmp_path, "fused", *sets), _torchrun_metrics(tmp_path, "torch", *sets))
+
+
+@pytest.mark.parametrize("tuning, options", [("default", None),
+                                             ("coordinate_descent", {"coordinate_descent_tuning": True})])
+def test_kernel_tuning_reaches_every_compiled_layer(monkeypatch, tuning, options):
+    """``[model] kernel_tuning`` becomes the inductor options of each layer's torch.compile: the whole layer,
+    and the two halves of a technique's layer that keeps its own forward."""
+    from types import SimpleNamespace
+
+    import torch
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from suite.models import kernels
+
+    class TechniqueLayer(TransformerLayer):
+        def forward(self, *args, **kwargs):
+            return None
+
+    def bare(cls):  # an nn.Module of the class, without megatron's construction
+        layer = cls.__new__(cls)
+        torch.nn.Module.__init__(layer)
+        layer._forward_attention = layer._forward_mlp = lambda *a, **k: None
+        return layer
+
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: calls.append(kwargs) or fn)
+    chunk = torch.nn.ModuleList([bare(TransformerLayer), bare(TechniqueLayer)])
+    spec = SimpleNamespace(model=SimpleNamespace(kernels="compile", kernel_tuning=tuning))
+    assert kernels.compile_layers(spec, [chunk]) == 2
+    assert calls == [{"dynamic": None, "options": options}] * 3  # one whole layer, two halves

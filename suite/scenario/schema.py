@@ -39,6 +39,13 @@ class ModelConfig:
                        "weights, plus torch's fused AdamW); 'compile' ('fused' with each transformer layer, and the "
                        "decode step, under torch.compile, which fuses RMSNorm, RoPE and the residual adds).", "torch",
                        choices=("torch", "fused", "compile"))
+    kernel_tuning: str = doc("kernels = 'compile' in training only: how inductor tunes the kernels it generates "
+                             "for the transformer layers. 'default' (torch's heuristics: one launch "
+                             "configuration per kernel, compiled in about a minute on the 1B model); "
+                             "'coordinate_descent' (each generated kernel's block sizes and warps searched by "
+                             "timing it on the GPU: the same kernels, a longer first compile, cached by inductor "
+                             "across runs). The compiled decode step always autotunes (max-autotune).", "default",
+                             choices=("default", "coordinate_descent"))
 
 
 @dataclass

@@ -109,6 +109,11 @@ def check_variant(spec) -> None:
              'set [workload] kind = "accuracy" (it evaluates [model] init), or remove text and text_stride.')
     if w.precision == "fp8":
         check_fp8(spec)
+    if m.kernel_tuning != "default" and (m.kernels != "compile" or w.kind != "train"):
+        why = (f"kernels = '{m.kernels}' compiles nothing" if m.kernels != "compile" else
+               f"the {w.kind} workload compiles no training layer (its decode step always autotunes)")
+        fail(spec, "model.kernel_tuning", f"kernel_tuning tunes the kernels torch.compile generates for the "
+             f"training layers; {why}.", 'set kernels = "compile" with kind = "train", or remove kernel_tuning.')
     check_plugins(spec)
 
 
