@@ -10,8 +10,7 @@ accumulates in cuBLAS's fast mode and the two gradient GEMMs promote their parti
 ``[workload] fp8_fast_accumulation`` puts the input-gradient GEMM, or both, in the fast mode too
 (faster, less precise). Under the ``fused`` and ``compile`` back-ends the bf16 weight gradient is added
 into megatron's fp32 gradient buffer by ``kernels.weight_into_main_grad`` (one vectorized pass) instead of
-megatron's DDP hook. In training each weight is cast to float8 once a step, not once per micro-batch and
-GEMM (``StepWeights``). Everything else is the bf16 variant: bf16 weights and activations, fp32 master
+megatron's DDP hook. Everything else is the bf16 variant: bf16 weights and activations, fp32 master
 weights and gradients in the optimizer.
 
 Why a subclass of ``Float8Linear`` with megatron's signature: megatron builds the spec's submodules as
@@ -55,10 +54,8 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torchao.float8 import Float8LinearConfig
-from torchao.float8.config import Float8GemmConfig, ScalingGranularity
+from torchao.float8.config import Float8GemmConfig
 from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
-from torchao.float8.float8_scaling_utils import get_maybe_axiswise_dim, hp_tensor_to_float8_dynamic
-from torchao.float8.float8_training_tensor import GemmInputRole
 
 from suite.errors import fail
 from suite.models import kernels
@@ -87,8 +84,6 @@ class _MegatronFloat8Linear(Float8Linear):
 
     # switched on by kernels.fuse_weight_grad_accumulation (fused and compile back-ends)
     weight_grad_into_main_grad: bool = False
-    # this training step's float8 weight (``StepWeights``); None outside a step: cast at every call
-    step_weight_t: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor):
         rows = x.numel() // x.shape[-1]
@@ -101,26 +96,11 @@ class _MegatronFloat8Linear(Float8Linear):
         return self._float8_linear(flat)[:rows].reshape(*x.shape[:-1], self.out_features), None
 
     def _float8_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """``Float8Linear.forward`` (megatron runs no autocast): torchao's float8 matmul, given the step's
-        float8 weight when there is one (torchao takes an operand already in float8 as it is)."""
-        weight_t = self.step_weight_t if self.step_weight_t is not None else self._weight_for_autograd().t()
-        out = matmul_with_hp_or_float8_args.apply(x, weight_t, self.linear_mm_config, self.config)
+        """``Float8Linear.forward`` (megatron runs no autocast), its weight through
+        ``kernels.weight_into_main_grad`` when switched on."""
+        weight = kernels.weight_into_main_grad(self.weight) if self.weight_grad_into_main_grad else self.weight
+        out = matmul_with_hp_or_float8_args.apply(x, weight.t(), self.linear_mm_config, self.config)
         return out if self.bias is None else out + self.bias.to(out.dtype)
-
-    def _weight_for_autograd(self) -> torch.Tensor:
-        """The weight, through ``kernels.weight_into_main_grad`` when switched on."""
-        return kernels.weight_into_main_grad(self.weight) if self.weight_grad_into_main_grad else self.weight
-
-    def cast_weight_t(self, cast=None) -> torch.Tensor:
-        """The transposed weight in float8 as torchao's matmul casts it, with the autograd path back to the
-        weight; ``cast``: a compiled ``cast_t`` (run without autograd; the gradient goes straight through
-        to the weight, as torchao's cast passes it), else ``cast_t`` itself."""
-        weight_t = self._weight_for_autograd().t()
-        if cast is None:
-            return cast_t(weight_t, self.linear_mm_config, self.config)
-        with torch.no_grad():
-            value = cast(weight_t, self.linear_mm_config, self.config)
-        return _GradientStraightThrough.apply(weight_t, value)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata=None) -> dict:
         """The sharded keys and layout of megatron's layer (MLP's SwiGLU split of fc1 applies to them)."""
@@ -199,67 +179,6 @@ def layer_spec(spec, layer):
     linear submodules in float8; the argument is not changed."""
     check_device(spec)
     return _swap(layer, float8_config(spec.workload.fp8_fast_accumulation))
-
-
-class _GradientStraightThrough(torch.autograd.Function):
-    """``value`` (``weight_t`` cast outside autograd) whose gradient is ``weight_t``'s, unchanged: the
-    backward of torchao's cast. A compiled cast cannot keep that path itself: its float8 output would
-    expect a float8 gradient, and the matmul's backward gives the weight a bf16 one."""
-
-    @staticmethod
-    def forward(ctx, weight_t, value):
-        return value
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def cast_t(weight_t: torch.Tensor, linear_mm_config, config: Float8LinearConfig) -> torch.Tensor:
-    """torchao's float8 cast of a transposed weight for its matmul (the config's weight cast)."""
-    c = config.cast_config_weight
-    return hp_tensor_to_float8_dynamic(
-        weight_t, c.target_dtype, linear_mm_config, gemm_input_role=GemmInputRole.WEIGHT,
-        scaling_granularity=c.scaling_granularity, axiswise_dim=get_maybe_axiswise_dim(0, c.scaling_granularity),
-        round_scales_to_power_of_2=config.round_scales_to_power_of_2)
-
-
-class StepWeights:
-    """Each float8 weight cast once per training step instead of once per micro-batch and GEMM.
-
-    torchao casts a float8 linear's weight in every forward (for the output GEMM) and again in every
-    backward (for the input-gradient GEMM): an absolute-maximum pass and a cast over the weight, 2 x 4
-    micro-batches a step on the 1B model, although the weights only change at the optimizer step. With
-    tensorwise scaling, where both casts take one scale from the whole weight, the float8 weight of the
-    step's first cast is the one every later cast would make, so ``begin`` casts each weight once
-    (``cast_weight_t``, through the weight's autograd path: every micro-batch's weight gradient still
-    reaches the weight, or ``main_grad``, as before) and the layers hand it to torchao's matmul, which
-    takes an operand already in float8 as it is. Eager ('fused'), the same float8 operands and GEMMs as
-    without it: the same losses bit for bit. Compiled, the cast is compiled too (one graph per weight
-    shape) and the scales it computes can differ in the last bit from those inductor computes inside a
-    layer's graph, which moves a few float8 roundings (tests/test_kernels.py: losses within 1e-4). ``end``
-    (after the optimizer step) drops the casts: a forward outside a step (validation, a checkpoint's
-    evaluation) casts the current weights. Other scaling recipes cast the two GEMMs' weights differently
-    (rowwise: along other axes) and keep torchao's per-call casts.
-    """
-
-    def __init__(self, chunks, compile_options: dict | None = None, compiled: bool = False):
-        self.layers = [m for c in chunks for m in c.modules() if isinstance(m, _MegatronFloat8Linear)
-                       and m.config.cast_config_weight == m.config.cast_config_weight_for_grad_input
-                       and m.config.cast_config_weight.scaling_granularity is ScalingGranularity.TENSORWISE]
-        # compiled layers cast in inductor's fused kernels (absolute maximum, then scale-and-cast); so does
-        # this cast under the same back-end: eager, it would take several passes over each weight
-        self.cast = torch.compile(cast_t, dynamic=False, options=compile_options) if compiled else None
-
-    def begin(self) -> None:
-        """After megatron's DDP has zeroed its gradient buffers (``weight_into_main_grad`` marks the
-        weights whose gradients go into them), before the step's first forward."""
-        for m in self.layers:
-            m.step_weight_t = m.cast_weight_t(self.cast)
-
-    def end(self) -> None:
-        for m in self.layers:
-            m.step_weight_t = None
 
 
 def float8_layers(model: torch.nn.Module) -> list[str]:

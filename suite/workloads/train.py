@@ -171,8 +171,6 @@ class Trainer:
             wd_incr_steps=w.steps, wd_incr_style="constant")
         self.data = TokenSource(spec)
         self.fb = get_forward_backward_func()
-        # fp8: each float8 weight cast once a step (suite.models.fp8.StepWeights); nothing otherwise
-        self.step_weights = _step_weights(spec, self.model)
         self.shape = F.Shape.of(spec.model)
 
     def _micro_batches(self, batch: torch.Tensor):
@@ -210,12 +208,8 @@ class Trainer:
             m.train()
         for t in self.tricks:
             t.begin_step(step)
-        self.step_weights.begin()
-        try:
-            loss = self._run(self.data.train_batch(step, w.global_batch), forward_only=False)
-            self.optimizer.step()
-        finally:
-            self.step_weights.end()
+        loss = self._run(self.data.train_batch(step, w.global_batch), forward_only=False)
+        self.optimizer.step()
         self.scheduler.step(self.lr_increment(step))
         return loss
 
@@ -301,22 +295,6 @@ class Progress:
 
 
 GC_EVERY = 50  # steps between collections of Python's young generations during training
-
-
-class _NoStepWeights:
-    def begin(self) -> None:
-        pass
-
-    def end(self) -> None:
-        pass
-
-
-def _step_weights(spec, chunks):
-    if spec.workload.precision != "fp8":
-        return _NoStepWeights()
-    from suite.models.fp8 import StepWeights  # torchao is optional: imported for fp8 variants only
-
-    return StepWeights(chunks, kernels.TUNING[spec.model.kernel_tuning], kernels.backend(spec).compiled_layers)
 
 
 @contextlib.contextmanager
