@@ -36,8 +36,9 @@ each back-end changes, as data (``BACKENDS``), and the functions the model build
 tuning: each generated Triton kernel's block sizes and warp count are searched by timing the kernel on
 the GPU, starting from torch's heuristic choice. The kernels and their arithmetic stay those of
 ``compile``; the float8 layers' many amax/cast/transpose kernels gain most (the 1B fp8 step on one H200:
-626 -> 634 TFLOP/s; bf16 hardly moves: ``reports/kernels_tuning_h200.md``). The first compile takes minutes instead of one; inductor's
-cache keeps the tuned configurations for later runs. CPU code generation has no such search.
+626 -> 634 TFLOP/s; bf16 hardly moves: ``reports/kernels_tuning_h200.md``). The first compile takes
+minutes instead of one; inductor's cache keeps the tuned configurations for later runs. CPU code
+generation has no such search.
 
 Layers compile with ``dynamic=None`` (torch's default): the first call specialises to its shapes and a
 later call with another sequence length (random-LTD's kept tokens, held-out text windows) recompiles once

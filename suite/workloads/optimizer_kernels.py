@@ -15,16 +15,16 @@ installed here, so the fallback runs, and it costs a training step more than its
 ``install`` puts ``torch._foreach_*`` kernels, the ones ``torch.nn.utils.clip_grad_norm_`` and torch's
 fused optimizers use, in the fallback's place, keeping the contract of amp_C's kernels: the norm of the
 tensors of ``tensor_lists[0]`` as a one-element fp32 tensor on their device (and the per-tensor norms
-when asked), ``dst = src * scale`` over ``tensor_lists = [src, dst]``. The swap goes through the module attributes
-megatron itself assigns these kernels to, and only replaces its local fallback: with apex or Transformer
-Engine installed their kernels stay.
+when asked), ``dst = src * scale`` over ``tensor_lists = [src, dst]``. The swap goes through the module
+attributes megatron itself assigns these kernels to, and only replaces its local fallback: with apex or
+Transformer Engine installed their kernels stay.
 
 megatron then still reads the total norm back once a step (``get_grad_norm_fp32`` ends in ``.item()``)
 because its clipping decides on the host whether to scale (``clip_grad_by_total_norm_fp32``). That read
 waits for the whole backward, so the host starts the optimizer's and the next step's launches only once
 the GPU has drained, and cannot carry a lead from one step into the next (measured on the 1B fp8 step:
-under 1%, ``reports/README.md``). ``install`` also replaces those two functions where megatron's optimizer calls them
-(``megatron.core.optimizer.optimizer``): the 2-norm stays a device tensor (the same kernel and the same
+under 1%, ``reports/README.md``). ``install`` also replaces those two functions where megatron's
+optimizer calls them (``megatron.core.optimizer.optimizer``): the 2-norm stays a device tensor (the same kernel and the same
 all-reduces of the squared norm over megatron's groups), and the clip multiplies every gradient by
 ``min(1, max_norm / (norm + 1e-6))`` computed on the device, as ``torch.nn.utils.clip_grad_norm_`` does:
 megatron's scale where it clips, exactly 1 where it does not. The price is one pass over the fp32
