@@ -24,12 +24,13 @@ because its clipping decides on the host whether to scale (``clip_grad_by_total_
 waits for the whole backward, so the host starts the optimizer's and the next step's launches only once
 the GPU has drained, and cannot carry a lead from one step into the next (measured on the 1B fp8 step:
 under 1%, ``reports/README.md``). ``install`` also replaces those two functions where megatron's
-optimizer calls them (``megatron.core.optimizer.optimizer``): the 2-norm stays a device tensor (the same kernel and the same
-all-reduces of the squared norm over megatron's groups), and the clip multiplies every gradient by
-``min(1, max_norm / (norm + 1e-6))`` computed on the device, as ``torch.nn.utils.clip_grad_norm_`` does:
-megatron's scale where it clips, exactly 1 where it does not. The price is one pass over the fp32
-gradients in the steps megatron would not have clipped. Other norm types and DTensor gradients (megatron's
-FSDP) keep megatron's functions; its optimizer returns the norm as a tensor instead of a float.
+optimizer calls them (``megatron.core.optimizer.optimizer``): the 2-norm stays a device tensor (the same
+kernel and the same all-reduce of the squared norm over megatron's groups), and the clip multiplies every
+gradient by ``min(1, max_norm / (norm + 1e-6))`` computed on the device, as ``torch.nn.utils.
+clip_grad_norm_`` does: megatron's scale where it clips, exactly 1 where it does not. The price is one
+pass over the fp32 gradients in the steps megatron would not have clipped. Other norm types and DTensor
+gradients (megatron's FSDP) keep megatron's functions; its optimizer returns the norm as a tensor
+instead of a float.
 """
 from __future__ import annotations
 
