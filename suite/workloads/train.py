@@ -69,12 +69,10 @@ class StepClock:
         return list(self._host)
 
 
-def _forward_step(data_iterator, model, cuda: bool, tricks):
-    sample_offset, batch = next(data_iterator)
+def _forward_step(data_iterator, model, tricks):
+    sample_offset, batch = next(data_iterator)  # already on the model's device (Trainer._micro_batches)
     for t in tricks:
         t.begin_microbatch(sample_offset)
-    if cuda:
-        batch = batch.cuda(non_blocking=True)
     tokens, labels = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
     positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     output = model(tokens, positions, None, labels=labels)
@@ -178,6 +176,11 @@ class Trainer:
         mb, rank = self.spec.workload.micro_batch, ps.get_data_parallel_rank()
         per_rank = len(batch) // self.dp
         mine = batch[rank * per_rank:(rank + 1) * per_rank]
+        if self.cuda:
+            # One copy a step, from page-locked memory. A copy from pageable memory is staged by the driver
+            # in stream order: the host would wait for the GPU to drain before every micro-batch, and the
+            # GPU would then idle while the host launches the next forward.
+            mine = mine.pin_memory().cuda(non_blocking=True)
         micro = [(rank * per_rank + i * mb, mine[i * mb:(i + 1) * mb]) for i in range(per_rank // mb)]
         if len(self.model) == 1:
             return iter(micro)
@@ -186,7 +189,7 @@ class Trainer:
     def _run(self, batch: torch.Tensor, forward_only: bool) -> torch.Tensor:
         """Mean loss over the batch as a device tensor, identical on every rank."""
         w = self.spec.workload
-        losses = self.fb(forward_step_func=partial(_forward_step, cuda=self.cuda, tricks=self.tricks),
+        losses = self.fb(forward_step_func=partial(_forward_step, tricks=self.tricks),
                          data_iterator=self._micro_batches(batch), model=self.model,
                          num_microbatches=len(batch) // self.dp // w.micro_batch,
                          seq_length=w.seq_length, micro_batch_size=w.micro_batch,
