@@ -198,7 +198,7 @@ class Trainer:
         total = torch.zeros(2, device=device)
         if ps.is_pipeline_last_stage(ignore_virtual=True) and losses:
             total[0] = torch.stack([d["loss"] for d in losses]).sum()
-            total[1] = len(losses)
+            total[1].fill_(len(losses))  # not `total[1] = n`: that copies n from pageable memory and waits
         dist.all_reduce(total)  # sum over DP ranks of the last stage (TP ranks hold equal copies)
         return total[0] / total[1]
 
