@@ -129,7 +129,7 @@ def _train(spec, steps: int):
     from suite.workloads.train import Trainer
 
     trainer = Trainer(spec, RankContext(0, 1, 0))
-    inner = kernels._torch_optimizers(trainer.optimizer)
+    inner = kernels.torch_optimizers(trainer.optimizer)
     losses = [float(trainer.train_step(step)) for step in range(steps)]
     params = {n: p.detach().clone() for m in trainer.model for n, p in m.named_parameters()}
     fused = [g.get("fused") for o in inner for g in o.param_groups]

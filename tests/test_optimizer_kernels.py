@@ -112,6 +112,49 @@ def test_clip_scales_decoupled_gradients_and_skips_missing_ones():
     ok.clip_by_total_norm([], 1.0, 10.0)
 
 
+def _adamw(params, fused: bool):
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1, fused=fused, foreach=False if fused else None)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6], ids=["hard", "not_at_all"])
+def test_a_fused_step_applies_the_clip_itself(max_norm):
+    """clip_in_step: the gradients are not touched, and the fused step's update equals clip-then-step
+    (within fp32 rounding of the division), over three steps, clipping or not."""
+    ours, ref = _params(3), _params(3)
+    opt, ref_opt = _adamw(ours, fused=True), _adamw(ref, fused=True)
+    assert ok.clip_in_step([opt, torch.optim.SGD(_params(4), lr=0.1), _adamw(_params(5), fused=False)]) == 1
+    for step in range(3):
+        for a, b in zip(ours, ref):
+            a.grad = b.grad = torch.randn(a.shape, generator=torch.Generator().manual_seed(step)) * 3
+        before, norm = [p.grad.clone() for p in ours], float(_norm(ours))
+        ok.clip_by_total_norm(ours, max_norm, torch.tensor(norm))
+        assert all(torch.equal(p.grad, g) for p, g in zip(ours, before)), "the clip left to the step"
+        torch.nn.utils.clip_grad_norm_(ref, max_norm)
+        opt.step()
+        ref_opt.step()
+        for a, b in zip(ours, ref):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        assert float(opt.grad_scale) == pytest.approx(max(1.0, norm / max_norm), rel=1e-5)
+
+
+def test_the_clip_scales_gradients_when_a_step_cannot_take_it():
+    """Parameters of an unfused optimizer among them, decoupled gradients, or a host norm: the gradients
+    are scaled, and a scale an earlier step left on the fused optimizer is cleared, not applied twice."""
+    fused, plain = _params(6), _params(7)
+    opt = _adamw(fused, fused=True)
+    ok.clip_in_step([opt, _adamw(plain, fused=False)])
+    ok.clip_by_total_norm(fused, 1.0, torch.tensor(10.0))
+    assert opt.grad_scale is not None
+    grads = [p.grad.clone() for p in fused + plain]
+    ok.clip_by_total_norm(fused + plain, 1.0, torch.tensor(10.0))
+    for p, g in zip(fused + plain, grads):
+        torch.testing.assert_close(p.grad, g * (1.0 / (10.0 + 1e-6)), rtol=1e-6, atol=0)
+    assert opt.grad_scale is None
+    ok.clip_by_total_norm(fused, 1.0, torch.tensor(10.0))
+    ok.clip_by_total_norm(fused, 1.0, 10.0)  # a host norm: megatron's own semantics, on the gradients
+    assert opt.grad_scale is None
+
+
 def test_grad_norm_stays_a_tensor_and_sums_squares_over_the_group(monkeypatch):
     from megatron.core.optimizer import clip_grads
 

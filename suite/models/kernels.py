@@ -162,7 +162,7 @@ def fuse_optimizer(spec, optimizer) -> int:
     if not backend(spec).fused_optimizer:
         return 0
     switched = 0
-    for inner in _torch_optimizers(optimizer):
+    for inner in torch_optimizers(optimizer):
         if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
             continue
         if any(inner.state.values()):
@@ -173,11 +173,11 @@ def fuse_optimizer(spec, optimizer) -> int:
     return switched
 
 
-def _torch_optimizers(optimizer) -> list:
+def torch_optimizers(optimizer) -> list:
     """The torch optimizers inside a megatron optimizer (a ChainedOptimizer of per-dtype optimizers)."""
     chained = getattr(optimizer, "chained_optimizers", None)
     if chained is not None:
-        return [o for c in chained for o in _torch_optimizers(c)]
+        return [o for c in chained for o in torch_optimizers(c)]
     inner = getattr(optimizer, "optimizer", None)
     if isinstance(inner, torch.optim.Optimizer):
         return [inner]

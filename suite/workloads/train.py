@@ -158,6 +158,7 @@ class Trainer:
         optimizer_kernels.install()  # gradient norm and clipping without a host read per parameter
         self.optimizer = get_megatron_optimizer(opt_config, self.model)
         kernels.fuse_optimizer(spec, self.optimizer)  # [model] kernels: torch's fused AdamW step
+        optimizer_kernels.clip_in_step(kernels.torch_optimizers(self.optimizer))  # a fused step scales too
         # The LR schedule runs in steps, or in the units a technique consumes per step (layer-tokens).
         units = next((u for u in (t.lr_units() for t in self.tricks) if u), None)
         self.units_per_step, self.lr_increment = units or (1, lambda step: 1)

@@ -108,7 +108,7 @@ def _train(spec):
     from suite.workloads.train import Trainer
 
     trainer = Trainer(spec, RankContext(0, 1, 0))
-    fused = [g.get("fused") for o in kernels._torch_optimizers(trainer.optimizer) for g in o.param_groups]
+    fused = [g.get("fused") for o in kernels.torch_optimizers(trainer.optimizer) for g in o.param_groups]
     losses, times = [], []
     for step in range(spec.workload.steps):
         torch.cuda.synchronize()

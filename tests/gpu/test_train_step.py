@@ -5,7 +5,8 @@ queue, and the GPU then idles while the host launches what follows: time that th
 check: queue a spin kernel of about two seconds, then run one whole training step (data copy, forward and
 backward of two micro-batches, gradient clipping, optimizer, LR schedule). A step that never waits returns
 to the host while the spin still runs; any wait costs the rest of the spin. The tiny test model with one
-layer, eager, bf16 and fp8 (where the GPU has float8 tensor cores), clipping on.
+layer, eager, bf16 (unfused, and ``fused`` with the clip inside torch's fused AdamW) and fp8 (where the
+GPU has float8 tensor cores), clipping on.
 
 Why one layer: a stream holds about a thousand pending kernel launches, and a host that gets that far ahead
 waits at the next launch until the GPU frees a slot. That is backpressure, not a synchronisation, but from
@@ -70,7 +71,7 @@ def _where_the_host_waits(thread_id: int, after_s: float, found: list) -> None:
         found.extend("".join(traceback.format_stack(f)[-8:]) for f in [frames[thread_id], *others])
 
 
-def _step_behind_a_spin(precision: str) -> dict:
+def _step_behind_a_spin(precision: str, kernels: str = "torch") -> dict:
     import threading
     import warnings
 
@@ -80,7 +81,8 @@ def _step_behind_a_spin(precision: str) -> dict:
     from suite.scenario import load_scenario
     from suite.workloads.train import Trainer
 
-    (spec,) = load_scenario(SCENARIO, [f"workload.precision={precision}", "workload.clip_grad=1.0", "model.num_layers=1"], only=["fp8"])
+    (spec,) = load_scenario(SCENARIO, [f"workload.precision={precision}", "workload.clip_grad=1.0", "model.num_layers=1",
+                             f"model.kernels={kernels}"], only=["fp8"])
     trainer = Trainer(spec, RankContext(0, 1, 0))
     for step in range(2):  # first calls: allocations, lazy initialisation
         trainer.train_step(step)
@@ -111,6 +113,10 @@ def check_bf16(folder):
     return _step_behind_a_spin("bf16")
 
 
+def check_bf16_fused(folder):  # torch's fused AdamW, the clip inside its step (optimizer_kernels.clip_in_step)
+    return _step_behind_a_spin("bf16", "fused")
+
+
 def check_fp8(folder):
     import torch
 
@@ -119,7 +125,7 @@ def check_fp8(folder):
     return _step_behind_a_spin("fp8")
 
 
-CHECKS = [check_bf16, check_fp8]
+CHECKS = [check_bf16, check_bf16_fused, check_fp8]
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
@@ -128,7 +134,7 @@ if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
 
 # --- pytest: assertions on the worker's results -----------------------------------------------------
 
-@pytest.mark.parametrize("precision", ["bf16", "fp8"])
+@pytest.mark.parametrize("precision", ["bf16", "bf16_fused", "fp8"])
 def test_training_step_returns_while_the_gpu_is_still_busy(worker, precision):
     r = result(worker, precision)
     if r is None:
