@@ -81,8 +81,9 @@ def _step_behind_a_spin(precision: str, kernels: str = "torch") -> dict:
     from suite.scenario import load_scenario
     from suite.workloads.train import Trainer
 
-    (spec,) = load_scenario(SCENARIO, [f"workload.precision={precision}", "workload.clip_grad=1.0", "model.num_layers=1",
-                             f"model.kernels={kernels}"], only=["fp8"])
+    overrides = [f"workload.precision={precision}", "workload.clip_grad=1.0", "model.num_layers=1",
+                 f"model.kernels={kernels}"]
+    (spec,) = load_scenario(SCENARIO, overrides, only=["fp8"])
     trainer = Trainer(spec, RankContext(0, 1, 0))
     for step in range(2):  # first calls: allocations, lazy initialisation
         trainer.train_step(step)
