@@ -6,6 +6,8 @@ megatron optimizer (fp32 master weights under bf16) and ``OptimizerParamSchedule
 
 Timing: CUDA events around each step on GPU (host clock on CPU), warm-up steps excluded. Losses are
 reduced on the device every step and read back only at log points, so logging does not stall the GPU.
+A step never waits for the GPU (tests/gpu/test_train_step.py): the host launches the next step while the
+GPU still runs this one, and the step clock measures the GPU's work, not the host's launch latency.
 """
 from __future__ import annotations
 
