@@ -180,9 +180,9 @@ class Trainer:
         per_rank = len(batch) // self.dp
         mine = batch[rank * per_rank:(rank + 1) * per_rank]
         if self.cuda:
-            # One copy a step, from page-locked memory. A copy from pageable memory is staged by the driver
-            # in stream order: the host would wait for the GPU to drain before every micro-batch, and the
-            # GPU would then idle while the host launches the next forward.
+            # One copy a step, from page-locked memory: CUDA may stage a copy from pageable memory in stream
+            # order, so the host could wait for the GPU to drain before every micro-batch (not isolated here;
+            # tests/gpu/test_train_step.py checks that the whole step never waits).
             mine = mine.pin_memory().cuda(non_blocking=True)
         micro = [(rank * per_rank + i * mb, mine[i * mb:(i + 1) * mb]) for i in range(per_rank // mb)]
         if len(self.model) == 1:
