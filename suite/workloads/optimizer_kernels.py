@@ -99,16 +99,17 @@ def clip_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad: boo
     if not params:
         return
     grads = [getattr(p, attr).detach() for p in params]
-    steps = {id(o): o for o in map(_step_taking_the_clip, params) if o is not None}
+    owners = [_step_taking_the_clip(p) for p in params]
+    steps = {id(o): o for o in owners if o is not None}
     if isinstance(total_norm, torch.Tensor):
         coeff = (max_norm / (total_norm.float() + 1.0e-6)).clamp(max=1.0)
-        if attr == "grad" and all(_step_taking_the_clip(p) is not None for p in params):
+        if attr == "grad" and all(o is not None for o in owners):
             for optimizer in steps.values():
                 optimizer.grad_scale = 1.0 / coeff  # its step divides every gradient by this
             return
         torch._foreach_mul_(grads, coeff.to(grads[0].device))
-    elif max_norm / (total_norm + 1.0e-6) < 1.0:
-        torch._foreach_mul_(grads, max_norm / (total_norm + 1.0e-6))
+    elif (coeff := max_norm / (total_norm + 1.0e-6)) < 1.0:
+        torch._foreach_mul_(grads, coeff)
     for optimizer in steps.values():  # scaled here: a scale left from an earlier step must not apply again
         optimizer.grad_scale = None
 
