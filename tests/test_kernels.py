@@ -13,7 +13,10 @@ tests/check_worker.py), in fp32 on CPU, on a 2-layer h=64 model (tests/scenarios
   give the eager losses too;
 * fp8's float8 linears under 'fused': their weight gradients added into main_grad by the suite's op
   train the weights of megatron's hook-side add, bit for bit;
-* ``torch._dynamo.explain`` of one local-spec layer as 'compile' builds it: one graph, no break.
+* ``torch._dynamo.explain`` of one local-spec layer as 'compile' builds it: one graph, no break;
+* 'compile''s LM-head loss (``kernels.language_model_loss``, compiled) against megatron's fused
+  cross-entropy on bf16 logits: per-token losses within 1e-6 relative, the logits' gradient within a bf16
+  rounding (8e-3 of its largest value).
 
 Compilation on CPU costs seconds per graph (inductor writes C++): the file took 55 s from a cold inductor
 cache and 20 s once ``/tmp/torchinductor_*`` held the graphs (2 shared cores).
@@ -81,6 +84,7 @@ def check_forward_backward(folder):
             "grad_rel": max(float((g - ref[1][n]).abs().max() / ref[1][n].abs().max()) for n, g in grads.items()),
             "grads": len(grads), "swiglu_fused": c.bias_activation_fusion, "ce_fused": c.cross_entropy_loss_fusion,
             "compiled": sum(getattr(m, "_compiled_call_impl", None) is not None for m in built.model.modules()),
+            "loss_compiled": "compute_language_model_loss" in vars(built.model),
         }
     return out
 
@@ -207,8 +211,38 @@ def check_graph_breaks(folder):
             "reasons": sorted({str(r.reason).splitlines()[0] for r in e.break_reasons})}
 
 
+def check_compiled_loss_in_bf16(folder):
+    """``kernels.language_model_loss`` compiled against megatron's fused cross-entropy (the one 'fused' and
+    'compile' at tp > 1 use) on bf16 logits [s, b, vocab]: the per-token losses and the logits' gradient."""
+    import torch
+    from megatron.core import parallel_state as ps
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+    from suite.models import kernels
+
+    g = torch.Generator().manual_seed(0)
+    s, b, vocab = 48, 3, 1000
+    logits = (torch.randn(s, b, vocab, generator=g) * 4).to(torch.bfloat16)
+    labels = torch.randint(0, vocab, (b, s), generator=g)
+    weights = torch.rand(b, s, generator=g)  # a loss weighting per token, so each token's gradient counts
+    out = {}
+    for name, loss_fn in (("megatron", None), ("compiled", torch.compile(kernels.language_model_loss))):
+        x = logits.clone().requires_grad_()
+        if loss_fn is None:  # megatron's compute_language_model_loss with the native fusion
+            loss = fused_vocab_parallel_cross_entropy(x, labels.t().contiguous(),
+                                                      ps.get_tensor_model_parallel_group()).t()
+        else:
+            loss = loss_fn(labels, x)
+        (loss * weights).sum().backward()
+        out[name] = (loss.detach().float(), x.grad.float())
+    (ref_loss, ref_grad), (loss, grad) = out["megatron"], out["compiled"]
+    return {"shape": list(loss.shape), "loss_rel": float((loss - ref_loss).abs().max() / ref_loss.abs().max()),
+            "grad_rel": float((grad - ref_grad).abs().max() / ref_grad.abs().max()),
+            "grad_dtype": str(out["compiled"][1].dtype)}
+
+
 CHECKS = [check_forward_backward, check_fused_adamw_step, check_training, check_fp8_weight_gradients,
-          check_graph_breaks]
+          check_graph_breaks, check_compiled_loss_in_bf16]
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--worker":
     sys.exit(worker_main(CHECKS, sys.argv[2], sys.argv[3]))
@@ -229,8 +263,16 @@ def test_backends_switch_what_they_say(worker):
     assert not r["torch"]["swiglu_fused"] and r["torch"]["compiled"] == 0
     assert r["fused"]["swiglu_fused"] and r["fused"]["compiled"] == 0
     assert r["compile"]["swiglu_fused"] and r["compile"]["compiled"] == 2  # both layers
+    assert [r[name]["loss_compiled"] for name in ("torch", "fused", "compile")] == [False, False, True]
     # fp32 weights: megatron's fused cross-entropy would round the logits' gradient to bf16
     assert not any(r[name]["ce_fused"] for name in r)
+
+
+def test_compiled_loss_equals_megatrons_fused_cross_entropy_in_bf16(worker):
+    r = result(worker, "compiled_loss_in_bf16")
+    assert r["shape"] == [3, 48], r  # [b, s], as megatron returns it
+    assert r["loss_rel"] <= 1e-6, r  # both in fp32 from the same bf16 logits
+    assert r["grad_rel"] <= 8e-3, r  # the gradient rounds to bf16 (2^-8 relative) in both
 
 
 def test_fused_adamw_step_equals_the_foreach_step(worker):

@@ -89,10 +89,13 @@ def train_step_flops(s: Shape, global_batch: int, seq: int) -> int:
 # 34·s·b·h (a GELU MLP of 4h, dropout masks) instead, the whole estimate read 28–31% under those peaks.
 # The logits: fp32 logits, softmax and their gradient (12 bytes per token and vocabulary entry) with the
 # fused cross-entropy; megatron's unfused one keeps about twice that (the 1.16 B model, vocabulary 32 000:
-# 40.2 GiB peak with `torch`, 33.9 with `fused`).
+# 40.2 GiB peak with `torch`, 33.9 with `fused`). `compile`'s own loss at tp = 1 (kernels.compile_loss) keeps
+# the 16-bit logits and writes their 16-bit gradient: 4 bytes, counted on CPU from the tensors autograd saves,
+# not yet fitted to a GPU peak.
 ACT_PER_HIDDEN = 23
 ACT_PER_FFN = {"torch": 10, "fused": 6, "compile": 6}
 LOGITS_PER_VOCAB = {"torch": 24, "fused": 12, "compile": 12}
+LOGITS_PER_VOCAB_COMPILED_LOSS = 4
 
 
 def layer_activation_bytes(spec, tokens: int) -> float:
@@ -106,8 +109,11 @@ def logits_bytes(spec) -> float:
     """Bytes one micro-batch's logits and their loss keep for the backward pass, per GPU (LOGITS_PER_VOCAB; the
     fused cross-entropy needs bf16 weights, fp32 variants run the unfused one)."""
     w, vocab = spec.workload, Shape.of(spec.model).vocab  # the padded vocabulary the LM head computes
-    cross_entropy = spec.model.kernels if w.bf16 else "torch"
-    return LOGITS_PER_VOCAB[cross_entropy] * w.micro_batch * w.seq_length * vocab / spec.parallel.tp
+    if spec.model.kernels == "compile" and spec.parallel.tp == 1:
+        per_vocab = LOGITS_PER_VOCAB_COMPILED_LOSS * (1 if w.bf16 else 2)
+    else:
+        per_vocab = LOGITS_PER_VOCAB[spec.model.kernels if w.bf16 else "torch"]
+    return per_vocab * w.micro_batch * w.seq_length * vocab / spec.parallel.tp
 
 
 def micro_batches_in_flight(spec) -> int:

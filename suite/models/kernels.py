@@ -29,8 +29,9 @@ each back-end changes, as data (``BACKENDS``), and the functions the model build
   (its fused norms are Transformer Engine or apex modules), so ``fused`` leaves RoPE and RMSNorm unfused.
 * ``compile``: ``fused`` plus each ``TransformerLayer`` under ``torch.compile`` (inductor), which fuses
   what megatron cannot without Transformer Engine: RMSNorm, the RoPE rotation, the residual adds and the
-  casts around them. The layer spec is unchanged; the built layers are compiled in place
-  (``nn.Module.compile``), so parameter names, checkpoints and hooks stay those of the eager model.
+  casts around them; at tp = 1 the LM head's loss is compiled too (``compile_loss``). The layer spec is
+  unchanged; the built layers are compiled in place (``nn.Module.compile``), so parameter names,
+  checkpoints and hooks stay those of the eager model.
 
 ``[model] kernel_tuning = "coordinate_descent"`` compiles the layers with inductor's coordinate-descent
 tuning: each generated Triton kernel's block sizes and warp count are searched by timing the kernel on
@@ -317,6 +318,8 @@ def compile_layers(spec, chunks) -> int:
         return 0
     no_warnings_in_graphs()
     options = TUNING[spec.model.kernel_tuning]
+    for chunk in chunks:
+        compile_loss(chunk, options)
     layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, TransformerLayer)]
     for layer in layers:
         _synchronous_input_grad_allreduce(layer)
@@ -327,6 +330,29 @@ def compile_layers(spec, chunks) -> int:
             layer._forward_attention = torch.compile(layer._forward_attention, dynamic=None, options=options)
             layer._forward_mlp = torch.compile(layer._forward_mlp, dynamic=None, options=options)
     return len(layers)
+
+
+def language_model_loss(labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """megatron's ``compute_language_model_loss`` at tp = 1: the per-token cross-entropy [b, s] of logits
+    [s, b, vocab] against labels [b, s], in fp32 from the logits as they come (bf16 or fp32)."""
+    s, b, vocab = logits.shape
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(s * b, vocab), labels.t().reshape(s * b),
+                                             reduction="none")
+    return loss.view(s, b).t().contiguous()
+
+
+def compile_loss(chunk, options=None) -> bool:
+    """The LM head's loss of ``chunk`` (a GPTModel holding the output layer, tp = 1) under torch.compile:
+    inductor computes the softmax's maximum and sum in one pass over the logits, keeps only the bf16 logits
+    and two numbers a token for the backward, and recomputes the softmax there in the pass that writes the
+    logits' gradient. megatron's fused cross-entropy (``cross_entropy_fusion_impl = "native"``) keeps the
+    fp32 softmax (4 bytes a token and vocabulary entry, twice the logits) and passes over it four times.
+    Under tensor parallelism the vocabulary is split over ranks and the loss needs megatron's all-reduces:
+    megatron's stays. Returns whether it compiled."""
+    if not getattr(chunk, "post_process", False) or chunk.config.tensor_model_parallel_size > 1:
+        return False
+    chunk.compute_language_model_loss = torch.compile(language_model_loss, dynamic=None, options=options)
+    return True
 
 
 # [model] kernel_tuning: inductor options for the compiled layers (same kernels, other launch configurations)
