@@ -347,6 +347,8 @@ def compile_loss(chunk, options=None) -> bool:
     and two numbers a token for the backward, and recomputes the softmax there in the pass that writes the
     logits' gradient. megatron's fused cross-entropy (``cross_entropy_fusion_impl = "native"``) keeps the
     fp32 softmax (4 bytes a token and vocabulary entry, twice the logits) and passes over it four times.
+    The 1B model on one H200, the same machine before and after: ``compile`` 443.9 -> 433.3 ms a step and 2.5
+    GB less peak memory, fp8 379.7 -> 375.9 ms (``reports/kernels_compiled_loss_h200.md``).
     Under tensor parallelism the vocabulary is split over ranks and the loss needs megatron's all-reduces:
     megatron's stays. Returns whether it compiled."""
     if not getattr(chunk, "post_process", False) or chunk.config.tensor_model_parallel_size > 1:
