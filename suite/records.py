@@ -66,8 +66,10 @@ Schema version 2 (``"schema": 2``); strict JSON (no NaN or Infinity: see "Non-fi
         accuracy                  accuracy workload: one block per model (suite.workloads.accuracy)
         extra                     technique-specific measurements, keyed by technique name
     env               {"gpu_name", "gpu_count", "driver", "cuda", "torch", "megatron_core", "nccl", "python",
-                      "cpu", "processes", "hostname", "boot_id", "git_commit"} (suite.metrics.env; null when the
-                      variant never started)
+                      "cpu", "processes", "hostname", "boot_id", "git_commit", "variables"} (suite.metrics.env;
+                      null when the variant never started); variables: the set environment variables that
+                      change kernels, tuning, memory or communication ({name: value}; TORCHINDUCTOR_*,
+                      PYTORCH_*, NCCL_*, ...), absent in records from before it was kept
     upgraded_from     1 on records read from schema 1 (added on read, never written)
     non_finite        only when some value was NaN or infinite: {"metrics.final_loss": "non-finite: nan"}
 
@@ -187,7 +189,8 @@ FIELDS: dict[str, str] = {
     "config.workload": DICT, "config.workload.kind": STR, "config.workload.seed": INT,
     "env": DICT, **{f"env.{k}": STR for k in ("gpu_name", "torch", "megatron_core", "git_commit", "driver", "cuda",
                                                "nccl", "python", "hostname", "boot_id", "cpu")},
-    "env.gpu_count": INT, "env.processes": INT, "error": DICT, "error.type": STR, "error.message": STR,
+    "env.gpu_count": INT, "env.processes": INT, "env.variables": DICT, "env.variables.*": STR,
+    "error": DICT, "error.type": STR, "error.message": STR,
     "world_size": INT, "tp": INT, "pp": INT, "dp": INT, "layout": DICT,
     "measures": LIST, "measures[]": DICT + "!", "measures[].name": STR + "!", "measures[].unit": STR,
     "measures[].kind": STR,

@@ -647,3 +647,40 @@ def test_ratio_of_means_interval_covers_the_true_ratio():
     assert sum(widths[10]) < 0.5 * sum(widths[3])
     assert gate.ratio_of_means_interval([1.0], [1.0, 2.0]) is None  # one seed: no spread to speak of
     assert gate.ratio_of_means_interval([2.0, 2.0], [1.0, 1.0]) == (2.0, 2.0)
+
+
+def test_environment_variables_that_change_kernels_are_named_when_they_differ(tmp_path):
+    """``env.variables`` (suite.metrics.env.result_variables): a variable set on one side only, or set to
+    another value, is named under the table; records from before it was kept make no claim."""
+    base = read_jsonl(GPT1B)
+    for r in base:
+        r["env"]["variables"] = {"NCCL_ALGO": "Ring", "OMP_NUM_THREADS": "1"}
+    cur = copy.deepcopy(base)
+    for r in cur:
+        r["env"]["variables"] = {"NCCL_ALGO": "Tree", "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_CPP_WRAPPER": "1"}
+    proc = gate_cli(tmp_path, cur, base)
+    assert proc.returncode == 0, proc.stdout  # the numbers are the same: a note, not a verdict
+    assert "NCCL_ALGO: Ring (baseline) -> Tree (current)" in proc.stdout
+    assert "TORCHINDUCTOR_CPP_WRAPPER: unset (baseline) -> 1 (current)" in proc.stdout
+    assert "OMP_NUM_THREADS" not in proc.stdout  # the same on both sides
+    for r in base:  # a baseline from before the variables were kept
+        del r["env"]["variables"]
+    assert "NCCL_ALGO" not in gate_cli(tmp_path, cur, base).stdout
+
+
+def test_records_keep_the_variables_that_change_kernels_and_not_the_launchers():
+    from suite.metrics.env import result_variables
+
+    environ = {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1", "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+               "NCCL_NVLS_ENABLE": "0", "CUDA_LAUNCH_BLOCKING": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+               "OMP_NUM_THREADS": "1", "TORCHINDUCTOR_MAX_AUTOTUNE": "1",
+               # places on disk, launcher bookkeeping that differs from run to run, and unrelated variables
+               "TRITON_CACHE_DIR": "/tmp/t", "TORCHINDUCTOR_CACHE_DIR": "/tmp/i", "TORCH_HOME": "/root/.cache",
+               "RANK": "0", "LOCAL_RANK": "0", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "abc", "HOME": "/root",
+               "PATH": "/usr/bin"}
+    kept = result_variables(environ)
+    assert list(kept) == sorted(kept)
+    assert set(kept) == {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING", "PYTORCH_CUDA_ALLOC_CONF", "NCCL_NVLS_ENABLE",
+                         "CUDA_LAUNCH_BLOCKING", "CUBLAS_WORKSPACE_CONFIG", "OMP_NUM_THREADS",
+                         "TORCHINDUCTOR_MAX_AUTOTUNE"}
+    assert kept["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"

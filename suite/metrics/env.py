@@ -37,6 +37,25 @@ def boot_id() -> str | None:
         return None
 
 
+# Environment variables that change which kernels run, how they are tuned, or how memory and communication
+# behave (e.g. TORCHINDUCTOR_COORDINATE_DESCENT_TUNING, PYTORCH_CUDA_ALLOC_CONF, NCCL_ALGO): a run's numbers
+# depend on them as on the code, so every record keeps those that were set. Launcher bookkeeping that differs
+# from run to run (RANK, MASTER_PORT, TORCHELASTIC_RUN_ID) matches none of these prefixes, and places on disk
+# (TORCHINDUCTOR_CACHE_DIR, TRITON_HOME) change no number.
+RESULT_VARIABLE_PREFIXES = ("TORCHINDUCTOR_", "TORCH_", "PYTORCH_", "TRITON_", "NCCL_", "CUBLAS", "CUDNN_",
+                            "NVIDIA_TF32_", "CUDA_")
+RESULT_VARIABLES = ("OMP_NUM_THREADS",)
+PLACE_SUFFIXES = ("_DIR", "_PATH", "_HOME", "_FILE")
+
+
+def result_variables(environ=None) -> dict:
+    """The set environment variables of RESULT_VARIABLE_PREFIXES and RESULT_VARIABLES but places on disk,
+    by name."""
+    environ = os.environ if environ is None else environ
+    return {k: environ[k] for k in sorted(environ)
+            if (k.startswith(RESULT_VARIABLE_PREFIXES) or k in RESULT_VARIABLES) and not k.endswith(PLACE_SUFFIXES)}
+
+
 def fingerprint(world_size: int) -> dict:
     import torch
 
@@ -61,6 +80,7 @@ def fingerprint(world_size: int) -> dict:
         "hostname": socket.gethostname(),
         "boot_id": boot_id(),
         "git_commit": git_commit(),
+        "variables": result_variables(),
     }
     if gpu:
         try:

@@ -237,7 +237,8 @@ def compare(current: dict, baseline: dict, limits: Limits, allow_config_change: 
 
 
 def env_differences(current: dict, baseline: dict) -> list[str]:
-    """'torch: 2.11.0 (baseline) -> 2.12.0 (current)' for each environment key whose values differ."""
+    """'torch: 2.11.0 (baseline) -> 2.12.0 (current)' for each environment key whose values differ, then the
+    environment variables set differently (``variable_differences``)."""
     def values(records, key):
         return list(dict.fromkeys(str(r["env"].get(key)) for r in records.values()
                                   if isinstance(r.get("env"), dict) and r["env"].get(key) is not None))
@@ -246,6 +247,26 @@ def env_differences(current: dict, baseline: dict) -> list[str]:
         cur, base = values(current, key), values(baseline, key)
         if cur and base and set(cur) != set(base):
             lines.append(f"{label}: {', '.join(base)} (baseline) -> {', '.join(cur)} (current)")
+    return lines + variable_differences(current, baseline)
+
+
+def variable_differences(current: dict, baseline: dict) -> list[str]:
+    """'TORCHINDUCTOR_CPP_WRAPPER: unset (baseline) -> 1 (current)' for each kernel-, memory- or communication-
+    changing environment variable (``env.variables``) set differently on the two sides; records from before
+    the variables were kept say nothing, so a side without any such record is not compared."""
+    def kept(records):
+        return [r["env"]["variables"] for r in records.values()
+                if isinstance(r.get("env"), dict) and isinstance(r["env"].get("variables"), dict)]
+
+    cur, base = kept(current), kept(baseline)
+    if not cur or not base:
+        return []
+    lines = []
+    for name in sorted({n for v in cur + base for n in v}):
+        cur_values = list(dict.fromkeys(v.get(name, "unset") for v in cur))
+        base_values = list(dict.fromkeys(v.get(name, "unset") for v in base))
+        if set(cur_values) != set(base_values):
+            lines.append(f"{name}: {', '.join(base_values)} (baseline) -> {', '.join(cur_values)} (current)")
     return lines
 
 
