@@ -309,9 +309,10 @@ def _forward_impl_into_main_grad(module, megatron_impl):
 
 
 def compile_layers(spec, chunks) -> int:
-    """Put every ``TransformerLayer`` of ``chunks`` under torch.compile when the back-end asks for it;
-    returns how many. In place (``nn.Module.compile``, or compiled methods on the instance): the modules,
-    their parameters and their names stay those of the eager model."""
+    """Put every ``TransformerLayer`` of ``chunks``, and the LM head's loss where ``compile_loss`` applies,
+    under torch.compile when the back-end asks for it; returns how many layers. In place
+    (``nn.Module.compile``, or compiled methods on the instance): the modules, their parameters and their
+    names stay those of the eager model."""
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     if not backend(spec).compiled_layers:
